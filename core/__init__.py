@@ -1,0 +1,40 @@
+"""preftune: a small, pluggable trainer for preference optimization of language models.
+
+Public API: ``Config`` and ``run`` to train; ``hookimpl`` and the data types and Protocols below
+to write plugins. Everything else is internal.
+"""
+
+from .config import Config, load_config
+from .data import check_pair, tokenize_pair
+from .errors import ConfigError, DataError, PluginError, PreftuneError, RecordError, TrainingError
+from .hookspecs import hookimpl
+from .hub import load_causal_lm, load_tokenizer, model_identity
+from .loop import run
+from .manager import get_plugin_manager, get_registry
+from .fileio import atomic_dir, atomic_torch_save, atomic_write_json
+from .types import (
+    AdamParams,
+    Backend,
+    Batch,
+    DatasetFormat,
+    ForwardClient,
+    Loss,
+    LossFn,
+    Message,
+    Metrics,
+    PairLogps,
+    PreferencePair,
+    ReferenceProvider,
+    Source,
+    TokenizedPair,
+    collate,
+)
+
+__all__ = [
+    "AdamParams", "Backend", "Batch", "Config", "ConfigError", "DataError", "DatasetFormat",
+    "ForwardClient", "Loss", "LossFn", "Message", "Metrics", "PairLogps", "PluginError",
+    "PreferencePair", "PreftuneError", "RecordError", "ReferenceProvider", "Source",
+    "TokenizedPair", "TrainingError", "atomic_dir", "atomic_torch_save", "atomic_write_json", "check_pair", "collate",
+    "get_plugin_manager", "get_registry", "hookimpl", "load_causal_lm", "load_config",
+    "load_tokenizer", "model_identity", "run", "tokenize_pair",
+]

@@ -1,0 +1,154 @@
+"""The ``preftune`` command: run, demo, plugins, validate."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .errors import PreftuneError, format_problem
+
+app = typer.Typer(
+    help="Preference optimization (DPO, ORPO, plugin losses) for language models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+# The demo's settings: tuned so the tiny model reaches >= 0.9 held-out accuracy in about a minute
+# on two CPU cores.
+DEMO_SETTINGS: dict[str, Any] = {
+    "base_model": "builtin:tiny",
+    "beta": 0.1,
+    "epochs": 2,
+    "batch_size": 16,
+    "learning_rate": 2e-3,
+    "weight_decay": 0.0,
+    "max_seq_len": 128,
+    "eval_interval": 10,
+    "console": {"interval": 10},
+}
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Print a :class:`PreftuneError` as one clear message and exit with status 2."""
+    try:
+        yield
+    except PreftuneError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config value: key=value or table.key=value."),
+]
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Config file (.toml, .yaml or .yml).")],
+    set_: SetOption = None,
+) -> None:
+    """Train with a config file."""
+    from .config import load_config
+    from .loop import run as run_training
+
+    with user_errors():
+        summary = run_training(load_config(config, set_ or []))
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+def demo(
+    log_path: Annotated[Path, typer.Option(help="Where to write the demo's logs.")] = Path(
+        "preftune_demo"
+    ),
+    set_: SetOption = None,
+) -> None:
+    """Train DPO on the embedded tiny model and bundled data, offline, on CPU in about a minute."""
+    from .config import apply_overrides, make_config
+    from .loop import run as run_training
+    from .tiny import demo_data
+
+    data = {**DEMO_SETTINGS, "log_path": str(log_path), "dataset": str(demo_data("train")),
+            "eval_dataset": str(demo_data("heldout")), "cache_dir": str(log_path / "cache")}
+    with user_errors():
+        summary = run_training(make_config(apply_overrides(data, set_ or []), "demo"))
+    before, after = summary["initial_eval"], summary["final_eval"]
+    typer.echo("held-out preference pairs, before -> after DPO:")
+    for key in ("eval_accuracy", "eval_margin", "eval_loss"):
+        typer.echo(f"  {key[5:]:<10} {before[key]:8.3f} -> {after[key]:8.3f}")
+    typer.echo(f"weights: {summary['weights']}   metrics: {log_path / 'metrics.jsonl'}")
+
+
+@app.command()
+def plugins(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List installed components: name, kind, plugin module, distribution and version."""
+    from .manager import get_registry
+
+    with user_errors():
+        registry = get_registry()
+    rows = [{"name": c.name, "kind": c.kind, "plugin": c.plugin, "distribution": c.distribution,
+             "version": c.version} for c in registry.all()]
+    broken = [vars(b) for b in registry.pm.broken]
+    if as_json:
+        typer.echo(json.dumps({"components": rows, "broken": broken}, indent=2))
+        return
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in rows[0]}
+    typer.echo("  ".join(k.upper().ljust(w) for k, w in widths.items()))
+    for row in rows:
+        typer.echo("  ".join(row[k].ljust(w) for k, w in widths.items()))
+    for b in broken:
+        typer.echo(f"BROKEN plugin {b['name']} ({b['distribution']}): {b['error']}", err=True)
+
+
+@app.command()
+def validate(
+    data: Annotated[Path, typer.Argument(help="A JSONL file of preference pairs.")],
+    format: Annotated[str, typer.Option(help="Dataset format; auto picks per record.")] = "auto",
+    tokenizer: Annotated[
+        str | None, typer.Option(help="Also tokenize with this tokenizer (id, path, builtin:tiny).")
+    ] = None,
+    max_seq_len: Annotated[int, typer.Option(help="With --tokenizer: the length limit.")] = 4096,
+) -> None:
+    """Check every line of a dataset; print each bad line with its reason. Exit 1 if any."""
+    from .config import make_config
+    from .data import make_format, parse_file, tokenize_pairs
+    from .manager import get_registry
+
+    with user_errors():
+        registry = get_registry()
+        config = make_config({"base_model": tokenizer or "builtin:tiny", "dataset": str(data),
+                              "format": format}, "validate")
+        result = parse_file(data, make_format(registry, config))
+        problems, notes = list(result.problems), []
+        if tokenizer and result.pairs:
+            from .errors import DataError
+            from .hub import load_tokenizer
+
+            try:
+                _, report = tokenize_pairs(load_tokenizer(tokenizer), result.pairs, max_seq_len)
+                notes = report.lines(max_seq_len)
+            except DataError as exc:
+                problems += exc.problems
+    for problem in sorted(problems, key=lambda p: p[1]):
+        typer.echo(format_problem(*problem))
+    for note in notes:
+        typer.echo(f"note: {note}")
+    typer.echo(f"{data}: {result.records} records, {result.records - len(problems)} ok, "
+               f"{len(problems)} bad")
+    if problems:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

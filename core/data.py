@@ -1,0 +1,230 @@
+"""Reading, parsing, checking and tokenizing preference data.
+
+Every problem is reported with its file, line and field; nothing is dropped silently. A pair is
+tokenized by rendering the whole conversation once with the tokenizer's chat template and masking
+by the length of the rendered prompt, which must be a token prefix of both conversations.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, DataError, RecordError
+from .types import DatasetFormat, Message, PreferencePair, Source, TokenizedPair
+
+
+class AutoFormat:
+    """Picks, for each record, the one registered format whose keys it has."""
+
+    def __init__(self, formats: dict[str, DatasetFormat]):
+        self.formats = formats
+
+    def matches(self, record: dict[str, Any]) -> bool:
+        return any(f.matches(record) for f in self.formats.values())
+
+    def parse(self, record: dict[str, Any]) -> PreferencePair:
+        hits = [name for name, f in self.formats.items() if f.matches(record)]
+        if len(hits) > 1:
+            raise RecordError("", f"record matches several formats ({', '.join(hits)}); set format")
+        if not hits:
+            raise RecordError(
+                "",
+                f"no format matches a record with keys {sorted(record)}; "
+                f"known formats: {', '.join(sorted(self.formats))}",
+            )
+        return self.formats[hits[0]].parse(record)
+
+
+def make_format(registry: Any, config: Any) -> DatasetFormat:
+    """The run's dataset format; ``auto`` tries every registered format by its keys."""
+    if config.format != "auto":
+        return registry.build("format", config.format, config)
+    return AutoFormat({n: registry.build("format", n, config) for n in registry.names("format")})
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
+    """Yield ``(line_number, record, error)`` for each non-blank line of a JSONL file."""
+    try:
+        handle = open(path, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read dataset {path}: {exc.strerror}") from None
+    with handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line), None
+            except json.JSONDecodeError as exc:
+                yield number, None, f"malformed JSON: {exc.msg} at column {exc.colno}"
+
+
+def check_pair(pair: PreferencePair) -> None:
+    """Checks every format gets for free: no empty completion, chosen differs from rejected."""
+    if not pair.prompt:
+        raise RecordError("prompt", "the prompt has no messages")
+    for side in ("chosen", "rejected"):
+        messages = getattr(pair, side)
+        if not messages:
+            raise RecordError(side, "no completion messages")
+        for i, message in enumerate(messages):
+            if not message.content.strip():
+                raise RecordError(f"{side}[{i}].content", f"the {side} response is empty")
+    if pair.chosen == pair.rejected:
+        raise RecordError("rejected", "chosen and rejected responses are identical")
+
+
+@dataclass
+class ParseResult:
+    """The pairs of one file and every problem found in it."""
+
+    pairs: list[PreferencePair] = field(default_factory=list)
+    problems: list[tuple[str, int, str, str]] = field(default_factory=list)
+    records: int = 0
+
+
+def parse_file(path: str | Path, fmt: DatasetFormat) -> ParseResult:
+    """Parse and check every line of a JSONL file, collecting all problems (not just the first)."""
+    result = ParseResult()
+    name = str(path)
+    for number, record, error in read_jsonl(path):
+        result.records += 1
+        if error is None and not isinstance(record, dict):
+            error = f"expected a JSON object, got {type(record).__name__}"
+        if error is not None:
+            result.problems.append((name, number, "", error))
+            continue
+        try:
+            pair = fmt.parse(record)
+            check_pair(pair)
+        except RecordError as exc:
+            result.problems.append((name, number, exc.field, exc.message))
+            continue
+        result.pairs.append(
+            PreferencePair(pair.prompt, pair.chosen, pair.rejected, Source(name, number))
+        )
+    return result
+
+
+def load_pairs(path: str | Path, fmt: DatasetFormat) -> list[PreferencePair]:
+    """Parse a dataset file; any bad line is a :class:`DataError` listing all of them."""
+    result = parse_file(path, fmt)
+    if result.problems:
+        raise DataError(result.problems, total=result.records)
+    if not result.pairs:
+        raise DataError([(str(path), 0, "", "the file holds no preference pairs")])
+    return result.pairs
+
+
+def _as_dicts(messages: Sequence[Message]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def render(tokenizer: Any, messages: Sequence[Message], generation_prompt: bool) -> list[int]:
+    """Token ids of ``messages`` rendered with the tokenizer's chat template."""
+    out = tokenizer.apply_chat_template(
+        _as_dicts(messages), tokenize=True, add_generation_prompt=generation_prompt
+    )
+    ids = out["input_ids"] if hasattr(out, "keys") else out
+    return list(ids)
+
+
+def tokenize_pair(tokenizer: Any, pair: PreferencePair, max_seq_len: int) -> TokenizedPair | None:
+    """Tokenize a pair; None when the prompt alone leaves no room for a completion token.
+
+    Completions longer than ``max_seq_len - len(prompt)`` are truncated from their end.
+    """
+    prompt = render(tokenizer, pair.prompt, generation_prompt=True)
+    completions = []
+    for side in ("chosen", "rejected"):
+        full = render(tokenizer, pair.prompt + getattr(pair, side), generation_prompt=False)
+        if full[: len(prompt)] != prompt:
+            at = next((i for i, (a, b) in enumerate(zip(full, prompt)) if a != b), len(full))
+            raise RecordError(
+                side,
+                "the chat template does not render the prompt as a token prefix of the "
+                f"conversation (they differ at token {at}); the loss boundary would be wrong",
+            )
+        completions.append(full[len(prompt) :])
+    if len(prompt) >= max_seq_len:
+        return None
+    room = max_seq_len - len(prompt)
+    chosen, rejected = (c[:room] for c in completions)
+    if not chosen or not rejected:
+        raise RecordError("chosen" if not chosen else "rejected", "the completion has no tokens")
+    return TokenizedPair(
+        tuple(prompt),
+        tuple(chosen),
+        tuple(rejected),
+        (1.0,) * len(chosen),
+        (1.0,) * len(rejected),
+        pair.source,
+        truncated=any(len(c) > room for c in completions),
+    )
+
+
+@dataclass
+class TokenizeReport:
+    """What tokenization had to change: pairs dropped (prompt too long) and truncated."""
+
+    dropped: list[Source | None] = field(default_factory=list)
+    truncated: list[Source | None] = field(default_factory=list)
+
+    def lines(self, max_seq_len: int) -> list[str]:
+        out = []
+        for what, items in (("dropped: the prompt alone is", self.dropped),
+                            ("truncated: the completion made the sequence", self.truncated)):
+            if items:
+                where = ", ".join(str(s) for s in items[:5]) + (" ..." if len(items) > 5 else "")
+                out.append(f"{len(items)} pair(s) {what} >= max_seq_len={max_seq_len}: {where}")
+        return out
+
+
+def tokenize_pairs(
+    tokenizer: Any, pairs: Sequence[PreferencePair], max_seq_len: int
+) -> tuple[list[TokenizedPair], TokenizeReport]:
+    """Tokenize all pairs; template problems are a :class:`DataError` listing every line."""
+    out, report, problems = [], TokenizeReport(), []
+    for pair in pairs:
+        try:
+            tokenized = tokenize_pair(tokenizer, pair, max_seq_len)
+        except RecordError as exc:
+            src = pair.source or Source("?", 0)
+            problems.append((src.file, src.line, exc.field, exc.message))
+            continue
+        if tokenized is None:
+            report.dropped.append(pair.source)
+            continue
+        if tokenized.truncated:
+            report.truncated.append(pair.source)
+        out.append(tokenized)
+    if problems:
+        raise DataError(problems, total=len(pairs))
+    return out, report
+
+
+def split_eval(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split ``range(n)`` into train and held-out indices, a pure function of ``seed``."""
+    if fraction <= 0 or n < 2:
+        return list(range(n)), []
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = max(1, round(n * fraction))
+    return sorted(perm[n_eval:]), sorted(perm[:n_eval])
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order of training pairs in ``epoch``: a pure function of seed and epoch."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def length_batches(pairs: Sequence[TokenizedPair], indices: Sequence[int], size: int) -> list[list[int]]:
+    """``indices`` sorted by length and cut into batches of ``size``: little padding, and the same
+    batches every time, so evaluation and the reference pass see identically shaped inputs."""
+    ordered = sorted(indices, key=lambda i: (len(pairs[i].prompt) + len(pairs[i].chosen), i))
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]

@@ -1,0 +1,259 @@
+"""The training loop. Read :func:`run` top to bottom: it is the whole algorithm."""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pluggy
+import torch
+
+from . import hookspecs, hub, refcache
+from .config import Config
+from .data import epoch_order, length_batches, load_pairs, make_format, split_eval, tokenize_pairs
+from .fileio import atomic_write_json
+from .errors import ConfigError, TrainingError
+from .manager import PluginManager, Registry, get_registry
+from .types import AdamParams, Batch, Loss, LossFn, Metrics, PairLogps, TokenizedPair, collate
+
+
+def log(message: str) -> None:
+    """Progress messages go to stderr so stdout stays for results."""
+    print(f"[preftune] {message}", file=sys.stderr, flush=True)
+
+
+def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
+    """Train with ``config``; return the final summary. This is the cookbook's ``main(cfg)``."""
+    registry = get_registry(pm)
+    config.check_plugin_tables(registry)
+    # Build the cheap components first so a misspelled plugin name fails before any loading.
+    loss: Loss = registry.build("loss", config.loss, config)
+    fmt = make_format(registry, config)
+    reference_name = resolve_reference(config, loss)
+    for kind, name in [("backend", config.backend), ("reference", reference_name)] + [
+        ("sink", s) for s in config.sinks
+    ]:
+        registry.get(kind, name)
+    log_path = Path(config.log_path)
+    log_path.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(log_path / "config.json", config.redacted(registry))
+    seed_everything(config.seed)
+
+    tokenizer = hub.load_tokenizer(config.tokenizer_model or config.base_model,
+                                   config.base_model_revision)
+    data = prepare_data(config, fmt, tokenizer)
+    backend = registry.build("backend", config.backend, config, tokenizer)
+    sinks = open_sinks(registry, config)
+    summary: dict[str, Any] = {"status": "failed"}
+    try:
+        reference = None
+        if loss.needs_reference:
+            provider = registry.build("reference", reference_name, config, backend)
+            reference = reference_logps(config, provider, tokenizer, data)
+            del provider  # a separate reference model is freed once its log-probs are cached
+        info = data.info(config)
+        sinks.hook.preftune_run_start(config=config, info=info, backend=backend)
+
+        evals: dict[int, dict[str, float]] = {}
+
+        def evaluate(step: int) -> dict[str, float]:
+            evals[step] = evaluate_pairs(backend, loss, reference, data, config)
+            if evals[step]:
+                sinks.hook.preftune_eval(step=step, metrics=evals[step])
+            return evals[step]
+
+        first_eval, step = evaluate(0), 0
+        start, tokens = time.perf_counter(), 0
+        for epoch in range(config.epochs):
+            order = [data.train[i] for i in epoch_order(len(data.train), config.seed, epoch)]
+            for chunk in chunks(order, config.batch_size * config.grad_accum):
+                # One optimizer step: micro-batches weighted by their share of the step's pairs,
+                # so the accumulated gradient equals the gradient of the whole step's batch.
+                metrics: dict[str, Any] = {}
+                for micro in chunks(chunk, config.batch_size):
+                    batch = collate([data.pairs[i] for i in micro], micro, data.pad_id)
+                    weight = len(micro) / len(chunk)
+                    out = backend.forward_backward(batch, bind_loss(loss, reference, weight))
+                    accumulate(metrics, out, weight)
+                    tokens += batch.num_tokens
+                check_finite(metrics, step + 1, [data.pairs[i] for i in chunk])
+                lr = learning_rate(config, step, info["total_steps"])
+                metrics.update(backend.optim_step(adam_params(config, lr)))
+                step += 1
+                elapsed = time.perf_counter() - start
+                row = {"epoch": epoch, **{k: float(v) for k, v in metrics.items()}, "lr": lr,
+                       "tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9),
+                       "elapsed_s": elapsed}
+                check_finite(row, step, [data.pairs[i] for i in chunk])
+                sinks.hook.preftune_log_metrics(step=step, metrics=row)
+                if config.eval_interval and step % config.eval_interval == 0:
+                    evaluate(step)
+
+        final_eval = evals[step] if step in evals else evaluate(step)
+        weights = log_path / "final"
+        backend.save_weights(str(weights))
+        tokenizer.save_pretrained(str(weights))
+        sinks.hook.preftune_checkpoint(step=step, path=str(weights))
+        elapsed = time.perf_counter() - start
+        summary = {"status": "completed", "steps": step, "tokens": tokens,
+                   "train_s": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
+                   "weights": str(weights), "initial_eval": first_eval, "final_eval": final_eval,
+                   "dropped_pairs": len(data.report.dropped),
+                   "truncated_pairs": len(data.report.truncated)}
+        return summary
+    except BaseException as exc:
+        summary = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        raise
+    finally:
+        sinks.hook.preftune_run_end(summary=summary)
+        backend.close()
+
+
+@dataclass
+class Data:
+    """The run's tokenized pairs and which of them are for training and for evaluation."""
+
+    pairs: list[TokenizedPair]
+    train: list[int]
+    eval: list[int]
+    datasets: list[str]
+    pad_id: int
+    report: Any
+
+    def eval_batches(self, size: int) -> list[list[int]]:
+        return length_batches(self.pairs, self.eval, size)
+
+    def info(self, config: Config) -> dict[str, Any]:
+        per_step = config.batch_size * config.grad_accum
+        steps = math.ceil(len(self.train) / per_step)
+        return {"train_pairs": len(self.train), "eval_pairs": len(self.eval),
+                "steps_per_epoch": steps, "total_steps": steps * config.epochs,
+                "dropped_pairs": len(self.report.dropped),
+                "truncated_pairs": len(self.report.truncated)}
+
+
+def prepare_data(config: Config, fmt: Any, tokenizer: Any) -> Data:
+    """Parse and tokenize the dataset (and eval set), then split off the held-out pairs."""
+    datasets = [config.dataset] + ([config.eval_dataset] if config.eval_dataset else [])
+    train_raw = load_pairs(config.dataset, fmt)
+    if config.max_pairs:
+        train_raw = train_raw[: config.max_pairs]
+    eval_raw = load_pairs(config.eval_dataset, fmt) if config.eval_dataset else []
+    pairs, report = tokenize_pairs(tokenizer, train_raw + eval_raw, config.max_seq_len)
+    for line in report.lines(config.max_seq_len):
+        log(line)
+    eval_files = {config.eval_dataset}
+    is_eval = [p.source is not None and p.source.file in eval_files for p in pairs]
+    if config.eval_dataset:
+        train = [i for i, e in enumerate(is_eval) if not e]
+        held = [i for i, e in enumerate(is_eval) if e]
+    else:
+        train, held = split_eval(len(pairs), config.eval_fraction, config.seed)
+    if not train:
+        raise ConfigError(f"no training pairs left in {config.dataset} after tokenization")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    log(f"{len(train)} training pairs, {len(held)} held-out pairs")
+    return Data(pairs, train, held, datasets, pad_id, report)
+
+
+def resolve_reference(config: Config, loss: Loss) -> str:
+    """``auto``: no reference for a loss that needs none, the LoRA base for LoRA, else a copy."""
+    if config.reference != "auto":
+        return config.reference
+    if not loss.needs_reference:
+        return "none"
+    return "lora_shared" if config.lora_rank > 0 else "separate"
+
+
+def reference_logps(config: Config, provider: Any, tokenizer: Any, data: Data) -> Any:
+    """Reference log-probs of all pairs, from the on-disk cache when its key still matches."""
+    if provider is None:
+        raise ConfigError(f"loss {config.loss!r} needs a reference, but reference is 'none'")
+    parts = {**provider.identity(), **hub.tokenizer_identity(tokenizer),
+             "max_seq_len": str(config.max_seq_len), "data_sha256": refcache.data_hash(data.pairs)}
+    parts = {k: str(v) for k, v in parts.items()}
+    cache_dir = Path(config.cache_dir) if config.cache_dir else refcache.default_cache_dir()
+    cache_file = refcache.cache_file_for(cache_dir, config.base_model, data.datasets)
+    size = eval_batch_size(config)
+    batches = length_batches(data.pairs, data.train, size) + data.eval_batches(size)
+    return refcache.load_or_compute(cache_file, parts, lambda: provider, data.pairs, batches,
+                                    data.pad_id, log)
+
+
+def bind_loss(loss: Loss, reference: Any, weight: float) -> LossFn:
+    """The loss of one micro-batch with its reference rows, scaled by its share of the step."""
+
+    def loss_fn(policy: PairLogps, batch: Batch) -> tuple[torch.Tensor, Metrics]:
+        ref = reference.for_batch(batch) if reference is not None else None
+        value, metrics = loss(policy, ref, batch)
+        return value * weight, {"loss": value.detach(), **metrics}
+
+    return loss_fn
+
+
+@torch.no_grad()
+def evaluate_pairs(backend: Any, loss: Loss, reference: Any, data: Data,
+                   config: Config) -> dict[str, float]:
+    """Held-out metrics (``eval_`` + each loss metric), means over the held-out pairs."""
+    if not data.eval:
+        return {}
+    totals: dict[str, Any] = {}
+    for index in data.eval_batches(eval_batch_size(config)):
+        batch = collate([data.pairs[i] for i in index], index, data.pad_id)
+        ref = reference.for_batch(batch) if reference is not None else None
+        value, metrics = loss(backend.forward(batch), ref, batch)
+        accumulate(totals, {"loss": value, **metrics}, len(index) / len(data.eval))
+    return {f"eval_{k}": float(v) for k, v in totals.items()}
+
+
+def open_sinks(registry: Registry, config: Config) -> pluggy.PluginManager:
+    """A plugin manager holding only the sinks this run selected."""
+    sinks = pluggy.PluginManager("preftune")
+    sinks.add_hookspecs(hookspecs)
+    for name in config.sinks:
+        sinks.register(registry.build("sink", name, config), name=name)
+    return sinks
+
+
+def eval_batch_size(config: Config) -> int:
+    """Forward-only batches (reference pass, evaluation) hold no activations: make them larger."""
+    return max(2 * config.batch_size, 8)
+
+
+def accumulate(total: dict[str, Any], metrics: Metrics, weight: float) -> None:
+    for key, value in metrics.items():
+        value = value.detach() if isinstance(value, torch.Tensor) else value
+        total[key] = total.get(key, 0.0) + value * weight
+
+
+def check_finite(metrics: dict[str, Any], step: int, pairs: Sequence[TokenizedPair]) -> None:
+    """A NaN or infinite loss or gradient stops the run before the optimizer step applies it."""
+    for key in ("loss", "grad_norm"):
+        if key in metrics and not math.isfinite(float(metrics[key])):
+            where = ", ".join(str(p.source) for p in pairs[:8])
+            raise TrainingError(f"{key} is {float(metrics[key])} at step {step}; pairs: {where}")
+
+
+def adam_params(config: Config, lr: float) -> AdamParams:
+    return AdamParams(lr, config.beta1, config.beta2, config.eps, config.weight_decay,
+                      config.max_grad_norm)
+
+
+def learning_rate(config: Config, step: int, total_steps: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based)."""
+    return config.learning_rate
+
+
+def chunks(items: Sequence[int], size: int) -> list[list[int]]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,223 @@
+"""The plugin manager and the registry of named components.
+
+Built-in plugins are modules named in :data:`DEFAULT_PLUGINS`, registered exactly as a third
+party's entry point is. Third parties come from the entry-point group ``preftune``. A plugin that
+fails to load is recorded as broken (with its distribution) rather than breaking every run; asking
+for a component that only it could have provided names it in the error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.metadata
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+from pydantic import BaseModel
+
+from . import hookspecs
+from .errors import ConfigError, PluginError
+
+DEFAULT_PLUGINS = (
+    "preftune.plugins.formats",
+    "preftune.plugins.dpo",
+    "preftune.plugins.references",
+    "preftune.plugins.local",
+    "preftune.plugins.console",
+    "preftune.plugins.jsonl",
+)
+ENTRY_POINT_GROUP = "preftune"
+AUTOLOAD_ENV = "PREFTUNE_DISABLE_PLUGIN_AUTOLOAD"
+
+# component kind -> the discovery hook that registers components of that kind
+KINDS = {
+    "format": "register_formats",
+    "loss": "register_losses",
+    "reference": "register_reference_providers",
+    "backend": "register_backends",
+    "sink": "register_sinks",
+}
+PLURALS = {"format": "formats", "loss": "losses", "reference": "reference providers",
+           "backend": "backends", "sink": "sinks"}
+
+
+@dataclass(frozen=True)
+class Component:
+    """A named component a plugin registered."""
+
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    options: type[BaseModel] | None
+    plugin: str
+    distribution: str
+    version: str
+
+
+@dataclass(frozen=True)
+class BrokenPlugin:
+    """A plugin that could not be loaded or registered."""
+
+    name: str
+    distribution: str
+    error: str
+
+
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager plus where each plugin came from and which plugins failed to load."""
+
+    def __init__(self) -> None:
+        super().__init__("preftune")
+        self.add_hookspecs(hookspecs)
+        self.origins: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, version)
+        self.broken: list[BrokenPlugin] = []
+
+    def add_plugin(self, plugin: Any, name: str, distribution: str, version: str) -> None:
+        """Register ``plugin``; a plugin that fails validation is recorded as broken."""
+        try:
+            self.register(plugin, name=name)
+        except Exception as exc:  # a bad hook signature, a duplicate registration
+            self.broken.append(BrokenPlugin(name, distribution, f"{type(exc).__name__}: {exc}"))
+            return
+        self.origins[name] = (distribution, version)
+
+
+def _own_version() -> str:
+    try:
+        return importlib.metadata.version("preftune")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def get_plugin_manager(load_entrypoints: bool = True) -> PluginManager:
+    """A fresh plugin manager with the built-ins and, unless disabled, installed plugins.
+
+    Set ``PREFTUNE_DISABLE_PLUGIN_AUTOLOAD=1`` to skip third-party entry points.
+    """
+    pm = PluginManager()
+    version = _own_version()
+    for module_name in DEFAULT_PLUGINS:
+        pm.add_plugin(importlib.import_module(module_name), module_name, "preftune", version)
+    if load_entrypoints and not os.environ.get(AUTOLOAD_ENV):
+        _load_entrypoints(pm)
+    _check_pending(pm)
+    return pm
+
+
+def _load_entrypoints(pm: PluginManager) -> None:
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist.name if ep.dist else "unknown"
+        version = ep.dist.version if ep.dist else "unknown"
+        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as exc:
+            pm.broken.append(BrokenPlugin(ep.name, dist, f"{type(exc).__name__}: {exc}"))
+            continue
+        pm.add_plugin(plugin, ep.name, dist, version)
+
+
+def _check_pending(pm: PluginManager) -> None:
+    """Unregister plugins that implement hooks that do not exist (a misspelled name)."""
+    while True:
+        try:
+            pm.check_pending()
+            return
+        except pluggy.PluginValidationError as exc:
+            name = pm.get_name(exc.plugin) or repr(exc.plugin)
+            dist, _ = pm.origins.pop(name, ("unknown", ""))
+            pm.unregister(exc.plugin)
+            pm.broken.append(BrokenPlugin(name, dist, str(exc)))
+
+
+class Registry:
+    """Every component the plugins of one plugin manager registered, by kind and name."""
+
+    def __init__(self, pm: PluginManager):
+        self.pm = pm
+        self.components: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
+        for kind, hook_name in KINDS.items():
+            for impl in getattr(pm.hook, hook_name).get_hookimpls():
+                self._call_register_hook(kind, impl)
+
+    def _call_register_hook(self, kind: str, impl: Any) -> None:
+        dist, version = self.pm.origins.get(impl.plugin_name, ("unknown", "unknown"))
+
+        def register(
+            name: str, factory: Callable[..., Any], options: type[BaseModel] | None = None
+        ) -> None:
+            component = Component(kind, name, factory, options, impl.plugin_name, dist, version)
+            self._add(component)
+
+        try:
+            impl.function(**{arg: register for arg in impl.argnames})
+        except PluginError:
+            raise
+        except Exception as exc:
+            error = f"{impl.function.__name__} raised {type(exc).__name__}: {exc}"
+            self.pm.broken.append(BrokenPlugin(impl.plugin_name, dist, error))
+
+    def _add(self, component: Component) -> None:
+        known = self.components[component.kind]
+        if component.name in known:
+            other = known[component.name]
+            raise PluginError(
+                f"{component.kind} {component.name!r} is registered twice: by plugin "
+                f"{other.plugin!r} (distribution {other.distribution}) and by plugin "
+                f"{component.plugin!r} (distribution {component.distribution}); "
+                "uninstall one of them"
+            )
+        known[component.name] = component
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self.components[kind])
+
+    def get(self, kind: str, name: str) -> Component:
+        """The component, or a :class:`ConfigError` that lists the known names."""
+        try:
+            return self.components[kind][name]
+        except KeyError:
+            raise ConfigError(self._unknown(kind, name)) from None
+
+    def _unknown(self, kind: str, name: str) -> str:
+        known = self.names(kind)
+        message = f"unknown {kind} {name!r}; known {PLURALS[kind]}: {', '.join(known) or '(none)'}"
+        close = difflib.get_close_matches(name, known, n=1)
+        if close:
+            message += f" (did you mean {close[0]!r}?)"
+        for broken in self.pm.broken:
+            message += (
+                f"\nnote: plugin {broken.name!r} from distribution {broken.distribution} "
+                f"failed to load and may have provided it: {broken.error}"
+            )
+        return message
+
+    def all(self) -> list[Component]:
+        return [c for kind in KINDS for c in sorted(self.components[kind].values(), key=_name)]
+
+    def options_model(self, name: str) -> type[BaseModel] | None:
+        """The options model of the component called ``name`` (its ``[name]`` config table)."""
+        for by_name in self.components.values():
+            if name in by_name and by_name[name].options is not None:
+                return by_name[name].options
+        return None
+
+    def build(self, kind: str, name: str, config: Any, *args: Any) -> Any:
+        """Build the component ``name`` of ``kind`` with its validated options."""
+        component = self.get(kind, name)
+        options = config.options_for(name, component.options) if component.options else None
+        return component.factory(config, options, *args)
+
+
+def _name(component: Component) -> str:
+    return component.name
+
+
+def get_registry(pm: PluginManager | None = None) -> Registry:
+    """The registry of ``pm`` (a fresh default plugin manager when None)."""
+    return Registry(pm if pm is not None else get_plugin_manager())

@@ -1,0 +1,182 @@
+"""The ``local`` backend: torch + transformers (+ peft for LoRA) in this process, CPU or CUDA.
+
+It exposes the verbs of the training SDKs' clients (forward, forward_backward with a custom loss,
+optim_step with Adam params, save/load state, save weights), so remote backends slot in beside it.
+Dropout is disabled (the model stays in eval mode) so policy and reference log-probs agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from preftune import (
+    AdamParams,
+    Batch,
+    Config,
+    ConfigError,
+    LossFn,
+    Metrics,
+    PairLogps,
+    TrainingError,
+    atomic_dir,
+    atomic_torch_save,
+    hookimpl,
+    load_causal_lm,
+    model_identity,
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class LocalOptions(BaseModel):
+    """Options of the ``[local]`` table."""
+
+    model_config = ConfigDict(extra="forbid")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights dtype (log-probs are always computed in float32)."
+    )
+    lora_target_modules: str | list[str] = Field(
+        "all-linear", description="peft target_modules for LoRA."
+    )
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+
+
+def sequence_logps(model: Any, batch: Batch) -> torch.Tensor:
+    """``[2B, T]`` log-probs of each target token (0 on padding)."""
+    logits = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+    ).logits
+    logps = -F.cross_entropy(logits.float().transpose(1, 2), batch.targets, reduction="none")
+    return logps * batch.attention_mask
+
+
+class FrozenClient:
+    """Forward-only log-probs of a model, optionally with its LoRA adapter disabled."""
+
+    def __init__(self, model: Any, device: torch.device, disable_adapter: bool = False):
+        self.model, self.device, self.disable_adapter = model, device, disable_adapter
+
+    @torch.no_grad()
+    def forward(self, batch: Batch) -> PairLogps:
+        batch = batch.to(self.device)
+        if self.disable_adapter:
+            with self.model.disable_adapter():
+                return PairLogps.from_rows(sequence_logps(self.model, batch))
+        return PairLogps.from_rows(sequence_logps(self.model, batch))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but CUDA is not available")
+    return torch.device(name)
+
+
+class LocalBackend:
+    """The policy in this process; see the module docstring."""
+
+    def __init__(self, config: Config, options: LocalOptions, tokenizer: Any):
+        self.config, self.options = config, options
+        self.device = resolve_device(config.device)
+        self.dtype = DTYPES[options.dtype]
+        model = load_causal_lm(config.base_model, config.base_model_revision, self.dtype)
+        vocab = model.get_input_embeddings().num_embeddings
+        if len(tokenizer) > vocab:
+            raise ConfigError(
+                f"tokenizer {config.tokenizer_model or config.base_model!r} has {len(tokenizer)} "
+                f"tokens but model {config.base_model!r} only {vocab} embeddings"
+            )
+        self._identity = model_identity(config.base_model, config.base_model_revision, model)
+        if config.lora_rank > 0:
+            model = self._add_lora(model)
+        self.model = model.to(self.device).eval()  # eval: no dropout; gradients still flow
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=config.learning_rate, betas=(config.beta1, config.beta2),
+            eps=config.eps, weight_decay=config.weight_decay,
+        )
+
+    def _add_lora(self, model: Any) -> Any:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(self.config.seed)
+        lora = LoraConfig(
+            r=self.config.lora_rank, lora_alpha=self.config.lora_alpha,
+            target_modules=self.options.lora_target_modules,
+            lora_dropout=self.options.lora_dropout, task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, lora)
+
+    def identity(self) -> dict[str, str]:
+        return dict(self._identity)
+
+    def forward(self, batch: Batch) -> PairLogps:
+        return FrozenClient(self.model, self.device).forward(batch)
+
+    def reference_client(self, shared: bool) -> FrozenClient:
+        if shared:
+            if self.config.lora_rank <= 0:
+                raise ConfigError("a shared (LoRA base) reference needs lora_rank > 0")
+            return FrozenClient(self.model, self.device, disable_adapter=True)
+        reference = load_causal_lm(self.config.base_model, self.config.base_model_revision,
+                                   self.dtype)
+        reference.requires_grad_(False)
+        return FrozenClient(reference.to(self.device).eval(), self.device)
+
+    def forward_backward(self, batch: Batch, loss_fn: LossFn) -> Metrics:
+        batch = batch.to(self.device)
+        policy = PairLogps.from_rows(sequence_logps(self.model, batch))
+        loss, metrics = loss_fn(policy, batch)
+        loss.backward()
+        return metrics
+
+    def optim_step(self, params: AdamParams) -> Metrics:
+        max_norm = params.max_grad_norm if params.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingError(f"gradient norm is {float(grad_norm)}; the step was not applied")
+        for group in self.optimizer.param_groups:
+            group.update(lr=params.learning_rate, betas=(params.beta1, params.beta2),
+                         eps=params.eps, weight_decay=params.weight_decay)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": float(grad_norm)}
+
+    def save_weights(self, path: str) -> None:
+        with atomic_dir(path) as tmp:
+            self.model.save_pretrained(tmp)
+
+    def save_state(self, path: str) -> None:
+        trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters()
+                     if p.requires_grad}
+        atomic_torch_save({"model": trainable, "optimizer": self.optimizer.state_dict()},
+                          Path(path))
+
+    def load_state(self, path: str) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        missing = self.model.load_state_dict(state["model"], strict=False)
+        if missing.unexpected_keys:
+            raise ConfigError(f"state {path} does not match the model: {missing.unexpected_keys}")
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def close(self) -> None:
+        self.model = None
+        self.params = []
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _local(config: Config, options: LocalOptions, tokenizer: Any) -> LocalBackend:
+    return LocalBackend(config, options, tokenizer)
+
+
+@hookimpl
+def register_backends(register: Any) -> None:
+    register("local", _local, LocalOptions)

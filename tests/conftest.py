@@ -1,0 +1,98 @@
+"""Shared fixtures: offline settings, the real tiny tokenizer, and small JSONL datasets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from preftune import Config, get_plugin_manager, get_registry
+from preftune.tiny import tiny_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("PREFTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("PREFTUNE_DISABLE_PLUGIN_AUTOLOAD", "1")
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Any:
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def registry() -> Any:
+    return get_registry(get_plugin_manager(load_entrypoints=False))
+
+
+def _pair_record(prompt: str, chosen: str, rejected: str) -> dict[str, Any]:
+    """A Format 1 (chosen/rejected messages) record."""
+    user = {"role": "user", "content": prompt}
+    return {
+        "chosen": {"messages": [user, {"role": "assistant", "content": chosen}]},
+        "rejected": {"messages": [user, {"role": "assistant", "content": rejected}]},
+    }
+
+
+def _write_jsonl(path: Path, records: list[Any]) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+WORDS = ["great", "awful", "lovely", "terrible", "fine", "bad", "good", "poor"]
+
+
+def _small_dataset(path: Path, n: int = 24) -> Path:
+    """``n`` pairs with an easily learned preference: chosen agrees, rejected refuses."""
+    records = []
+    for i in range(n):
+        word = WORDS[i % len(WORDS)] + ("s" if i >= len(WORDS) else "")
+        records.append(_pair_record(f"Tell me about {word} number {i}.",
+                                    f"Sure, {word} is fine.", f"No, {word} is wrong."))
+    return _write_jsonl(path, records)
+
+
+def _tiny_config(tmp_path: Path, **overrides: Any) -> Config:
+    """A fast config on the tiny model with a small dataset, quiet sinks."""
+    data = {
+        "base_model": "builtin:tiny",
+        "dataset": str(_small_dataset(tmp_path / "data.jsonl")),
+        "log_path": str(tmp_path / "logs"),
+        "cache_dir": str(tmp_path / "cache"),
+        "batch_size": 4,
+        "learning_rate": 1e-3,
+        "eval_fraction": 0.25,
+        "max_seq_len": 64,
+        "sinks": ["jsonl"],
+    }
+    data.update(overrides)
+    return Config(**data)
+
+
+# Test modules cannot import each other under --import-mode=importlib: helpers are fixtures.
+@pytest.fixture
+def pair_record() -> Any:
+    return _pair_record
+
+
+@pytest.fixture
+def write_jsonl() -> Any:
+    return _write_jsonl
+
+
+@pytest.fixture
+def small_dataset() -> Any:
+    return _small_dataset
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Any:
+    def make(**overrides: Any) -> Config:
+        return _tiny_config(tmp_path, **overrides)
+
+    return make

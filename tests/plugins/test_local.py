@@ -1,0 +1,182 @@
+"""The local backend on the real tiny model: log-probs, references, steps, saved weights."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from preftune import AdamParams, Config, Message, PreferencePair, collate, tokenize_pair
+from preftune.plugins.dpo import DPOLoss
+from preftune.plugins.local import LocalBackend, LocalOptions
+
+
+def make_pairs(tokenizer: Any, n: int = 6) -> list[Any]:
+    out = []
+    for i in range(n):
+        pair = PreferencePair((Message("user", f"Question {i}: is {i} even?"),),
+                              (Message("assistant", "yes" if i % 2 == 0 else "no"),),
+                              (Message("assistant", "maybe " * (i + 1)),))
+        out.append(tokenize_pair(tokenizer, pair, 128))
+    return out
+
+
+def backend(tokenizer: Any, **config: Any) -> LocalBackend:
+    cfg = Config(base_model="builtin:tiny", dataset="unused", device="cpu", **config)
+    return LocalBackend(cfg, LocalOptions(), tokenizer)
+
+
+def manual_logps(model: Any, tokens: list[int]) -> torch.Tensor:
+    """Log-prob of each next token, one sequence at a time, no padding."""
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens[:-1]])).logits[0]
+    return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0]
+
+
+def test_batched_logps_equal_unpadded_per_sequence_logps(tokenizer: Any) -> None:
+    b = backend(tokenizer)
+    pairs = make_pairs(tokenizer)
+    logps = b.forward(collate(pairs, list(range(len(pairs))), tokenizer.pad_token_id))
+    for i, pair in enumerate(pairs):
+        for side, rows in (("chosen", logps.chosen), ("rejected", logps.rejected)):
+            tokens, _ = pair.sequence(side)
+            expected = manual_logps(b.model, tokens)
+            torch.testing.assert_close(rows[i, : len(expected)], expected, atol=1e-5, rtol=1e-5)
+            assert torch.all(rows[i, len(expected):] == 0)  # padding
+
+
+def test_separate_reference_equals_the_untrained_policy(tokenizer: Any) -> None:
+    b = backend(tokenizer)
+    batch = collate(make_pairs(tokenizer), list(range(6)), tokenizer.pad_token_id)
+    ref = b.reference_client(shared=False).forward(batch)
+    policy = b.forward(batch)
+    torch.testing.assert_close(ref.chosen, policy.chosen)
+    assert b.identity()["model"] == "builtin:tiny"
+
+
+def test_lora_shared_reference_equals_base_model_logps(tokenizer: Any) -> None:
+    from preftune.tiny import tiny_model
+
+    b = backend(tokenizer, lora_rank=4, learning_rate=0.05)
+    pairs = make_pairs(tokenizer)
+    batch = collate(pairs, list(range(6)), tokenizer.pad_token_id)
+    loss = DPOLoss(beta=0.5)
+    reference = b.reference_client(shared=True)
+    ref_before = reference.forward(batch)
+    for _ in range(3):  # train the adapter so the policy moves away from the base
+        b.forward_backward(batch, lambda policy, batch: loss(policy, ref_before, batch))
+        b.optim_step(AdamParams(0.05))
+    policy = b.forward(batch)
+    assert not torch.allclose(policy.chosen, ref_before.chosen, atol=1e-3)
+    base = tiny_model().eval()
+    for i, pair in enumerate(pairs):
+        tokens, _ = pair.sequence("chosen")
+        expected = manual_logps(base, tokens)
+        torch.testing.assert_close(reference.forward(batch).chosen[i, : len(expected)], expected,
+                                   atol=1e-5, rtol=1e-5)
+    # the adapter is active again after the reference forward
+    torch.testing.assert_close(b.forward(batch).chosen, policy.chosen)
+
+
+def test_accumulated_micro_batches_give_the_whole_batch_gradient(tokenizer: Any) -> None:
+    from preftune.loop import bind_loss
+
+    pairs = make_pairs(tokenizer)
+    loss = DPOLoss(beta=0.3)
+
+    def gradient(groups: list[list[int]]) -> torch.Tensor:
+        b = backend(tokenizer)
+        ref = b.reference_client(shared=False)
+
+        class Ref:  # the loop's ReferenceLogps interface
+            def for_batch(self, batch: Any) -> Any:
+                return ref.forward(batch)
+
+        for group in groups:
+            batch = collate([pairs[i] for i in group], group, tokenizer.pad_token_id)
+            b.forward_backward(batch, bind_loss(loss, Ref(), len(group) / len(pairs)))
+        return torch.cat([p.grad.flatten() for p in b.params if p.grad is not None])
+
+    whole = gradient([[0, 1, 2, 3, 4, 5]])
+    split = gradient([[0, 1, 2, 3], [4, 5]])
+    assert whole.norm() > 0
+    torch.testing.assert_close(split, whole, atol=1e-6, rtol=1e-4)
+
+
+def test_optim_step_reports_grad_norm_and_clips(tokenizer: Any) -> None:
+    b = backend(tokenizer)
+    batch = collate(make_pairs(tokenizer), list(range(6)), tokenizer.pad_token_id)
+
+    def nll(policy: Any, batch: Any) -> Any:
+        return -(policy.chosen * batch.split(batch.weights)[0]).sum(), {}
+
+    before = [p.detach().clone() for p in b.params]
+    b.forward_backward(batch, nll)
+    norm = b.optim_step(AdamParams(1e-3, max_grad_norm=1.0))["grad_norm"]
+    assert norm > 1.0 and math.isfinite(norm)
+    assert any(not torch.equal(a, p) for a, p in zip(before, b.params))
+    assert all(p.grad is None for p in b.params)
+
+
+def test_non_finite_gradient_is_not_applied(tokenizer: Any) -> None:
+    from preftune import TrainingError
+
+    b = backend(tokenizer)
+    batch = collate(make_pairs(tokenizer), list(range(6)), tokenizer.pad_token_id)
+    before = [p.detach().clone() for p in b.params]
+    b.forward_backward(batch, lambda policy, batch: (policy.chosen.sum() * float("inf"), {}))
+    with pytest.raises(TrainingError, match="not applied"):
+        b.optim_step(AdamParams(1e-3))
+    assert all(torch.equal(a, p) for a, p in zip(before, b.params))
+
+
+def test_saved_weights_load_with_transformers_and_peft(tokenizer: Any, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from preftune.tiny import tiny_model
+
+    full = backend(tokenizer)
+    full.save_weights(str(tmp_path / "full"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
+    torch.testing.assert_close(loaded.state_dict()["model.norm.weight"],
+                               full.model.state_dict()["model.norm.weight"])
+    lora = backend(tokenizer, lora_rank=4)
+    lora.save_weights(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    assert PeftModel.from_pretrained(tiny_model(), tmp_path / "adapter") is not None
+    # saving again replaces the directory whole
+    lora.save_weights(str(tmp_path / "adapter"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "full"]
+
+
+def test_state_round_trip_restores_weights_and_optimizer(tokenizer: Any, tmp_path: Path) -> None:
+    b = backend(tokenizer)
+    batch = collate(make_pairs(tokenizer), list(range(6)), tokenizer.pad_token_id)
+
+    def step(backend: LocalBackend) -> None:
+        backend.forward_backward(batch, lambda p, b: (-(p.chosen.sum()), {}))
+        backend.optim_step(AdamParams(1e-3))
+
+    step(b)
+    b.save_state(str(tmp_path / "state.pt"))
+    step(b)
+    other = backend(tokenizer)
+    other.load_state(str(tmp_path / "state.pt"))
+    step(other)
+    for a, c in zip(b.params, other.params):
+        torch.testing.assert_close(a, c)
+
+
+def test_tokenizer_larger_than_the_model_is_a_clear_error(tokenizer: Any) -> None:
+    from preftune import ConfigError
+
+    class Big:
+        def __len__(self) -> int:
+            return 10**6
+
+    with pytest.raises(ConfigError, match="tokens but model 'builtin:tiny' only"):
+        backend(Big())

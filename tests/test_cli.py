@@ -1,0 +1,93 @@
+"""The preftune command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from preftune.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["demo"], ["plugins"], ["validate"]])
+def test_help_on_everything(command: list[str]) -> None:
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0
+    assert "Usage" in result.output
+
+
+def test_plugins_lists_components_with_their_distribution() -> None:
+    result = runner.invoke(app, ["plugins", "--json"])
+    assert result.exit_code == 0
+    rows = json.loads(result.output)["components"]
+    dpo = next(r for r in rows if r["name"] == "dpo")
+    assert dpo == {"name": "dpo", "kind": "loss", "plugin": "preftune.plugins.dpo",
+                   "distribution": "preftune", "version": dpo["version"]}
+    table = runner.invoke(app, ["plugins"]).output
+    assert "chosen_rejected" in table and "DISTRIBUTION" in table
+
+
+def test_validate_reports_each_bad_line_and_exits_1(
+    tmp_path: Path, pair_record: Any, write_jsonl: Any
+) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [pair_record("q", "a", "b"), "{oops",
+                                              pair_record("q", "same", "same")])
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 1
+    assert f"{path}:2: malformed JSON" in result.output
+    assert f"{path}:3: field 'rejected': chosen and rejected responses are identical" in result.output
+    assert result.output.strip().endswith("3 records, 1 ok, 2 bad")
+
+
+def test_validate_good_file_with_tokenizer_notes_truncation(
+    tmp_path: Path, pair_record: Any, write_jsonl: Any
+) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [pair_record("q", "a " * 50, "b")])
+    result = runner.invoke(app, ["validate", str(path), "--tokenizer", "builtin:tiny",
+                                 "--max-seq-len", "20"])
+    assert result.exit_code == 0, result.output
+    assert "1 pair(s) truncated" in result.output and "1 ok, 0 bad" in result.output
+
+
+def test_validate_unknown_format_lists_known_ones(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text("{}\n")
+    result = runner.invoke(app, ["validate", str(path), "--format", "sharegpt"])
+    assert result.exit_code == 2
+    assert "unknown format 'sharegpt'; known formats: chosen_rejected, input_output" in result.output
+
+
+def test_run_with_overrides_trains_and_prints_the_summary(
+    tmp_path: Path, small_dataset: Any
+) -> None:
+    data = small_dataset(tmp_path / "d.jsonl")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"base_model: builtin:tiny\ndataset: {data}\nlog_path: {tmp_path / 'logs'}\n"
+                      "max_seq_len: 64\nsinks: [jsonl]\nepochs: 5\n")
+    result = runner.invoke(app, ["run", str(config), "--set", "epochs=1", "--set", "batch_size=8"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{"):])
+    assert summary["status"] == "completed" and summary["steps"] == 3  # 23 train pairs / 8
+
+
+def test_run_with_a_bad_config_prints_one_clear_error(tmp_path: Path) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text('base_model = "builtin:tiny"\ndataset = "d.jsonl"\nlosss = "dpo"\n')
+    result = runner.invoke(app, ["run", str(config)])
+    assert result.exit_code == 2
+    assert "error: unknown config key 'losss' (did you mean 'loss'?)" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_console_script_is_installed() -> None:
+    """``preftune`` on PATH is the same app (checks the [project.scripts] entry point)."""
+    exe = Path(sys.executable).parent / "preftune"
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True)
+    assert "demo" in out.stdout and "validate" in out.stdout

@@ -1,0 +1,157 @@
+"""End-to-end runs of the loop on the real tiny model and tokenizer."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import preftune
+from preftune import TrainingError, get_plugin_manager, hookimpl, run
+from preftune.plugins.local import LocalBackend
+from preftune import refcache
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_step0_dpo_loss_is_ln2_when_policy_equals_reference(make_config: Any) -> None:
+    config = make_config(learning_rate=1e-9, epochs=1)
+    summary = run(config)
+    logs = Path(config.log_path)
+    first = read_rows(logs / "metrics.jsonl")[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert first["margin"] == pytest.approx(0.0, abs=1e-4)
+    # evaluation at step 0 uses the reference pass's batches: policy == reference exactly
+    initial = read_rows(logs / "eval.jsonl")[0]
+    assert initial["step"] == 0
+    assert initial["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert initial["eval_accuracy"] == 0.0
+    assert summary["status"] == "completed"
+
+
+def test_metrics_eval_config_and_weights_are_written(make_config: Any) -> None:
+    config = make_config(epochs=2, eval_interval=3)
+    summary = run(config)
+    logs = Path(config.log_path)
+    rows = read_rows(logs / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    assert len(rows) == summary["steps"] == 2 * math.ceil(18 / 4)
+    expected = {"step", "epoch", "loss", "margin", "accuracy", "chosen_reward", "rejected_reward",
+                "logps_chosen", "logps_rejected", "grad_norm", "lr", "tokens", "tokens_per_s",
+                "elapsed_s"}
+    assert expected <= set(rows[0])
+    assert {r["epoch"] for r in rows} == {0, 1}
+    evals = read_rows(logs / "eval.jsonl")
+    assert [e["step"] for e in evals] == [0, 3, 6, 9, 10]
+    assert {"eval_loss", "eval_accuracy", "eval_margin"} <= set(evals[0])
+    saved = json.loads((logs / "config.json").read_text())
+    assert saved["base_model"] == "builtin:tiny" and saved["loss"] == "dpo"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(summary["weights"])
+    assert AutoTokenizer.from_pretrained(summary["weights"]).chat_template
+    assert (Path(summary["weights"]) / "model.safetensors").exists()
+    assert model.config.model_type == "qwen3"
+
+
+def test_training_raises_heldout_accuracy_and_margin(make_config: Any) -> None:
+    summary = run(make_config(epochs=6, learning_rate=3e-3, beta=0.5))
+    assert summary["final_eval"]["eval_margin"] > summary["initial_eval"]["eval_margin"] + 1
+    assert summary["final_eval"]["eval_accuracy"] >= 0.8
+
+
+def test_second_run_does_no_reference_forward(make_config: Any, monkeypatch: Any,
+                                              capsys: Any) -> None:
+    calls = {"client": 0, "compute": 0}
+    real_client, real_compute = LocalBackend.reference_client, refcache.compute
+
+    def counting_client(self: Any, shared: bool) -> Any:
+        calls["client"] += 1
+        return real_client(self, shared)
+
+    def counting_compute(*args: Any, **kwargs: Any) -> Any:
+        calls["compute"] += 1
+        return real_compute(*args, **kwargs)
+
+    monkeypatch.setattr(LocalBackend, "reference_client", counting_client)
+    monkeypatch.setattr(refcache, "compute", counting_compute)
+    run(make_config())
+    assert calls == {"client": 1, "compute": 1}
+    run(make_config(log_path=str(Path(make_config().log_path) / "again")))
+    assert calls == {"client": 1, "compute": 1}
+    assert "reusing cache" in capsys.readouterr().err
+
+
+def test_changed_key_rebuilds_the_cache_and_says_why(make_config: Any, capsys: Any) -> None:
+    run(make_config())
+    capsys.readouterr()
+    run(make_config(max_seq_len=30))
+    err = capsys.readouterr().err
+    assert "stale" in err and "max_seq_len" in err and "data_sha256" in err
+
+
+def test_cached_reference_equals_fresh_reference(make_config: Any) -> None:
+    config = make_config()
+    run(config)
+    [cache_file] = list((Path(config.cache_dir) / "reference").glob("*.pt"))
+    cached, parts = refcache.ReferenceLogps.load(cache_file)
+    assert parts["model"] == "builtin:tiny" and len(parts["weights_sha256"]) == 64
+    assert len(cached.chosen) == 24 and all(t.dtype == torch.float32 for t in cached.chosen)
+    assert all(torch.all(t <= 0) for t in cached.chosen)
+
+
+class NaNLoss:
+    needs_reference = False
+
+    def __call__(self, policy: Any, reference: Any, batch: Any) -> Any:
+        value = (policy.chosen * batch.split(batch.weights)[0]).sum() * float("nan")
+        return value, {}
+
+
+class NaNPlugin:
+    @hookimpl
+    def register_losses(self, register: Any) -> None:
+        register("nan", lambda config, options: NaNLoss())
+
+
+def test_nan_loss_stops_with_step_and_source_lines(make_config: Any) -> None:
+    pm = get_plugin_manager(load_entrypoints=False)
+    pm.register(NaNPlugin(), name="nan-plugin")
+    config = make_config(loss="nan")
+    with pytest.raises(TrainingError, match=r"loss is nan at step 1; pairs: .*data\.jsonl:\d+"):
+        run(config, pm)
+    assert not (Path(config.log_path) / "final").exists()
+
+
+def test_grad_accumulation_gives_the_same_training_as_one_big_batch(
+    make_config: Any, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    common = {"eval_fraction": 0, "max_pairs": 22, "learning_rate": 1e-2, "epochs": 2}
+    big = make_config(log_path=str(tmp_path / "big"), batch_size=8, grad_accum=1, **common)
+    acc = make_config(log_path=str(tmp_path / "acc"), batch_size=4, grad_accum=2, **common)
+    run(big), run(acc)
+    rows_big = read_rows(tmp_path / "big" / "metrics.jsonl")
+    rows_acc = read_rows(tmp_path / "acc" / "metrics.jsonl")
+    assert len(rows_big) == len(rows_acc) == 6  # steps of 8, 8, 6 (= 4 + 2) pairs per epoch
+    for a, b in zip(rows_big, rows_acc):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    w_big = load_file(str(tmp_path / "big" / "final" / "model.safetensors"))
+    w_acc = load_file(str(tmp_path / "acc" / "final" / "model.safetensors"))
+    for name, tensor in w_big.items():
+        torch.testing.assert_close(tensor, w_acc[name], atol=1e-4, rtol=1e-3)
+
+
+def test_unknown_plugin_names_fail_before_loading_anything(make_config: Any) -> None:
+    with pytest.raises(preftune.ConfigError, match="unknown loss 'dpoo'.*known losses: dpo"):
+        run(make_config(loss="dpoo"))
+    with pytest.raises(preftune.ConfigError, match="unknown sink 'wandbb'.*console, jsonl"):
+        run(make_config(sinks=["jsonl", "wandbb"]))

@@ -1,0 +1,130 @@
+"""The plugin manager: built-ins, third-party entry points, duplicates, broken plugins."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import preftune
+from preftune import PluginError, get_plugin_manager, get_registry, hookimpl
+from preftune import hookspecs
+
+
+def test_the_repo_root_is_not_importable() -> None:
+    """Tests see preftune as installed: a stray ``from core import ...`` would fail for users."""
+    assert importlib.util.find_spec("core") is None
+    assert importlib.util.find_spec("plugins") is None
+
+
+def test_builtins_register_every_kind(registry: Any) -> None:
+    assert registry.names("format") == ["chosen_rejected", "input_output"]
+    assert registry.names("loss") == ["dpo"]
+    assert registry.names("reference") == ["lora_shared", "none", "separate"]
+    assert registry.names("backend") == ["local"]
+    assert registry.names("sink") == ["console", "jsonl"]
+    assert {c.distribution for c in registry.all()} == {"preftune"}
+
+
+def test_the_core_imports_no_plugin() -> None:
+    core = Path(preftune.__file__).parent
+    for path in core.glob("*.py"):
+        source = path.read_text()
+        assert "from .plugins" not in source and "import preftune.plugins" not in source, path
+        assert "from preftune.plugins" not in source, path
+
+
+def make_dist(root: Path, dist: str, module: str, code: str) -> None:
+    """A distribution visible to importlib.metadata without installing it."""
+    info = root / f"{dist.replace('-', '_')}-1.0.dist-info"  # the wheel naming rule
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[preftune]\n{module} = {module}\n")
+    (root / f"{module}.py").write_text(code)
+
+
+THIRD_PARTY = """
+from preftune import hookimpl
+
+class Hinge:
+    needs_reference = True
+    def __call__(self, policy, reference, batch):
+        raise NotImplementedError
+
+@hookimpl
+def register_losses(register):
+    register("hinge", lambda config, options: Hinge())
+"""
+
+
+@pytest.fixture
+def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("PREFTUNE_DISABLE_PLUGIN_AUTOLOAD")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    for name in [m for m in sys.modules if m.startswith("pt_")]:
+        del sys.modules[name]
+
+
+def test_third_party_plugin_is_found_through_its_entry_point(site: Path) -> None:
+    make_dist(site, "preftune-hinge", "pt_hinge", THIRD_PARTY)
+    registry = get_registry()
+    hinge = registry.get("loss", "hinge")
+    assert (hinge.distribution, hinge.version, hinge.plugin) == ("preftune-hinge", "1.0", "pt_hinge")
+
+
+def test_duplicate_names_are_an_error_naming_both_distributions(site: Path) -> None:
+    make_dist(site, "preftune-dup", "pt_dup", THIRD_PARTY.replace('"hinge"', '"dpo"'))
+    with pytest.raises(PluginError) as info:
+        get_registry()
+    message = str(info.value)
+    assert "loss 'dpo' is registered twice" in message
+    assert "distribution preftune)" in message and "distribution preftune-dup" in message
+
+
+def test_broken_plugins_are_recorded_and_named_only_when_needed(site: Path) -> None:
+    make_dist(site, "preftune-broken", "pt_broken", "import not_a_module_anywhere\n")
+    make_dist(site, "preftune-typo", "pt_typo",
+              "from preftune import hookimpl\n@hookimpl\ndef register_lossez(register):\n    pass\n")
+    registry = get_registry()
+    assert registry.get("loss", "dpo")  # a run that does not need them still works
+    broken = {b.name: b for b in registry.pm.broken}
+    assert broken["pt_broken"].distribution == "preftune-broken"
+    assert "ModuleNotFoundError" in broken["pt_broken"].error
+    assert "register_lossez" in broken["pt_typo"].error
+    with pytest.raises(preftune.ConfigError) as info:
+        registry.get("loss", "ipo")
+    assert "preftune-broken failed to load" in str(info.value)
+
+
+def test_autoload_can_be_disabled(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_dist(site, "preftune-hinge", "pt_hinge", THIRD_PARTY)
+    monkeypatch.setenv("PREFTUNE_DISABLE_PLUGIN_AUTOLOAD", "1")
+    assert "hinge" not in get_registry().names("loss")
+
+
+def test_in_process_plugin_registers_like_an_installed_one() -> None:
+    class Sink:
+        pass
+
+    class Plugin:
+        @hookimpl
+        def register_sinks(self, register: Any) -> None:
+            register("mine", lambda config, options: Sink())
+
+    pm = get_plugin_manager(load_entrypoints=False)
+    pm.register(Plugin(), name="mine-plugin")
+    assert get_registry(pm).get("sink", "mine").plugin == "mine-plugin"
+
+
+def test_every_hook_is_documented() -> None:
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text()
+    for name, fn in inspect.getmembers(hookspecs, inspect.isfunction):
+        if name.startswith(("register_", "preftune_")):
+            assert fn.__doc__, name
+            signature = f"{name}({', '.join(inspect.signature(fn).parameters)})"
+            assert signature in docs, f"{signature} missing from docs/plugins.md"
