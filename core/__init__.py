@@ -7,11 +7,11 @@ to write plugins. Everything else is internal.
 from .config import Config, load_config
 from .data import check_pair, tokenize_pair
 from .errors import ConfigError, DataError, PluginError, PreftuneError, RecordError, TrainingError
+from .fileio import atomic_dir, atomic_torch_save, atomic_write_json
 from .hookspecs import hookimpl
-from .hub import load_causal_lm, load_tokenizer, model_identity
+from .hub import files_hash, load_causal_lm, load_tokenizer, model_identity, resolve_init
 from .loop import run
 from .manager import get_plugin_manager, get_registry
-from .fileio import atomic_dir, atomic_torch_save, atomic_write_json
 from .types import (
     AdamParams,
     Backend,
@@ -34,7 +34,8 @@ __all__ = [
     "AdamParams", "Backend", "Batch", "Config", "ConfigError", "DataError", "DatasetFormat",
     "ForwardClient", "Loss", "LossFn", "Message", "Metrics", "PairLogps", "PluginError",
     "PreferencePair", "PreftuneError", "RecordError", "ReferenceProvider", "Source",
-    "TokenizedPair", "TrainingError", "atomic_dir", "atomic_torch_save", "atomic_write_json", "check_pair", "collate",
-    "get_plugin_manager", "get_registry", "hookimpl", "load_causal_lm", "load_config",
-    "load_tokenizer", "model_identity", "run", "tokenize_pair",
+    "TokenizedPair", "TrainingError", "atomic_dir", "atomic_torch_save", "atomic_write_json",
+    "check_pair", "collate",
+    "files_hash", "get_plugin_manager", "get_registry", "hookimpl", "load_causal_lm", "load_config",
+    "load_tokenizer", "model_identity", "resolve_init", "run", "tokenize_pair",
 ]

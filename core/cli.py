@@ -54,13 +54,17 @@ SetOption = Annotated[
 def run(
     config: Annotated[Path, typer.Argument(help="Config file (.toml, .yaml or .yml).")],
     set_: SetOption = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the newest checkpoint in log_path.")
+    ] = False,
 ) -> None:
     """Train with a config file."""
     from .config import load_config
     from .loop import run as run_training
 
     with user_errors():
-        summary = run_training(load_config(config, set_ or []))
+        config = load_config(config, (set_ or []) + (["resume=true"] if resume else []))
+        summary = run_training(config)
     typer.echo(json.dumps(summary, indent=2))
 
 

@@ -11,7 +11,7 @@ import difflib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -33,6 +33,9 @@ class Config(BaseModel):
     base_model: str = Field(description="Hugging Face model id, local path, or builtin:tiny.")
     base_model_revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     tokenizer_model: str | None = Field(None, description="Tokenizer id or path; default base_model.")
+    init_from: str | None = Field(
+        None, description="Start from these weights: a checkpoint, HF model or PEFT adapter dir."
+    )
     dataset: str = Field(description="Training preference pairs, a JSONL file.")
     eval_dataset: str | None = Field(
         None, description="Held-out pairs (JSONL); default: split eval_fraction off dataset."
@@ -47,7 +50,11 @@ class Config(BaseModel):
     epochs: int = Field(1, gt=0, description="Passes over the training pairs.")
     batch_size: int = Field(4, gt=0, description="Pairs per forward/backward (micro-batch).")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
-    learning_rate: float = Field(1e-5, gt=0, description="Adam learning rate.")
+    learning_rate: float = Field(1e-5, gt=0, description="Peak Adam learning rate.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="Decay after warmup: constant, linear or cosine (to 0)."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 over N optimizer steps.")
     beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1.")
     beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2.")
     eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
@@ -56,6 +63,10 @@ class Config(BaseModel):
     lora_rank: int = Field(0, ge=0, description="LoRA rank; 0 = full fine-tune.")
     lora_alpha: float = Field(32.0, gt=0, description="LoRA alpha (scale = alpha / rank).")
     seed: int = Field(0, description="Seeds the data split, the data order and initialization.")
+    # checkpoints
+    checkpoint_interval: int = Field(0, ge=0, description="Checkpoint every N steps; 0 = off.")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep the newest N checkpoints.")
+    resume: bool = Field(False, description="Continue from the newest checkpoint in log_path.")
     # which plugins make up the run
     format: str = Field("auto", description="Dataset format; auto picks by each record's keys.")
     loss: str = Field("dpo", description="Loss plugin.")

@@ -60,6 +60,22 @@ def model_identity(name: str, revision: str | None = None, model: Any = None) ->
     return {"model": name, "revision": commit or revision or "main"}
 
 
+def resolve_init(path: str) -> tuple[str, Path]:
+    """What ``init_from`` points at: ``("model", dir)`` for a Hugging Face model directory,
+    ``("adapter", dir)`` for a PEFT adapter; a preftune checkpoint holds one of them."""
+    directory = Path(path)
+    if (directory / "trainer_state.json").exists():
+        directory = directory / "backend"
+    if (directory / "adapter_config.json").exists():
+        return "adapter", directory
+    if (directory / "config.json").exists():
+        return "model", directory
+    raise ConfigError(
+        f"init_from {path!r} is not a preftune checkpoint, a Hugging Face model directory "
+        "(config.json) or a PEFT adapter directory (adapter_config.json)"
+    )
+
+
 def state_dict_hash(model: Any) -> str:
     """sha256 over the names and bytes of a model's parameters and buffers."""
     digest = hashlib.sha256()

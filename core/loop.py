@@ -14,11 +14,11 @@ from typing import Any
 import pluggy
 import torch
 
-from . import hookspecs, hub, refcache
+from . import checkpoint, hookspecs, hub, refcache
 from .config import Config
 from .data import epoch_order, length_batches, load_pairs, make_format, split_eval, tokenize_pairs
-from .fileio import atomic_write_json
 from .errors import ConfigError, TrainingError
+from .fileio import atomic_write_json
 from .manager import PluginManager, Registry, get_registry
 from .types import AdamParams, Batch, Loss, LossFn, Metrics, PairLogps, TokenizedPair, collate
 
@@ -57,7 +57,10 @@ def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
             provider = registry.build("reference", reference_name, config, backend)
             reference = reference_logps(config, provider, tokenizer, data)
             del provider  # a separate reference model is freed once its log-probs are cached
-        info = data.info(config)
+        hashes = {"config_sha256": checkpoint.training_hash(config, set(registry.names("sink"))),
+                  "data_sha256": refcache.data_hash(data.pairs)}
+        state = resume_state(config, backend, hashes)
+        info = {**data.info(config), "resume_step": state.get("step", 0)}
         sinks.hook.preftune_run_start(config=config, info=info, backend=backend)
 
         evals: dict[int, dict[str, float]] = {}
@@ -68,11 +71,15 @@ def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
                 sinks.hook.preftune_eval(step=step, metrics=evals[step])
             return evals[step]
 
-        first_eval, step = evaluate(0), 0
-        start, tokens = time.perf_counter(), 0
+        step = state.get("step", 0)
+        first_eval = state["first_eval"] if "first_eval" in state else evaluate(0)
+        tokens, done_s = state.get("tokens", 0), state.get("elapsed_s", 0.0)
+        start = time.perf_counter() - done_s
         for epoch in range(config.epochs):
             order = [data.train[i] for i in epoch_order(len(data.train), config.seed, epoch)]
-            for chunk in chunks(order, config.batch_size * config.grad_accum):
+            for position, chunk in enumerate(chunks(order, config.batch_size * config.grad_accum)):
+                if epoch * info["steps_per_epoch"] + position < step:
+                    continue  # done before the checkpoint this run resumed from
                 # One optimizer step: micro-batches weighted by their share of the step's pairs,
                 # so the accumulated gradient equals the gradient of the whole step's batch.
                 metrics: dict[str, Any] = {}
@@ -94,6 +101,11 @@ def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
                 sinks.hook.preftune_log_metrics(step=step, metrics=row)
                 if config.eval_interval and step % config.eval_interval == 0:
                     evaluate(step)
+                if config.checkpoint_interval and step % config.checkpoint_interval == 0:
+                    saved = checkpoint.save(log_path, step, backend, {
+                        **hashes, "tokens": tokens, "elapsed_s": elapsed, "epoch": epoch,
+                        "first_eval": first_eval}, config.keep_checkpoints)
+                    sinks.hook.preftune_checkpoint(step=step, path=str(saved))
 
         final_eval = evals[step] if step in evals else evaluate(step)
         weights = log_path / "final"
@@ -113,6 +125,20 @@ def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
     finally:
         sinks.hook.preftune_run_end(summary=summary)
         backend.close()
+
+
+def resume_state(config: Config, backend: Any, hashes: dict[str, str]) -> dict[str, Any]:
+    """With ``resume``, restore the newest complete checkpoint; its trainer state, or {}."""
+    checkpoint.remove_partial(config.log_path)
+    if not config.resume:
+        return {}
+    found = checkpoint.complete(config.log_path)
+    if not found:
+        log(f"resume: no checkpoint in {checkpoint.root(config.log_path)}; starting from step 0")
+        return {}
+    state = checkpoint.restore(found[-1], backend, hashes)
+    log(f"resumed from {found[-1]} (step {state['step']})")
+    return state
 
 
 @dataclass
@@ -163,12 +189,13 @@ def prepare_data(config: Config, fmt: Any, tokenizer: Any) -> Data:
 
 
 def resolve_reference(config: Config, loss: Loss) -> str:
-    """``auto``: no reference for a loss that needs none, the LoRA base for LoRA, else a copy."""
+    """``auto``: none for a loss that needs none, the LoRA base for LoRA, else a frozen copy."""
     if config.reference != "auto":
         return config.reference
     if not loss.needs_reference:
         return "none"
-    return "lora_shared" if config.lora_rank > 0 else "separate"
+    # After a warm start the reference is the initial policy, which the LoRA base may not be.
+    return "lora_shared" if config.lora_rank > 0 and not config.init_from else "separate"
 
 
 def reference_logps(config: Config, provider: Any, tokenizer: Any, data: Data) -> Any:
@@ -245,9 +272,19 @@ def adam_params(config: Config, lr: float) -> AdamParams:
                       config.max_grad_norm)
 
 
+SCHEDULES: dict[str, Callable[[float], float]] = {
+    "constant": lambda progress: 1.0,
+    "linear": lambda progress: 1.0 - progress,
+    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+}
+
+
 def learning_rate(config: Config, step: int, total_steps: int) -> float:
-    """The learning rate of optimizer step ``step`` (0-based)."""
-    return config.learning_rate
+    """The learning rate of optimizer step ``step`` (0-based): warmup, then the schedule."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+    return config.learning_rate * SCHEDULES[config.lr_schedule](progress)
 
 
 def chunks(items: Sequence[int], size: int) -> list[list[int]]:

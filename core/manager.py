@@ -25,6 +25,7 @@ from .errors import ConfigError, PluginError
 DEFAULT_PLUGINS = (
     "preftune.plugins.formats",
     "preftune.plugins.dpo",
+    "preftune.plugins.orpo",
     "preftune.plugins.references",
     "preftune.plugins.local",
     "preftune.plugins.console",

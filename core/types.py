@@ -8,8 +8,8 @@ targets ``s[1:]``, and weights are aligned with the targets (1 on completion tok
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch

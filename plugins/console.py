@@ -6,10 +6,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from preftune import Config, hookimpl
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
-
-from preftune import Config, hookimpl
 
 LINE_KEYS = ("loss", "margin", "accuracy", "grad_norm", "lr", "tokens_per_s")
 

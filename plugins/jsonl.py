@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -14,14 +15,36 @@ class JsonlSink:
     def __init__(self, log_path: str):
         self.dir = Path(log_path)
         self.files: dict[str, TextIO] = {}
+        self.resume_step = 0
 
     def _write(self, name: str, row: dict[str, Any]) -> None:
         if name not in self.files:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self.files[name] = open(self.dir / name, "w", encoding="utf-8")
+            self.files[name] = self._open(self.dir / name)
         handle = self.files[name]
         handle.write(json.dumps(row) + "\n")
         handle.flush()
+
+    def _open(self, path: Path) -> TextIO:
+        """A fresh file, or on resume the rows up to the checkpoint's step (a run killed after
+        it wrote later rows, or mid-line, redoes those steps)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if self.resume_step and path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if row.get("step", 0) <= self.resume_step:
+                    kept.append(line + "\n")
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)  # atomic: a kill now loses no row
+        return open(path, "a", encoding="utf-8")
+
+    @hookimpl
+    def preftune_run_start(self, config: Config, info: dict[str, Any], backend: Any) -> None:
+        self.resume_step = info.get("resume_step", 0)
 
     @hookimpl
     def preftune_log_metrics(self, step: int, metrics: dict[str, float]) -> None:

@@ -12,8 +12,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
-
 from preftune import (
     AdamParams,
     Batch,
@@ -24,11 +22,13 @@ from preftune import (
     PairLogps,
     TrainingError,
     atomic_dir,
-    atomic_torch_save,
+    files_hash,
     hookimpl,
     load_causal_lm,
     model_identity,
+    resolve_init,
 )
+from pydantic import BaseModel, ConfigDict, Field
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -85,15 +85,19 @@ class LocalBackend:
         self.config, self.options = config, options
         self.device = resolve_device(config.device)
         self.dtype = DTYPES[options.dtype]
-        model = load_causal_lm(config.base_model, config.base_model_revision, self.dtype)
+        self.init = resolve_init(config.init_from) if config.init_from else None
+        model = self._initial_model(trainable_adapter=config.lora_rank > 0)
         vocab = model.get_input_embeddings().num_embeddings
         if len(tokenizer) > vocab:
             raise ConfigError(
                 f"tokenizer {config.tokenizer_model or config.base_model!r} has {len(tokenizer)} "
                 f"tokens but model {config.base_model!r} only {vocab} embeddings"
             )
-        self._identity = model_identity(config.base_model, config.base_model_revision, model)
-        if config.lora_rank > 0:
+        self._identity = model_identity(config.base_model, config.base_model_revision,
+                                        None if self.init else model)
+        if self.init:
+            self._identity.update(init_from=str(self.init[1]), init_sha256=files_hash(self.init[1]))
+        if config.lora_rank > 0 and not hasattr(model, "disable_adapter"):
             model = self._add_lora(model)
         self.model = model.to(self.device).eval()  # eval: no dropout; gradients still flow
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -101,6 +105,20 @@ class LocalBackend:
             self.params, lr=config.learning_rate, betas=(config.beta1, config.beta2),
             eps=config.eps, weight_decay=config.weight_decay,
         )
+
+    def _initial_model(self, trainable_adapter: bool) -> Any:
+        """The weights training starts from: ``init_from`` if set, else the base model. A warm
+        start adapter stays a trainable adapter for LoRA, and is merged otherwise."""
+        cfg = self.config
+        if self.init is not None and self.init[0] == "model":
+            return load_causal_lm(str(self.init[1]), None, self.dtype)
+        base = load_causal_lm(cfg.base_model, cfg.base_model_revision, self.dtype)
+        if self.init is None:
+            return base
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base, str(self.init[1]), is_trainable=trainable_adapter)
+        return model if trainable_adapter else model.merge_and_unload()
 
     def _add_lora(self, model: Any) -> Any:
         from peft import LoraConfig, get_peft_model
@@ -123,9 +141,11 @@ class LocalBackend:
         if shared:
             if self.config.lora_rank <= 0:
                 raise ConfigError("a shared (LoRA base) reference needs lora_rank > 0")
+            if self.init is not None and self.init[0] == "adapter":
+                raise ConfigError("with init_from an adapter, the LoRA base is not the initial "
+                                  "policy: use reference = 'separate'")
             return FrozenClient(self.model, self.device, disable_adapter=True)
-        reference = load_causal_lm(self.config.base_model, self.config.base_model_revision,
-                                   self.dtype)
+        reference = self._initial_model(trainable_adapter=False)
         reference.requires_grad_(False)
         return FrozenClient(reference.to(self.device).eval(), self.device)
 
@@ -154,17 +174,32 @@ class LocalBackend:
             self.model.save_pretrained(tmp)
 
     def save_state(self, path: str) -> None:
-        trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters()
-                     if p.requires_grad}
-        atomic_torch_save({"model": trainable, "optimizer": self.optimizer.state_dict()},
-                          Path(path))
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        torch.save(self.optimizer.state_dict(), Path(path) / "optimizer.pt")
 
     def load_state(self, path: str) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        missing = self.model.load_state_dict(state["model"], strict=False)
-        if missing.unexpected_keys:
-            raise ConfigError(f"state {path} does not match the model: {missing.unexpected_keys}")
-        self.optimizer.load_state_dict(state["optimizer"])
+        from safetensors.torch import load_file
+
+        files = sorted(Path(path).glob("*.safetensors"))
+        if not files:
+            raise ConfigError(f"no weights (*.safetensors) in state directory {path}")
+        weights = {k: v for f in files for k, v in load_file(str(f)).items()}
+        if hasattr(self.model, "disable_adapter"):
+            from peft import set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(self.model, weights)
+        else:
+            result = self.model.load_state_dict(weights, strict=False)
+            tied = getattr(self.model.config, "tie_word_embeddings", False)
+            missing = [k for k in result.missing_keys if not (tied and k.endswith("lm_head.weight"))]
+            if missing:
+                raise ConfigError(f"state {path} lacks weights for {missing[:5]}")
+        if result.unexpected_keys:
+            raise ConfigError(f"state {path} does not match the model: {result.unexpected_keys[:5]}")
+        optimizer = torch.load(Path(path) / "optimizer.pt", map_location=self.device,
+                               weights_only=True)
+        self.optimizer.load_state_dict(optimizer)
 
     def close(self) -> None:
         self.model = None

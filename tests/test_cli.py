@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
-
 from preftune.cli import app
+from typer.testing import CliRunner
 
 runner = CliRunner()
 

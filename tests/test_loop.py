@@ -7,13 +7,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+import preftune
 import pytest
 import torch
-
-import preftune
-from preftune import TrainingError, get_plugin_manager, hookimpl, run
+from preftune import TrainingError, get_plugin_manager, hookimpl, refcache, run
 from preftune.plugins.local import LocalBackend
-from preftune import refcache
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -155,3 +153,26 @@ def test_unknown_plugin_names_fail_before_loading_anything(make_config: Any) -> 
         run(make_config(loss="dpoo"))
     with pytest.raises(preftune.ConfigError, match="unknown sink 'wandbb'.*console, jsonl"):
         run(make_config(sinks=["jsonl", "wandbb"]))
+
+
+def test_learning_rate_schedules_with_warmup(make_config: Any) -> None:
+    from preftune.loop import learning_rate
+
+    def lrs(**kw: Any) -> list[float]:
+        config = make_config(learning_rate=1.0, **kw)
+        return [learning_rate(config, step, 10) for step in range(10)]
+
+    assert lrs() == [1.0] * 10
+    assert lrs(warmup_steps=4)[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    linear = lrs(lr_schedule="linear", warmup_steps=2)
+    assert linear[:3] == [0.5, 1.0, 1.0] and linear[3] == pytest.approx(1 - 1 / 8)
+    assert all(a > b for a, b in zip(linear[2:], linear[3:]))
+    cosine = lrs(lr_schedule="cosine")
+    assert cosine[0] == 1.0 and cosine[5] == pytest.approx(0.5) and cosine[9] > 0
+
+
+def test_scheduled_lr_reaches_the_metrics(make_config: Any) -> None:
+    config = make_config(lr_schedule="linear", warmup_steps=2, learning_rate=1e-3, epochs=2)
+    run(config)
+    lrs = [r["lr"] for r in read_rows(Path(config.log_path) / "metrics.jsonl")]
+    assert lrs[:2] == [5e-4, 1e-3] and lrs[-1] < lrs[2]

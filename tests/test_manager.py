@@ -8,11 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import preftune
-from preftune import PluginError, get_plugin_manager, get_registry, hookimpl
-from preftune import hookspecs
+import pytest
+from preftune import PluginError, get_plugin_manager, get_registry, hookimpl, hookspecs
 
 
 def test_the_repo_root_is_not_importable() -> None:
@@ -23,7 +21,7 @@ def test_the_repo_root_is_not_importable() -> None:
 
 def test_builtins_register_every_kind(registry: Any) -> None:
     assert registry.names("format") == ["chosen_rejected", "input_output"]
-    assert registry.names("loss") == ["dpo"]
+    assert registry.names("loss") == ["dpo", "orpo"]
     assert registry.names("reference") == ["lora_shared", "none", "separate"]
     assert registry.names("backend") == ["local"]
     assert registry.names("sink") == ["console", "jsonl"]

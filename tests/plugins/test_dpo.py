@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from preftune import PairLogps, TokenizedPair, collate
 from preftune.plugins.dpo import DPOLoss
 

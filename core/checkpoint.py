@@ -1,0 +1,84 @@
+"""Checkpoints: everything a killed run needs to continue exactly where it stopped.
+
+A checkpoint is a directory ``log_path/checkpoints/step-NNNNNNNN/`` written under a temporary name
+and renamed into place when complete, so a directory with that name is always whole. It holds the
+backend's state (weights or adapter and optimizer), the RNG states, and ``trainer_state.json``
+(step, tokens, elapsed time, the first evaluation, and hashes of the config and the data). The
+position in the data is a function of the step, because the data order is a pure function of
+seed and epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+from .fileio import atomic_dir
+
+STATE_FILE = "trainer_state.json"
+# Fields that do not change what is trained: a run may resume with other values for them.
+NOT_TRAINING = {"log_path", "cache_dir", "resume", "sinks", "checkpoint_interval",
+                "keep_checkpoints", "eval_interval", "device"}
+
+
+def training_hash(config: Any, ignore_tables: set[str]) -> str:
+    """sha256 of every setting that changes the trajectory of training."""
+    data = config.model_dump(mode="json")
+    kept = {k: v for k, v in data.items() if k not in NOT_TRAINING | ignore_tables}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
+def root(log_path: str | Path) -> Path:
+    return Path(log_path) / "checkpoints"
+
+
+def save(log_path: str | Path, step: int, backend: Any, state: dict[str, Any],
+         keep: int) -> Path:
+    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep``."""
+    path = root(log_path) / f"step-{step:08d}"
+    with atomic_dir(path) as tmp:
+        backend.save_state(str(Path(tmp) / "backend"))
+        torch.save({"python": random.getstate(), "torch": torch.get_rng_state()},
+                   Path(tmp) / "rng.pt")
+        (Path(tmp) / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
+    for old in complete(log_path)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def complete(log_path: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories start with a dot)."""
+    if not root(log_path).is_dir():
+        return []
+    return sorted(p for p in root(log_path).glob("step-*") if (p / STATE_FILE).exists())
+
+
+def remove_partial(log_path: str | Path) -> None:
+    """Delete what a run killed while writing a checkpoint left behind."""
+    if root(log_path).is_dir():
+        for partial in root(log_path).glob(".step-*"):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def restore(path: Path, backend: Any, expect: dict[str, str]) -> dict[str, Any]:
+    """Load checkpoint ``path`` into ``backend``; refuse one made for other settings or data."""
+    state = json.loads((path / STATE_FILE).read_text())
+    for key, value in expect.items():
+        if state.get(key) != value:
+            what = "training settings" if key == "config_sha256" else "training data"
+            raise ConfigError(
+                f"checkpoint {path} was written for different {what} ({key} differs); "
+                "resume with the settings and data it was made with, or use a new log_path"
+            )
+    backend.load_state(str(path / "backend"))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    return state

@@ -1,0 +1,77 @@
+"""The ORPO loss (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference
+Model"), as in TRL's ORPOTrainer: ``L = NLL(chosen) + lambda * L_OR`` with
+
+    L_OR = -logsigmoid(log_odds(chosen) - log_odds(rejected)),
+    log_odds(y) = log P(y) - log(1 - P(y)),
+
+where ``log P(y)`` is the completion's mean per-token log-prob and ``NLL`` the mean per-token
+negative log-likelihood of the whole chosen completion. The batch loss is the mean over pairs.
+No reference model is needed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from preftune import Batch, Config, PairLogps, hookimpl
+from pydantic import BaseModel, ConfigDict, Field
+
+# log P(y) is clamped just below 0: at exactly 0, log(1 - P) is -inf and the odds are infinite.
+MAX_LOGP = -1e-6
+
+
+class ORPOOptions(BaseModel):
+    """Options of the ``[orpo]`` table."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    lambda_: float = Field(0.1, alias="lambda", ge=0,
+                           description="Weight of the odds-ratio term.")
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, accurate near 0 and for very negative ``x``."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def mean_logps(logps: PairLogps, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Length-normalized completion log-probs: two ``[B]`` tensors."""
+    w_c, w_r = batch.split(batch.weights.to(logps.chosen.device))
+    return ((logps.chosen * w_c).sum(-1) / w_c.sum(-1).clamp(min=1),
+            (logps.rejected * w_r).sum(-1) / w_r.sum(-1).clamp(min=1))
+
+
+class ORPOLoss:
+    needs_reference = False
+
+    def __init__(self, lam: float):
+        self.lam = lam
+
+    def __call__(self, policy: PairLogps, reference: PairLogps | None,
+                 batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raw_c_B, raw_r_B = mean_logps(policy, batch)
+        lp_c_B, lp_r_B = raw_c_B.clamp(max=MAX_LOGP), raw_r_B.clamp(max=MAX_LOGP)
+        log_odds_B = (lp_c_B - log1mexp(lp_c_B)) - (lp_r_B - log1mexp(lp_r_B))
+        or_loss_B = -F.logsigmoid(log_odds_B)
+        nll_B = -raw_c_B  # the whole chosen completion, per token
+        loss = (nll_B + self.lam * or_loss_B).mean()
+        metrics = {
+            "nll": nll_B.mean(),
+            "or_loss": or_loss_B.mean(),
+            "log_odds_ratio": log_odds_B.mean(),
+            "accuracy": (log_odds_B > 0).float().mean(),
+            "logps_chosen": raw_c_B.mean(),
+            "logps_rejected": raw_r_B.mean(),
+        }
+        return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def _orpo(config: Config, options: ORPOOptions) -> ORPOLoss:
+    return ORPOLoss(options.lambda_)
+
+
+@hookimpl
+def register_losses(register: Any) -> None:
+    register("orpo", _orpo, ORPOOptions)
