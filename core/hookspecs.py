@@ -72,7 +72,9 @@ def preftune_run_start(config: Any, info: dict[str, Any], backend: Any) -> None:
     """Called once before the first step.
 
     ``config`` is the resolved :class:`preftune.Config`; ``info`` holds facts about the run
-    (``train_pairs``, ``eval_pairs``, ``steps_per_epoch``, ``total_steps``, ``dropped``...);
+    (``train_pairs``, ``eval_pairs``, ``steps_per_epoch``, ``total_steps``, ``resume_step``,
+    ``dropped_pairs``, ``truncated_pairs``, and ``config``: the config as JSON with secrets
+    masked, the only form of it a sink should log);
     ``backend`` is the run's :class:`preftune.Backend`, for sinks that publish weights.
     """
 

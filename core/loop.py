@@ -42,7 +42,8 @@ def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
         registry.get(kind, name)
     log_path = Path(config.log_path)
     log_path.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(log_path / "config.json", config.redacted(registry))
+    resolved = config.redacted(registry)  # secrets masked: what logs and sinks may see
+    atomic_write_json(log_path / "config.json", resolved)
     seed_everything(config.seed)
 
     tokenizer = hub.load_tokenizer(config.tokenizer_model or config.base_model,
@@ -60,7 +61,7 @@ def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
         hashes = {"config_sha256": checkpoint.training_hash(config, set(registry.names("sink"))),
                   "data_sha256": refcache.data_hash(data.pairs)}
         state = resume_state(config, backend, hashes)
-        info = {**data.info(config), "resume_step": state.get("step", 0)}
+        info = {**data.info(config), "resume_step": state.get("step", 0), "config": resolved}
         sinks.hook.preftune_run_start(config=config, info=info, backend=backend)
 
         evals: dict[int, dict[str, float]] = {}

@@ -30,6 +30,7 @@ DEFAULT_PLUGINS = (
     "preftune.plugins.local",
     "preftune.plugins.console",
     "preftune.plugins.jsonl",
+    "preftune.plugins.wandb_sink",
 )
 ENTRY_POINT_GROUP = "preftune"
 AUTOLOAD_ENV = "PREFTUNE_DISABLE_PLUGIN_AUTOLOAD"

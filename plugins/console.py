@@ -6,10 +6,13 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from preftune import Config, hookimpl
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from preftune import Config, hookimpl
+
+INFO_KEYS = ("train_pairs", "eval_pairs", "total_steps", "resume_step", "dropped_pairs",
+             "truncated_pairs")
 LINE_KEYS = ("loss", "margin", "accuracy", "grad_norm", "lr", "tokens_per_s")
 
 
@@ -39,7 +42,7 @@ class ConsoleSink:
 
     @hookimpl
     def preftune_run_start(self, config: Config, info: dict[str, Any], backend: Any) -> None:
-        self.write(f"training {config.loss} on {config.base_model}: {fmt(info)}")
+        self.write(f"training {config.loss} on {config.base_model}: {fmt(info, INFO_KEYS)}")
         self.bar = tqdm(total=info["total_steps"], desc="train", unit="step", file=sys.stderr,
                         disable=not self.options.progress, dynamic_ncols=True)
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from preftune import Batch, Config, PairLogps, hookimpl
 
 

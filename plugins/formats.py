@@ -66,7 +66,8 @@ class ChosenRejected:
     """Format 1: two whole conversations that share every message but the last."""
 
     def matches(self, record: dict[str, Any]) -> bool:
-        return "chosen" in record and "rejected" in record
+        # conversations, not plain strings (TRL's "standard" format uses the same key names)
+        return all(isinstance(record.get(k), (dict, list)) for k in ("chosen", "rejected"))
 
     def parse(self, record: dict[str, Any]) -> PreferencePair:
         for key in ("chosen", "rejected"):

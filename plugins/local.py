@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
 from preftune import (
     AdamParams,
     Batch,
@@ -28,7 +30,6 @@ from preftune import (
     model_identity,
     resolve_init,
 )
-from pydantic import BaseModel, ConfigDict, Field
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

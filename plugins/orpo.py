@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from preftune import Batch, Config, PairLogps, hookimpl
 from pydantic import BaseModel, ConfigDict, Field
+
+from preftune import Batch, Config, PairLogps, hookimpl
 
 # log P(y) is clamped just below 0: at exactly 0, log(1 - P) is -inf and the odds are infinite.
 MAX_LOGP = -1e-6

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from preftune import Config, get_plugin_manager, get_registry
 from preftune.tiny import tiny_tokenizer
 

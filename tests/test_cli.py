@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from preftune.cli import app
 from typer.testing import CliRunner
+
+from preftune.cli import app
 
 runner = CliRunner()
 

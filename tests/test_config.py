@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from preftune import Config, ConfigError, load_config
 from preftune.config import config_fields
 
@@ -71,8 +72,9 @@ def test_plugin_tables_are_validated_by_the_plugins_model(registry: Any) -> None
 
 
 def test_redacted_config_masks_secrets(registry: Any) -> None:
-    from preftune import get_plugin_manager, get_registry, hookimpl
     from pydantic import BaseModel, SecretStr
+
+    from preftune import get_plugin_manager, get_registry, hookimpl
 
     class Options(BaseModel):
         api_key: SecretStr

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from preftune import Config, DataError, Message, PreferencePair, Source, tokenize_pair
 from preftune.data import (
     epoch_order,

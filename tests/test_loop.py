@@ -7,9 +7,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-import preftune
 import pytest
 import torch
+
+import preftune
 from preftune import TrainingError, get_plugin_manager, hookimpl, refcache, run
 from preftune.plugins.local import LocalBackend
 

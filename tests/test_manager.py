@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import preftune
 import pytest
+
+import preftune
 from preftune import PluginError, get_plugin_manager, get_registry, hookimpl, hookspecs
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from preftune import PairLogps, TokenizedPair, collate
 from preftune.plugins.dpo import DPOLoss
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from preftune import Message, RecordError
 from preftune.plugins.formats import ChosenRejected, InputOutput
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from preftune import AdamParams, Config, Message, PreferencePair, collate, tokenize_pair
 from preftune.plugins.dpo import DPOLoss
 from preftune.plugins.local import LocalBackend, LocalOptions
@@ -134,8 +135,9 @@ def test_non_finite_gradient_is_not_applied(tokenizer: Any) -> None:
 
 def test_saved_weights_load_with_transformers_and_peft(tokenizer: Any, tmp_path: Path) -> None:
     from peft import PeftModel
-    from preftune.tiny import tiny_model
     from transformers import AutoModelForCausalLM
+
+    from preftune.tiny import tiny_model
 
     full = backend(tokenizer)
     full.save_weights(str(tmp_path / "full"))

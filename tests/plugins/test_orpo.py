@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from preftune import ConfigError, PairLogps, TokenizedPair, collate, run
 from preftune.plugins.orpo import ORPOLoss, ORPOOptions, log1mexp
 
