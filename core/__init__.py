@@ -7,7 +7,7 @@ to write plugins. Everything else is internal.
 from .config import Config, load_config
 from .data import check_pair, tokenize_pair
 from .errors import ConfigError, DataError, PluginError, PreftuneError, RecordError, TrainingError
-from .fileio import atomic_dir, atomic_torch_save, atomic_write_json
+from .fileio import atomic_dir, atomic_torch_save, atomic_write_json, switch_symlink
 from .hookspecs import hookimpl
 from .hub import files_hash, load_causal_lm, load_tokenizer, model_identity, resolve_init
 from .loop import run
@@ -24,6 +24,7 @@ from .types import (
     Metrics,
     PairLogps,
     PreferencePair,
+    PublishingBackend,
     ReferenceProvider,
     Source,
     TokenizedPair,
@@ -33,9 +34,9 @@ from .types import (
 __all__ = [
     "AdamParams", "Backend", "Batch", "Config", "ConfigError", "DataError", "DatasetFormat",
     "ForwardClient", "Loss", "LossFn", "Message", "Metrics", "PairLogps", "PluginError",
-    "PreferencePair", "PreftuneError", "RecordError", "ReferenceProvider", "Source",
+    "PreferencePair", "PreftuneError", "PublishingBackend", "RecordError", "ReferenceProvider", "Source",
     "TokenizedPair", "TrainingError", "atomic_dir", "atomic_torch_save", "atomic_write_json",
     "check_pair", "collate",
     "files_hash", "get_plugin_manager", "get_registry", "hookimpl", "load_causal_lm", "load_config",
-    "load_tokenizer", "model_identity", "resolve_init", "run", "tokenize_pair",
+    "load_tokenizer", "model_identity", "resolve_init", "run", "switch_symlink", "tokenize_pair",
 ]

@@ -60,3 +60,12 @@ class atomic_dir:
         os.replace(self.tmp, self.path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def switch_symlink(link: str | Path, target: str | Path) -> None:
+    """Point ``link`` at ``target`` atomically: readers see the old target or the new one."""
+    link = Path(link)
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)

@@ -31,6 +31,7 @@ DEFAULT_PLUGINS = (
     "preftune.plugins.console",
     "preftune.plugins.jsonl",
     "preftune.plugins.wandb_sink",
+    "preftune.plugins.weight_sync",
 )
 ENTRY_POINT_GROUP = "preftune"
 AUTOLOAD_ENV = "PREFTUNE_DISABLE_PLUGIN_AUTOLOAD"

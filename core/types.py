@@ -234,3 +234,17 @@ class Backend(ForwardClient, Protocol):
     def close(self) -> None:
         """Release models, sessions and remote jobs."""
         ...
+
+
+@runtime_checkable
+class PublishingBackend(Backend, Protocol):
+    """A backend that can push the policy's weights to a deployment (the ``weight_sync`` sink).
+
+    Local: a versioned snapshot in ``directory`` and an atomic ``current`` pointer. Remote: the
+    service's save-for-sampler and hot-load of ``deployment_id``.
+    """
+
+    def publish_weights(self, snapshot: str, step: int, deployment_id: str,
+                        directory: str | None, keep: int) -> dict[str, Any]:
+        """Publish the current weights as ``snapshot``; return its manifest."""
+        ...

@@ -7,6 +7,9 @@ Dropout is disabled (the model stays in eval mode) so policy and reference log-p
 
 from __future__ import annotations
 
+import json
+import shutil
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +32,7 @@ from preftune import (
     load_causal_lm,
     model_identity,
     resolve_init,
+    switch_symlink,
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -83,7 +87,7 @@ class LocalBackend:
     """The policy in this process; see the module docstring."""
 
     def __init__(self, config: Config, options: LocalOptions, tokenizer: Any):
-        self.config, self.options = config, options
+        self.config, self.options, self.tokenizer = config, options, tokenizer
         self.device = resolve_device(config.device)
         self.dtype = DTYPES[options.dtype]
         self.init = resolve_init(config.init_from) if config.init_from else None
@@ -201,6 +205,28 @@ class LocalBackend:
         optimizer = torch.load(Path(path) / "optimizer.pt", map_location=self.device,
                                weights_only=True)
         self.optimizer.load_state_dict(optimizer)
+
+    def publish_weights(self, snapshot: str, step: int, deployment_id: str,
+                        directory: str | None, keep: int) -> dict[str, Any]:
+        """Write ``directory/snapshots/<snapshot>`` (weights, tokenizer, manifest.json), then
+        switch ``directory/current`` to it atomically and prune old snapshots. A server that
+        resolves ``current`` once per load never sees a half-written snapshot."""
+        if directory is None:
+            raise ConfigError("the local backend publishes to a directory: set [weight_sync] directory")
+        root = Path(directory)
+        with atomic_dir(root / "snapshots" / snapshot) as tmp:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            manifest = {"snapshot": snapshot, "step": step, "deployment_id": deployment_id,
+                        "base_model": self.config.base_model, "init_from": self.config.init_from,
+                        "kind": "adapter" if self.config.lora_rank > 0 else "full",
+                        "sha256": files_hash(Path(tmp)), "created": time.time()}
+            (Path(tmp) / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        switch_symlink(root / "current", Path("snapshots") / snapshot)
+        snapshots = sorted((root / "snapshots").iterdir())
+        for old in snapshots[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        return manifest
 
     def close(self) -> None:
         self.model = None

@@ -1,0 +1,72 @@
+"""The ``weight_sync`` sink: push the policy's weights to a deployment during and after training.
+
+The backend does the pushing (``publish_weights``): the local backend writes versioned snapshots
+with a manifest and switches a ``current`` pointer atomically; a remote backend saves weights for
+its sampler and hot-loads the deployment. As in the cookbook, DPO syncs nothing during training by
+default (``weight_sync_interval = 0``) and once at the end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from preftune import Config, ConfigError, hookimpl
+
+
+class WeightSyncOptions(BaseModel):
+    """Options of the ``[weight_sync]`` table."""
+
+    model_config = ConfigDict(extra="forbid")
+    weight_sync_interval: int = Field(
+        0, ge=0, description="Sync every N optimizer steps; 0 = never during training."
+    )
+    on_end: bool = Field(True, description="Sync after the last step.")
+    deployment_id: str = Field("preftune", description="The deployment to update.")
+    directory: str | None = Field(
+        None, description="Local backend: snapshot directory; default log_path/deployments/<deployment_id>."
+    )
+    keep_snapshots: int = Field(3, ge=1, description="Snapshots to keep (the current one included).")
+
+
+class WeightSyncSink:
+    def __init__(self, config: Config, options: WeightSyncOptions):
+        self.options = options
+        default = Path(config.log_path) / "deployments" / options.deployment_id
+        self.directory = options.directory or str(default)
+        self.backend: Any = None
+        self.synced_step = -1
+        self.manifests: list[dict[str, Any]] = []
+
+    @hookimpl
+    def preftune_run_start(self, config: Config, info: dict[str, Any], backend: Any) -> None:
+        if not callable(getattr(backend, "publish_weights", None)):
+            raise ConfigError(f"backend {config.backend!r} cannot publish weights (no publish_weights)")
+        self.backend = backend
+
+    def sync(self, step: int) -> None:
+        manifest = self.backend.publish_weights(
+            snapshot=f"step-{step:08d}", step=step, deployment_id=self.options.deployment_id,
+            directory=self.directory, keep=self.options.keep_snapshots,
+        )
+        self.synced_step = step
+        self.manifests.append(manifest)
+
+    @hookimpl
+    def preftune_log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        interval = self.options.weight_sync_interval
+        if interval and step % interval == 0:
+            self.sync(step)
+
+    @hookimpl
+    def preftune_run_end(self, summary: dict[str, Any]) -> None:
+        done = summary.get("status") == "completed"
+        if done and self.options.on_end and self.synced_step != summary["steps"]:
+            self.sync(summary["steps"])
+
+
+@hookimpl
+def register_sinks(register: Any) -> None:
+    register("weight_sync", WeightSyncSink, WeightSyncOptions)

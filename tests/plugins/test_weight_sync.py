@@ -1,0 +1,124 @@
+"""Deployment weight sync on the local backend, read by a real loader while training runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from preftune import ConfigError, files_hash, get_plugin_manager, hookimpl, run
+
+
+def test_snapshots_manifest_and_current_pointer(make_config: Any, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = make_config(sinks=["weight_sync"], epochs=2,
+                         weight_sync={"weight_sync_interval": 4, "keep_snapshots": 2})
+    summary = run(config)
+    root = Path(config.log_path) / "deployments" / "preftune"
+    snapshots = sorted(p.name for p in (root / "snapshots").iterdir())
+    assert snapshots == ["step-00000008", "step-00000010"]  # 4, 8, then the end (10); keep 2
+    assert os.readlink(root / "current") == "snapshots/step-00000010"
+    manifest = json.loads((root / "current" / "manifest.json").read_text())
+    assert manifest["step"] == summary["steps"] == 10
+    assert manifest["base_model"] == "builtin:tiny" and manifest["kind"] == "full"
+    assert manifest["sha256"] == files_hash(root / "current")
+    model = AutoModelForCausalLM.from_pretrained(root / "current")
+    assert AutoTokenizer.from_pretrained(root / "current").chat_template
+    from safetensors.torch import load_file
+
+    final = load_file(str(Path(summary["weights"]) / "model.safetensors"))
+    import torch
+
+    for name, tensor in model.state_dict().items():
+        if name in final:
+            torch.testing.assert_close(tensor, final[name])
+
+
+def test_lora_run_publishes_an_adapter_peft_can_load(make_config: Any) -> None:
+    from peft import PeftModel
+
+    from preftune.tiny import tiny_model
+
+    config = make_config(sinks=["weight_sync"], lora_rank=4, weight_sync={"deployment_id": "dpo"})
+    run(config)
+    current = Path(config.log_path) / "deployments" / "dpo" / "current"
+    assert json.loads((current / "manifest.json").read_text())["kind"] == "adapter"
+    assert PeftModel.from_pretrained(tiny_model(), current) is not None
+
+
+class NoPublishPlugin:
+    """A backend without ``publish_weights``, as a third party's might be."""
+
+    @hookimpl
+    def register_backends(self, register: Any) -> None:
+        from preftune.plugins.local import LocalBackend, LocalOptions
+
+        class NoPublish(LocalBackend):
+            publish_weights = None  # type: ignore[assignment]
+
+        register("nopublish", lambda config, options, tok: NoPublish(config, LocalOptions(), tok))
+
+
+def test_a_backend_that_cannot_publish_is_a_clear_error(make_config: Any) -> None:
+    pm = get_plugin_manager(load_entrypoints=False)
+    pm.register(NoPublishPlugin())
+    with pytest.raises(ConfigError, match="backend 'nopublish' cannot publish weights"):
+        run(make_config(sinks=["weight_sync"], backend="nopublish"), pm)
+
+
+CONFIG = """
+base_model = "builtin:tiny"
+dataset = "{data}"
+log_path = "{log}"
+cache_dir = "{log}/cache"
+max_seq_len = 64
+batch_size = 2
+epochs = 4
+learning_rate = 1e-3
+sinks = ["jsonl", "weight_sync"]
+[weight_sync]
+weight_sync_interval = 2
+keep_snapshots = 4
+"""
+
+
+def test_a_server_hot_loads_current_while_training_continues(
+    tmp_path: Path, small_dataset: Any
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    data = small_dataset(tmp_path / "d.jsonl")
+    config = tmp_path / "c.toml"
+    config.write_text(CONFIG.format(data=data, log=tmp_path / "logs"))
+    exe = Path(sys.executable).parent / "preftune"
+    proc = subprocess.Popen([str(exe), "run", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PREFTUNE_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    current = tmp_path / "logs" / "deployments" / "preftune" / "current"
+    seen: list[int] = []
+    deadline = time.monotonic() + 180
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if not current.exists():
+                time.sleep(0.01)
+                continue
+            snapshot = current.resolve()  # resolve once: this snapshot stays whole while we load
+            model = AutoModelForCausalLM.from_pretrained(snapshot)
+            manifest = json.loads((snapshot / "manifest.json").read_text())
+            assert model.config.model_type == "qwen3"
+            assert snapshot.name == f"step-{manifest['step']:08d}"
+            seen.append(manifest["step"])
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+    final = json.loads((current / "manifest.json").read_text())["step"]
+    assert final == 4 * 12  # 23 training pairs / 2 per step, 4 epochs
+    assert len(set(seen)) >= 2, f"loads while training saw steps {seen}"
+    assert seen == sorted(seen) and all(s % 2 == 0 for s in seen)
