@@ -88,7 +88,10 @@ def demo(
     typer.echo("held-out preference pairs, before -> after DPO:")
     for key in ("eval_accuracy", "eval_margin", "eval_loss"):
         typer.echo(f"  {key[5:]:<10} {before[key]:8.3f} -> {after[key]:8.3f}")
+    from .report import write_report
+
     typer.echo(f"weights: {summary['weights']}   metrics: {log_path / 'metrics.jsonl'}")
+    typer.echo(f"report: {write_report([log_path])}")
 
 
 @app.command()
@@ -151,6 +154,20 @@ def validate(
                f"{len(problems)} bad")
     if problems:
         raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    log_paths: Annotated[list[Path], typer.Argument(help="One run's log_path, or several to compare.")],
+    out: Annotated[Path | None, typer.Option(help="Output directory; default the first log_path.")] = None,
+) -> None:
+    """Plot loss, margin, accuracy, rewards and held-out accuracy; write report.html."""
+    from .report import format_table, load_run, summary_table, write_report
+
+    with user_errors():
+        path = write_report(log_paths, out)
+        typer.echo(format_table(summary_table([load_run(p) for p in log_paths])))
+    typer.echo(f"report: {path}")
 
 
 def main() -> None:

@@ -1,0 +1,142 @@
+"""``preftune report``: plots of a run's metrics (or several runs overlaid), a self-contained
+HTML page, and a summary table. Reads only what the ``jsonl`` sink wrote."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import PreftuneError
+
+# (file stem, title, [(source, metric key, label suffix)]) ; source is "train" or "eval"
+PLOTS = [
+    ("loss", "Loss", [("train", "loss", ""), ("eval", "eval_loss", " (held-out)")]),
+    ("margin", "Margin (log-ratio)", [("train", "margin", ""), ("eval", "eval_margin", " (held-out)")]),
+    ("accuracy", "Preference accuracy", [("train", "accuracy", "")]),
+    ("rewards", "Rewards (beta x log-ratio)",
+     [("train", "chosen_reward", " chosen"), ("train", "rejected_reward", " rejected")]),
+    ("eval_accuracy", "Held-out preference accuracy", [("eval", "eval_accuracy", "")]),
+    ("log_odds_ratio", "Log odds ratio (ORPO)",
+     [("train", "log_odds_ratio", ""), ("eval", "eval_log_odds_ratio", " (held-out)")]),
+]
+SUMMARY_COLUMNS = ["run", "steps", "loss", "eval_loss", "eval_accuracy", "eval_margin",
+                   "tokens_per_s"]
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    config: dict[str, Any]
+
+    def summary(self) -> dict[str, Any]:
+        last_train = self.train[-1] if self.train else {}
+        last_eval = self.eval[-1] if self.eval else {}
+        return {"run": self.name, "steps": last_train.get("step", 0), **{
+            k: last_train.get(k, last_eval.get(k)) for k in SUMMARY_COLUMNS[2:]}}
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a killed run
+    return rows
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    train, evals = read_rows(path / "metrics.jsonl"), read_rows(path / "eval.jsonl")
+    if not train and not evals:
+        raise PreftuneError(f"{path}: no metrics.jsonl or eval.jsonl (was the jsonl sink on?)")
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    return Run(path.resolve().name, path, train, evals, config)
+
+
+def plot(runs: list[Run], stem: str, title: str, series: list[tuple[str, str, str]],
+         out_dir: Path) -> Path | None:
+    """One PNG with every run's curves for ``series``; None when no run has those metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    drew = False
+    for run in runs:
+        for source, key, suffix in series:
+            rows = [r for r in (run.train if source == "train" else run.eval) if key in r]
+            if not rows:
+                continue
+            label = (run.name if len(runs) > 1 else key) + (suffix if len(runs) > 1 else "")
+            style = {"marker": "o", "markersize": 3} if source == "eval" else {}
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=label, **style)
+            drew = True
+    if not drew:
+        plt.close(fig)
+        return None
+    ax.set(title=title, xlabel="optimizer step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    target = out_dir / f"{stem}.png"
+    fig.savefig(target)
+    plt.close(fig)
+    return target
+
+
+def summary_table(runs: list[Run]) -> list[list[str]]:
+    rows = [SUMMARY_COLUMNS]
+    for run in runs:
+        values = run.summary()
+        rows.append([_cell(values[c]) for c in SUMMARY_COLUMNS])
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def format_table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def write_report(log_paths: list[str | Path], out_dir: str | Path | None = None) -> Path:
+    """Write the PNGs and ``report.html`` into ``out_dir`` (default: the first run's log_path)."""
+    runs = [load_run(p) for p in log_paths]
+    out = Path(out_dir) if out_dir else runs[0].path
+    out.mkdir(parents=True, exist_ok=True)
+    images = [(title, p) for stem, title, series in PLOTS
+              if (p := plot(runs, stem, title, series, out)) is not None]
+    table = summary_table(runs)
+    page = ["<!doctype html><html><head><meta charset='utf-8'><title>preftune report</title>",
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head><body>",
+            f"<h1>preftune report: {html.escape(', '.join(r.name for r in runs))}</h1>",
+            "<table>", "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in table[0]) + "</tr>"]
+    page += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table[1:]]
+    page.append("</table>")
+    for title, image in images:
+        data = base64.b64encode(image.read_bytes()).decode()
+        page.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
+                    f"src='data:image/png;base64,{data}'>")
+    for run in runs:
+        page.append(f"<h2>Config: {html.escape(run.name)}</h2><pre>"
+                    f"{html.escape(json.dumps(run.config, indent=2))}</pre>")
+    page.append("</body></html>")
+    report = out / "report.html"
+    report.write_text("\n".join(page))
+    return report

@@ -1,0 +1,50 @@
+"""preftune report: PNG plots, a self-contained HTML page, a summary table, run comparison."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from typer.testing import CliRunner
+
+from preftune import run
+from preftune.cli import app
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_of_one_run(make_config: Any, tmp_path: Path) -> None:
+    config = make_config(epochs=2, eval_interval=3)
+    run(config)
+    result = CliRunner().invoke(app, ["report", config.log_path])
+    assert result.exit_code == 0, result.output
+    logs = Path(config.log_path)
+    for stem in ("loss", "margin", "accuracy", "rewards", "eval_accuracy"):
+        assert (logs / f"{stem}.png").read_bytes().startswith(PNG), stem
+    assert not (logs / "log_odds_ratio.png").exists()  # a DPO run has no ORPO metric
+    page = (logs / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 5
+    assert not re.search(r"(src|href)=['\"]https?:", page)  # self-contained
+    lines = result.output.splitlines()
+    assert lines[0].split() == ["run", "steps", "loss", "eval_loss", "eval_accuracy",
+                                "eval_margin", "tokens_per_s"]
+    assert lines[1].split()[:2] == ["logs", "10"]
+    assert lines[-1] == f"report: {logs / 'report.html'}"
+
+
+def test_report_compares_runs(make_config: Any, tmp_path: Path) -> None:
+    a = make_config(log_path=str(tmp_path / "dpo_run"))
+    b = make_config(log_path=str(tmp_path / "orpo_run"), loss="orpo")
+    run(a), run(b)
+    out = tmp_path / "compare"
+    result = CliRunner().invoke(app, ["report", a.log_path, b.log_path, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "dpo_run" in result.output and "orpo_run" in result.output
+    assert (out / "log_odds_ratio.png").exists() and (out / "margin.png").exists()
+    assert "dpo_run, orpo_run" in (out / "report.html").read_text()
+
+
+def test_report_of_a_directory_without_metrics_is_a_clear_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "no metrics.jsonl" in result.output
