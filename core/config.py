@@ -42,7 +42,9 @@ class Config(BaseModel):
     )
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="Share of dataset held out.")
     eval_interval: int = Field(0, ge=0, description="Evaluate every N steps; 0 = at start and end.")
-    max_pairs: int | None = Field(None, gt=0, description="Use at most this many training pairs.")
+    max_pairs: int | None = Field(
+        None, gt=0, description="Read at most this many pairs of dataset (before the held-out split)."
+    )
     max_seq_len: int = Field(4096, gt=1, description="Longest sequence (prompt + completion).")
     # the objective
     beta: float = Field(0.1, gt=0, description="DPO temperature: loss = -logsigmoid(beta * margin).")
@@ -88,7 +90,8 @@ class Config(BaseModel):
         try:
             return model.model_validate(table)
         except ValidationError as exc:
-            raise ConfigError(_describe(exc, prefix=f"{name}.")) from None
+            known = ", ".join(f.alias or n for n, f in model.model_fields.items())
+            raise ConfigError(f"{_describe(exc, prefix=f'{name}.')} (known [{name}] keys: {known})") from None
 
     def check_plugin_tables(self, registry: Any) -> dict[str, BaseModel]:
         """Validate every plugin table against the registry; unknown keys are errors."""
@@ -107,7 +110,7 @@ class Config(BaseModel):
         data = self.model_dump(mode="json", exclude=set(self.plugin_tables()))
         if registry is not None:
             for key, options in self.check_plugin_tables(registry).items():
-                data[key] = options.model_dump(mode="json")
+                data[key] = options.model_dump(mode="json", by_alias=True)
         return data
 
 

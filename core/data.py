@@ -29,6 +29,10 @@ class AutoFormat:
         return any(f.matches(record) for f in self.formats.values())
 
     def parse(self, record: dict[str, Any]) -> PreferencePair:
+        return self.select(record).parse(record)
+
+    def select(self, record: dict[str, Any]) -> DatasetFormat:
+        """The one format that matches ``record``; a :class:`RecordError` otherwise."""
         hits = [name for name, f in self.formats.items() if f.matches(record)]
         if len(hits) > 1:
             raise RecordError("", f"record matches several formats ({', '.join(hits)}); set format")
@@ -38,7 +42,7 @@ class AutoFormat:
                 f"no format matches a record with keys {sorted(record)}; "
                 f"known formats: {', '.join(sorted(self.formats))}",
             )
-        return self.formats[hits[0]].parse(record)
+        return self.formats[hits[0]]
 
 
 def make_format(registry: Any, config: Any) -> DatasetFormat:
@@ -64,19 +68,21 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
                 yield number, None, f"malformed JSON: {exc.msg} at column {exc.colno}"
 
 
-def check_pair(pair: PreferencePair) -> None:
-    """Checks every format gets for free: no empty completion, chosen differs from rejected."""
+def check_pair(pair: PreferencePair, field_names: dict[str, str] | None = None) -> None:
+    """Checks every format gets for free: a prompt, no empty completion, chosen differs from
+    rejected. ``field_names`` maps prompt/chosen/rejected to the record's own field names."""
+    names = field_names or {}
     if not pair.prompt:
-        raise RecordError("prompt", "the prompt has no messages")
+        raise RecordError(names.get("prompt", "prompt"), "the prompt has no messages")
     for side in ("chosen", "rejected"):
         messages = getattr(pair, side)
         if not messages:
-            raise RecordError(side, "no completion messages")
+            raise RecordError(names.get(side, side), f"the {side} response has no messages")
         for i, message in enumerate(messages):
             if not message.content.strip():
-                raise RecordError(f"{side}[{i}].content", f"the {side} response is empty")
+                raise RecordError(names.get(side, side), f"the {side} response (message {i}) is empty")
     if pair.chosen == pair.rejected:
-        raise RecordError("rejected", "chosen and rejected responses are identical")
+        raise RecordError(names.get("rejected", "rejected"), "chosen and rejected responses are identical")
 
 
 @dataclass
@@ -100,8 +106,9 @@ def parse_file(path: str | Path, fmt: DatasetFormat) -> ParseResult:
             result.problems.append((name, number, "", error))
             continue
         try:
-            pair = fmt.parse(record)
-            check_pair(pair)
+            chosen_format = fmt.select(record) if isinstance(fmt, AutoFormat) else fmt
+            pair = chosen_format.parse(record)
+            check_pair(pair, getattr(chosen_format, "field_names", None))
         except RecordError as exc:
             result.problems.append((name, number, exc.field, exc.message))
             continue
@@ -177,11 +184,11 @@ class TokenizeReport:
 
     def lines(self, max_seq_len: int) -> list[str]:
         out = []
-        for what, items in (("dropped: the prompt alone is", self.dropped),
-                            ("truncated: the completion made the sequence", self.truncated)):
+        for what, items in (("dropped: the prompt alone is at least", self.dropped),
+                            ("truncated: the completion made the sequence longer than", self.truncated)):
             if items:
                 where = ", ".join(str(s) for s in items[:5]) + (" ..." if len(items) > 5 else "")
-                out.append(f"{len(items)} pair(s) {what} >= max_seq_len={max_seq_len}: {where}")
+                out.append(f"{len(items)} pair(s) {what} max_seq_len={max_seq_len}: {where}")
         return out
 
 

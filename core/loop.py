@@ -17,7 +17,7 @@ import torch
 from . import checkpoint, hookspecs, hub, refcache
 from .config import Config
 from .data import epoch_order, length_batches, load_pairs, make_format, split_eval, tokenize_pairs
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, PluginError, TrainingError
 from .fileio import atomic_write_json
 from .manager import PluginManager, Registry, get_registry
 from .types import AdamParams, Batch, Loss, LossFn, Metrics, PairLogps, TokenizedPair, collate
@@ -36,6 +36,8 @@ def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
     loss: Loss = registry.build("loss", config.loss, config)
     fmt = make_format(registry, config)
     reference_name = resolve_reference(config, loss)
+    if loss.needs_reference and reference_name == "none":
+        raise ConfigError(f"loss {config.loss!r} needs a reference, but reference is 'none'")
     for kind, name in [("backend", config.backend), ("reference", reference_name)] + [
         ("sink", s) for s in config.sinks
     ]:
@@ -46,13 +48,16 @@ def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
     atomic_write_json(log_path / "config.json", resolved)
     seed_everything(config.seed)
 
+    # the revision names a commit of base_model: it applies to the tokenizer only if they coincide
+    same_repo = config.tokenizer_model in (None, config.base_model)
     tokenizer = hub.load_tokenizer(config.tokenizer_model or config.base_model,
-                                   config.base_model_revision)
+                                   config.base_model_revision if same_repo else None)
     data = prepare_data(config, fmt, tokenizer)
-    backend = registry.build("backend", config.backend, config, tokenizer)
     sinks = open_sinks(registry, config)
     summary: dict[str, Any] = {"status": "failed"}
+    backend: Any = None
     try:
+        backend = registry.build("backend", config.backend, config, tokenizer)
         reference = None
         if loss.needs_reference:
             provider = registry.build("reference", reference_name, config, backend)
@@ -125,7 +130,8 @@ def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
         raise
     finally:
         sinks.hook.preftune_run_end(summary=summary)
-        backend.close()
+        if backend is not None:
+            backend.close()
 
 
 def resume_state(config: Config, backend: Any, hashes: dict[str, str]) -> dict[str, Any]:
@@ -168,6 +174,8 @@ class Data:
 def prepare_data(config: Config, fmt: Any, tokenizer: Any) -> Data:
     """Parse and tokenize the dataset (and eval set), then split off the held-out pairs."""
     datasets = [config.dataset] + ([config.eval_dataset] if config.eval_dataset else [])
+    if config.eval_dataset and Path(config.eval_dataset).resolve() == Path(config.dataset).resolve():
+        raise ConfigError("eval_dataset is the training dataset; held-out pairs must be other pairs")
     train_raw = load_pairs(config.dataset, fmt)
     if config.max_pairs:
         train_raw = train_raw[: config.max_pairs]
@@ -242,10 +250,16 @@ def evaluate_pairs(backend: Any, loss: Loss, reference: Any, data: Data,
 
 def open_sinks(registry: Registry, config: Config) -> pluggy.PluginManager:
     """A plugin manager holding only the sinks this run selected."""
+    if len(set(config.sinks)) != len(config.sinks):
+        raise ConfigError(f"sinks lists a sink twice: {config.sinks}")
     sinks = pluggy.PluginManager("preftune")
     sinks.add_hookspecs(hookspecs)
     for name in config.sinks:
         sinks.register(registry.build("sink", name, config), name=name)
+    try:
+        sinks.check_pending()  # a misspelled event method would otherwise never be called
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"sink {sinks.get_name(exc.plugin)!r}: {exc}") from None
     return sinks
 
 

@@ -99,13 +99,13 @@ def _own_version() -> str:
 def get_plugin_manager(load_entrypoints: bool = True) -> PluginManager:
     """A fresh plugin manager with the built-ins and, unless disabled, installed plugins.
 
-    Set ``PREFTUNE_DISABLE_PLUGIN_AUTOLOAD=1`` to skip third-party entry points.
+    Set ``PREFTUNE_DISABLE_PLUGIN_AUTOLOAD=1`` (or true/yes) to skip third-party entry points.
     """
     pm = PluginManager()
     version = _own_version()
     for module_name in DEFAULT_PLUGINS:
         pm.add_plugin(importlib.import_module(module_name), module_name, "preftune", version)
-    if load_entrypoints and not os.environ.get(AUTOLOAD_ENV):
+    if load_entrypoints and os.environ.get(AUTOLOAD_ENV, "").lower() not in ("1", "true", "yes"):
         _load_entrypoints(pm)
     _check_pending(pm)
     return pm
@@ -115,7 +115,13 @@ def _load_entrypoints(pm: PluginManager) -> None:
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist = ep.dist.name if ep.dist else "unknown"
         version = ep.dist.version if ep.dist else "unknown"
-        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+        if ep.name in pm.origins:
+            other, _ = pm.origins[ep.name]
+            if other == dist:
+                continue  # the same distribution seen twice on sys.path
+            raise PluginError(f"plugin name {ep.name!r} is used by distribution {other} and by "
+                              f"distribution {dist}; uninstall one of them")
+        if pm.is_blocked(ep.name):
             continue
         try:
             plugin = ep.load()

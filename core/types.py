@@ -156,7 +156,11 @@ LossFn = Callable[[PairLogps, Batch], tuple[Tensor, Metrics]]  # a loss bound to
 
 @runtime_checkable
 class DatasetFormat(Protocol):
-    """Parses one JSON record of a dataset file into a :class:`PreferencePair`."""
+    """Parses one JSON record of a dataset file into a :class:`PreferencePair`.
+
+    An optional ``field_names`` attribute maps ``prompt``/``chosen``/``rejected`` to the record's
+    own field names, so the core's checks (empty or identical responses) name the right field.
+    """
 
     def matches(self, record: dict[str, Any]) -> bool:
         """True when ``record`` has this format's keys (used by ``format = "auto"``)."""

@@ -65,6 +65,9 @@ def conversation(record: dict[str, Any], key: str) -> tuple[Message, ...]:
 class ChosenRejected:
     """Format 1: two whole conversations that share every message but the last."""
 
+    field_names = {"prompt": "chosen.messages", "chosen": "chosen.messages",
+                   "rejected": "rejected.messages"}
+
     def matches(self, record: dict[str, Any]) -> bool:
         # conversations, not plain strings (TRL's "standard" format uses the same key names)
         return all(isinstance(record.get(k), (dict, list)) for k in ("chosen", "rejected"))
@@ -100,6 +103,7 @@ class InputOutput:
     """Format 2: a shared input and two alternative outputs."""
 
     keys = ("input", "preferred_output", "non_preferred_output")
+    field_names = {"prompt": "input", "chosen": "preferred_output", "rejected": "non_preferred_output"}
 
     def matches(self, record: dict[str, Any]) -> bool:
         return "preferred_output" in record and "non_preferred_output" in record

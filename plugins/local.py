@@ -48,7 +48,6 @@ class LocalOptions(BaseModel):
     lora_target_modules: str | list[str] = Field(
         "all-linear", description="peft target_modules for LoRA."
     )
-    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
 
 
 def sequence_logps(model: Any, batch: Batch) -> torch.Tensor:
@@ -100,6 +99,7 @@ class LocalBackend:
             )
         self._identity = model_identity(config.base_model, config.base_model_revision,
                                         None if self.init else model)
+        self._identity["dtype"] = options.dtype  # reference log-probs depend on it
         if self.init:
             self._identity.update(init_from=str(self.init[1]), init_sha256=files_hash(self.init[1]))
         if config.lora_rank > 0 and not hasattr(model, "disable_adapter"):
@@ -132,7 +132,7 @@ class LocalBackend:
         lora = LoraConfig(
             r=self.config.lora_rank, lora_alpha=self.config.lora_alpha,
             target_modules=self.options.lora_target_modules,
-            lora_dropout=self.options.lora_dropout, task_type="CAUSAL_LM",
+            lora_dropout=0.0, task_type="CAUSAL_LM",  # dropout is off everywhere (eval mode)
         )
         return get_peft_model(model, lora)
 

@@ -43,10 +43,15 @@ class WandbSink:
             raise ConfigError("the wandb sink needs wandb: pip install 'preftune[wandb]'") from None
 
         Path(self.dir).mkdir(parents=True, exist_ok=True)
+        # A resumed run continues the same W&B run: its id is kept beside the W&B files.
+        id_file = Path(self.dir) / "wandb_run_id"
+        resuming = bool(info.get("resume_step")) and id_file.exists()
+        run_id = id_file.read_text().strip() if resuming else wandb.util.generate_id()
+        id_file.write_text(run_id)
         o = self.options
         self.run = wandb.init(project=o.project, entity=o.entity, name=o.run_name, tags=o.tags,
-                              mode=o.mode, dir=self.dir, config=info.get("config", {}),
-                              resume="allow" if info.get("resume_step") else None)
+                              mode=o.mode, dir=self.dir, config=info.get("config", {}), id=run_id,
+                              resume="allow" if resuming else None)
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
 

@@ -42,7 +42,8 @@ def test_validate_reports_each_bad_line_and_exits_1(
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 1
     assert f"{path}:2: malformed JSON" in result.output
-    assert f"{path}:3: field 'rejected': chosen and rejected responses are identical" in result.output
+    expected = f"{path}:3: field 'rejected.messages': chosen and rejected responses are identical"
+    assert expected in result.output
     assert result.output.strip().endswith("3 records, 1 ok, 2 bad")
 
 

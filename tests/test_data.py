@@ -47,8 +47,8 @@ def test_every_bad_line_is_reported_with_file_line_and_field(
     assert set(problems) == {2, 3, 4, 6, 7, 8, 9, 10}
     assert "malformed JSON" in problems[2][1]
     assert problems[3][0] == "rejected.messages[0]" and "prompt" in problems[3][1]
-    assert problems[4][0] == "rejected[0].content" and "empty" in problems[4][1]
-    assert "identical" in problems[6][1]
+    assert problems[4] == ("rejected.messages", "the rejected response (message 0) is empty")
+    assert problems[6] == ("rejected.messages", "chosen and rejected responses are identical")
     assert problems[7][0] == "chosen.messages[0].role"
     assert "expected a JSON object" in problems[8][1]
     assert "no format matches" in problems[9][1] and "chosen_rejected" in problems[9][1]
@@ -156,3 +156,15 @@ def test_bundled_demo_data_is_clean(registry: Any) -> None:
         assert load_pairs(demo_data(split), fmt(registry))
     first = json.loads(demo_data("heldout").read_text().splitlines()[0])
     assert "preferred_output" in first
+
+
+def test_core_checks_name_the_fields_of_format_2(
+    tmp_path: Path, registry: Any, write_jsonl: Any
+) -> None:
+    path = write_jsonl(tmp_path / "f2.jsonl", [
+        {"input": "q", "preferred_output": "yes", "non_preferred_output": " "},
+        {"input": "q", "preferred_output": "same", "non_preferred_output": "same"},
+    ])
+    problems = problems_of(path, registry)
+    assert [(p[1], p[2]) for p in problems] == [(1, "non_preferred_output"),
+                                                (2, "non_preferred_output")]

@@ -25,7 +25,7 @@ def test_builtins_register_every_kind(registry: Any) -> None:
     assert registry.names("loss") == ["dpo", "orpo"]
     assert registry.names("reference") == ["lora_shared", "none", "separate"]
     assert registry.names("backend") == ["local"]
-    assert registry.names("sink") == ["console", "jsonl"]
+    assert registry.names("sink") == ["console", "jsonl", "wandb", "weight_sync"]
     assert {c.distribution for c in registry.all()} == {"preftune"}
 
 
@@ -96,7 +96,7 @@ def test_broken_plugins_are_recorded_and_named_only_when_needed(site: Path) -> N
     assert "ModuleNotFoundError" in broken["pt_broken"].error
     assert "register_lossez" in broken["pt_typo"].error
     with pytest.raises(preftune.ConfigError) as info:
-        registry.get("loss", "ipo")
+        registry.get("loss", "kto")
     assert "preftune-broken failed to load" in str(info.value)
 
 
