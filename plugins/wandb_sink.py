@@ -5,6 +5,7 @@ needs no network or key; ``wandb sync`` uploads the run later."""
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,7 +47,7 @@ class WandbSink:
         # A resumed run continues the same W&B run: its id is kept beside the W&B files.
         id_file = Path(self.dir) / "wandb_run_id"
         resuming = bool(info.get("resume_step")) and id_file.exists()
-        run_id = id_file.read_text().strip() if resuming else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if resuming else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         o = self.options
         self.run = wandb.init(project=o.project, entity=o.entity, name=o.run_name, tags=o.tags,

@@ -36,7 +36,7 @@ from pathlib import Path
 
 SEED = 1234
 VOCAB_SIZE = 640
-N_TRAIN = 768
+N_TRAIN = 800
 N_HELDOUT = 96
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -159,7 +159,7 @@ def make_pairs(
     out: list[tuple[str, str, str]] = []
     seen = set(exclude)
     while len(out) < n:
-        make = _sentiment if len(out) % 2 == 0 else _category
+        make = _sentiment if len(out) % 5 < 3 else _category
         prompt, chosen, rejected = make(rng, sent_t if make is _sentiment else cat_t)
         if prompt in seen:
             continue
