@@ -89,12 +89,17 @@ def test_broken_plugins_are_recorded_and_named_only_when_needed(site: Path) -> N
     make_dist(site, "preftune-broken", "pt_broken", "import not_a_module_anywhere\n")
     make_dist(site, "preftune-typo", "pt_typo",
               "from preftune import hookimpl\n@hookimpl\ndef register_lossez(register):\n    pass\n")
+    make_dist(site, "preftune-badsig", "pt_badsig",
+              "from preftune import hookimpl\n@hookimpl\ndef register_losses(register, extra):\n"
+              "    pass\n")
     registry = get_registry()
     assert registry.get("loss", "dpo")  # a run that does not need them still works
     broken = {b.name: b for b in registry.pm.broken}
     assert broken["pt_broken"].distribution == "preftune-broken"
     assert "ModuleNotFoundError" in broken["pt_broken"].error
     assert "register_lossez" in broken["pt_typo"].error
+    assert broken["pt_badsig"].distribution == "preftune-badsig"
+    assert "extra" in broken["pt_badsig"].error
     with pytest.raises(preftune.ConfigError) as info:
         registry.get("loss", "kto")
     assert "preftune-broken failed to load" in str(info.value)
