@@ -134,20 +134,28 @@ def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def _sentiment(rng: random.Random, templates: list[str]) -> tuple[str, str, str]:
-    positive = rng.random() < 0.5
+def _sentiment(rng: random.Random, templates: list[str], k: int) -> tuple[str, str, str]:
+    """k-th sentiment pair: template, polarity and reply pair cycle so none of them
+    correlates with the preference; noun and adjective are drawn at random."""
+    n_t = len(templates)
+    positive = (k // n_t) % 2 == 0
     adj = rng.choice(POSITIVE if positive else NEGATIVE)
-    prompt = _cap(rng.choice(templates).format(noun=rng.choice(NOUNS), adj=adj))
-    k = rng.randrange(len(POS_REPLY))
-    good, bad = POS_REPLY[k], NEG_REPLY[k]
+    prompt = _cap(templates[k % n_t].format(noun=rng.choice(NOUNS), adj=adj))
+    r = (k // (2 * n_t)) % len(POS_REPLY)
+    good, bad = POS_REPLY[r], NEG_REPLY[r]
     return (prompt, good, bad) if positive else (prompt, bad, good)
 
 
-def _category(rng: random.Random, templates: list[str]) -> tuple[str, str, str]:
-    cat, other = rng.sample(sorted(CATEGORIES), 2)
+_CAT_PAIRS = [(c, o) for c in sorted(CATEGORIES) for o in sorted(CATEGORIES) if c != o]
+
+
+def _category(rng: random.Random, templates: list[str], k: int) -> tuple[str, str, str]:
+    """k-th category pair: template, (asked, other) category and answer position cycle."""
+    n_t, n_c = len(templates), len(_CAT_PAIRS)
+    cat, other = _CAT_PAIRS[(k // n_t) % n_c]
     x, y = rng.choice(CATEGORIES[cat]), rng.choice(CATEGORIES[other])
-    a, b = (x, y) if rng.random() < 0.5 else (y, x)
-    prompt = _cap(rng.choice(templates).format(cat=cat, a=a, b=b))
+    a, b = (x, y) if (k // (n_t * n_c)) % 2 == 0 else (y, x)
+    prompt = _cap(templates[k % n_t].format(cat=cat, a=a, b=b))
     reply = rng.choice(CAT_REPLY)
     return prompt, reply.format(x=x, cat=cat), reply.format(x=y, cat=cat)
 
@@ -155,15 +163,18 @@ def _category(rng: random.Random, templates: list[str]) -> tuple[str, str, str]:
 def make_pairs(
     rng: random.Random, n: int, sent_t: list[str], cat_t: list[str], exclude: set[str]
 ) -> list[tuple[str, str, str]]:
-    """``n`` unique-prompt (prompt, chosen, rejected) triples, half of each task kind."""
+    """``n`` unique-prompt (prompt, chosen, rejected) triples, 3/5 sentiment, 2/5 category."""
     out: list[tuple[str, str, str]] = []
     seen = set(exclude)
+    counts = {"sentiment": 0, "category": 0}
     while len(out) < n:
-        make = _sentiment if len(out) % 5 < 3 else _category
-        prompt, chosen, rejected = make(rng, sent_t if make is _sentiment else cat_t)
-        if prompt in seen:
+        kind = "sentiment" if len(out) % 5 < 3 else "category"
+        make, templates = (_sentiment, sent_t) if kind == "sentiment" else (_category, cat_t)
+        prompt, chosen, rejected = make(rng, templates, counts[kind])
+        if prompt in seen:  # redraw the random words, keep the stratification slot
             continue
         seen.add(prompt)
+        counts[kind] += 1
         out.append((prompt, chosen, rejected))
     rng.shuffle(out)
     return out
