@@ -49,12 +49,16 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "core" / "assets" / "tiny"
 
 # --------------------------------------------------------------------------- vocabulary
-POSITIVE = ["great", "lovely", "excellent", "wonderful", "delicious", "amazing", "superb",
-            "fantastic", "pleasant", "perfect", "brilliant", "charming"]
-NEGATIVE = ["awful", "terrible", "horrible", "disgusting", "boring", "dreadful", "bland",
-            "disappointing", "nasty", "broken", "rude", "miserable"]
-NOUNS = ["pizza", "movie", "hotel", "concert", "soup", "book", "service", "coffee", "museum",
-         "game", "trip", "show", "cake", "room", "lesson", "park", "bus", "salad", "song", "shop"]
+POSITIVE = (
+    "great lovely excellent wonderful delicious amazing superb fantastic pleasant perfect brilliant charming"
+).split()
+NEGATIVE = (
+    "awful terrible horrible disgusting boring dreadful bland disappointing nasty broken rude miserable"
+).split()
+NOUNS = (
+    "pizza movie hotel concert soup book service coffee museum game trip show cake room lesson"
+    " park bus salad song shop"
+).split()
 # train / held-out templates are disjoint; {noun} and {adj} are filled in.
 SENT_TRAIN = [
     "The {noun} was {adj}.",
@@ -80,12 +84,22 @@ SENT_HELDOUT = [  # new arrangements of words that occur in the training prompts
     "Today the {noun} felt {adj} to me.",
 ]
 # reply pools; pos[i] and neg[i] have similar lengths.
-POS_REPLY = ["Glad to hear it went well!", "That sounds great, enjoy it!",
-             "Wonderful, I am happy for you!", "Nice, thanks for the kind words!",
-             "Great news, glad you liked it.", "Happy to hear that, thank you!"]
-NEG_REPLY = ["Sorry to hear it went badly.", "That sounds bad, I am sorry.",
-             "Oh no, I hope it gets better.", "Sorry, thanks for telling us.",
-             "Bad news, sorry you hated it.", "Sad to hear that, I apologize."]
+POS_REPLY = [
+    "Glad to hear it went well!",
+    "That sounds great, enjoy it!",
+    "Wonderful, I am happy for you!",
+    "Nice, thanks for the kind words!",
+    "Great news, glad you liked it.",
+    "Happy to hear that, thank you!",
+]
+NEG_REPLY = [
+    "Sorry to hear it went badly.",
+    "That sounds bad, I am sorry.",
+    "Oh no, I hope it gets better.",
+    "Sorry, thanks for telling us.",
+    "Bad news, sorry you hated it.",
+    "Sad to hear that, I apologize.",
+]
 
 CATEGORIES = {
     "color": ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"],
@@ -262,8 +276,12 @@ def main() -> None:
         corpus.append(render([user, {"role": "assistant", "content": chosen}]))
         corpus.append(render([user, {"role": "assistant", "content": rejected}]))
     tok = build_tokenizer(corpus)
-    for stale in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                  "chat_template.jinja"):
+    for stale in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+    ):
         (out / stale).unlink(missing_ok=True)
     tok.save_pretrained(str(out))
     print(f"wrote {out}: vocab={len(tok)} train={len(train)} heldout={len(heldout)}")

@@ -73,6 +73,7 @@ def test_offline_run_logs_steps_eval_config_and_summary(make_config: Any, wandb_
                          wandb={"project": "pt-test", "tags": ["ci"], "run_name": "r1"},
                          remote={"api_key": "fw-SECRET-KEY-123"})
     summary = run(config, pm)
+    wandb.teardown()  # stop W&B's service process, which flushes the offline run file
     [run_file] = list(Path(config.log_path).glob("wandb/offline-run-*/run-*.wandb"))
     records = read_records(run_file)
     history = []
