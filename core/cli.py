@@ -81,6 +81,7 @@ def demo(
     """Train DPO on the embedded tiny model and bundled data, offline, on CPU in about a minute."""
     from .config import apply_overrides, make_config
     from .loop import run as run_training
+    from .report import write_report
     from .tiny import demo_data
 
     data = {**DEMO_SETTINGS, "log_path": str(log_path), "dataset": str(demo_data("train")),
@@ -91,8 +92,6 @@ def demo(
     typer.echo("held-out preference pairs, before -> after DPO:")
     for key in ("eval_accuracy", "eval_margin", "eval_loss"):
         typer.echo(f"  {key[5:]:<10} {before[key]:8.3f} -> {after[key]:8.3f}")
-    from .report import write_report
-
     typer.echo(f"weights: {summary['weights']}   metrics: {log_path / 'metrics.jsonl'}")
     typer.echo(f"report: {write_report([log_path])}")
 
