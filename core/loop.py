@@ -64,7 +64,7 @@ def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
             reference = reference_logps(config, provider, tokenizer, data)
             del provider  # a separate reference model is freed once its log-probs are cached
         hashes = {"config_sha256": checkpoint.training_hash(config, set(registry.names("sink"))),
-                  "data_sha256": refcache.data_hash(data.pairs)}
+                  "data_sha256": data.sha256}
         state = resume_state(config, backend, hashes)
         info = {**data.info(config), "resume_step": state.get("step", 0), "config": resolved}
         sinks.hook.preftune_run_start(config=config, info=info, backend=backend)
@@ -158,6 +158,7 @@ class Data:
     datasets: list[str]
     pad_id: int
     report: Any
+    sha256: str  # of the tokenized pairs: keys the reference cache and checkpoints
 
     def eval_batches(self, size: int) -> list[list[int]]:
         return length_batches(self.pairs, self.eval, size)
@@ -194,7 +195,7 @@ def prepare_data(config: Config, fmt: Any, tokenizer: Any) -> Data:
         raise ConfigError(f"no training pairs left in {config.dataset} after tokenization")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     log(f"{len(train)} training pairs, {len(held)} held-out pairs")
-    return Data(pairs, train, held, datasets, pad_id, report)
+    return Data(pairs, train, held, datasets, pad_id, report, refcache.data_hash(pairs))
 
 
 def resolve_reference(config: Config, loss: Loss) -> str:
@@ -212,7 +213,7 @@ def reference_logps(config: Config, provider: Any, tokenizer: Any, data: Data) -
     if provider is None:
         raise ConfigError(f"loss {config.loss!r} needs a reference, but reference is 'none'")
     parts = {**provider.identity(), **hub.tokenizer_identity(tokenizer),
-             "max_seq_len": str(config.max_seq_len), "data_sha256": refcache.data_hash(data.pairs)}
+             "max_seq_len": str(config.max_seq_len), "data_sha256": data.sha256}
     parts = {k: str(v) for k, v in parts.items()}
     cache_dir = Path(config.cache_dir) if config.cache_dir else refcache.default_cache_dir()
     cache_file = refcache.cache_file_for(cache_dir, config.base_model, data.datasets)
