@@ -106,3 +106,28 @@ def test_wandb_logs_nothing_for_runs_that_did_not_ask(make_config: Any, wandb_en
     config = make_config(sinks=["jsonl"])
     run(config)
     assert not list(Path(config.log_path).glob("wandb"))
+
+
+class StopAtStep3:
+    @hookimpl
+    def register_sinks(self, register: Any) -> None:
+        class Stop:
+            @hookimpl
+            def preftune_log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+                if step == 3:
+                    raise KeyboardInterrupt
+
+        register("stop", lambda config, options: Stop())
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(make_config: Any, wandb_env: Path) -> None:
+    pm = get_plugin_manager(load_entrypoints=False)
+    pm.register(StopAtStep3())
+    config = make_config(sinks=["wandb", "stop"], checkpoint_interval=2)
+    with pytest.raises(KeyboardInterrupt):
+        run(config, pm)
+    run(config.model_copy(update={"resume": True, "sinks": ["wandb"]}))
+    wandb.teardown()
+    runs = sorted(Path(config.log_path).glob("wandb/offline-run-*"))
+    assert len(runs) == 2
+    assert len({r.name.rsplit("-", 1)[1] for r in runs}) == 1  # one run id, two sessions
