@@ -148,6 +148,7 @@ def validate(
                 notes = report.lines(max_seq_len)
             except DataError as exc:
                 problems += exc.problems
+                notes = exc.report.lines(max_seq_len)
     for problem in sorted(problems, key=lambda p: p[1]):
         typer.echo(format_problem(*problem))
     for note in notes:

@@ -211,7 +211,9 @@ def tokenize_pairs(
             report.truncated.append(pair.source)
         out.append(tokenized)
     if problems:
-        raise DataError(problems, total=len(pairs))
+        error = DataError(problems, total=len(pairs))
+        error.report = report  # what was truncated or dropped among the good pairs
+        raise error
     return out, report
 
 

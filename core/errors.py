@@ -29,6 +29,7 @@ class DataError(PreftuneError):
 
     def __init__(self, problems: list[tuple[str, int, str, str]], total: int | None = None):
         self.problems = problems
+        self.report: object | None = None  # set by tokenization: the good pairs' truncations
         shown = [format_problem(*p) for p in problems[:20]]
         more = len(problems) - len(shown)
         if more:
