@@ -215,3 +215,17 @@ def test_tiny_model_forward_backward(tok) -> None:
     assert torch.isfinite(out.loss)
     out.loss.backward()
     assert model.model.embed_tokens.weight.grad is not None
+
+
+def test_build_tool_reproduces_the_shipped_assets(tmp_path) -> None:
+    """The shipped tokenizer and data are exactly what tools/build_tiny_assets.py builds."""
+    import subprocess
+    import sys
+
+    from preftune.tiny import ASSETS
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "build_tiny_assets.py"
+    subprocess.run([sys.executable, str(tool), "--out", str(tmp_path)], check=True,
+                   capture_output=True)
+    for name in ("train.jsonl", "heldout.jsonl", "tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / name).read_bytes() == (ASSETS / name).read_bytes(), name

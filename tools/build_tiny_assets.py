@@ -102,7 +102,7 @@ NEG_REPLY = [
 ]
 
 CATEGORIES = {
-    "color": ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"],
+    "color": ["red", "blue", "green", "yellow", "purple", "pink", "black", "white"],
     "animal": ["cat", "dog", "horse", "rabbit", "tiger", "mouse", "sheep", "lion"],
     "fruit": ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "pear"],
 }
