@@ -177,3 +177,21 @@ def test_scheduled_lr_reaches_the_metrics(make_config: Any) -> None:
     run(config)
     lrs = [r["lr"] for r in read_rows(Path(config.log_path) / "metrics.jsonl")]
     assert lrs[:2] == [5e-4, 1e-3] and lrs[-1] < lrs[2]
+
+
+def test_a_local_model_directory_works_as_base_and_tokenizer(make_config: Any, tmp_path: Path,
+                                                             tokenizer: Any) -> None:
+    """Any Hugging Face model directory: loaded by transformers, keyed by a hash of its files."""
+    from preftune import files_hash
+    from preftune.tiny import tiny_model
+
+    model_dir = tmp_path / "my-model"
+    tiny_model(seed=3).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    config = make_config(base_model=str(model_dir))
+    summary = run(config)
+    assert summary["status"] == "completed"
+    [cache_file] = list((Path(config.cache_dir) / "reference").glob("*.pt"))
+    _, parts = refcache.ReferenceLogps.load(cache_file)
+    assert parts["model"] == str(model_dir.resolve())
+    assert parts["weights_sha256"] == files_hash(model_dir)
