@@ -24,11 +24,11 @@ app = typer.Typer(
 DEMO_SETTINGS: dict[str, Any] = {
     "base_model": "builtin:tiny",
     "beta": 0.1,
-    "epochs": 4,
+    "epochs": 6,
     "batch_size": 16,
     "learning_rate": 2e-3,
     "lr_schedule": "linear",
-    "warmup_steps": 10,
+    "warmup_steps": 30,
     "max_grad_norm": 1.0,
     "weight_decay": 0.0,
     "max_seq_len": 128,
