@@ -134,9 +134,6 @@ class PairLogps:
         half = logps_2BT.shape[0] // 2
         return cls(logps_2BT[:half], logps_2BT[half:])
 
-    def detach(self) -> PairLogps:
-        return PairLogps(self.chosen.detach(), self.rejected.detach())
-
 
 @dataclass(frozen=True)
 class AdamParams:
