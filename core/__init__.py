@@ -12,10 +12,10 @@ from .hookspecs import hookimpl
 from .hub import files_hash, load_causal_lm, load_tokenizer, model_identity, resolve_init
 from .loop import run
 from .manager import get_plugin_manager, get_registry
+from .messages import log
 from .types import (
     AdamParams,
     Backend,
-    Batch,
     DatasetFormat,
     ForwardClient,
     Loss,
@@ -28,15 +28,15 @@ from .types import (
     ReferenceProvider,
     Source,
     TokenizedPair,
-    collate,
+    TokenLogps,
 )
 
 __all__ = [
-    "AdamParams", "Backend", "Batch", "Config", "ConfigError", "DataError", "DatasetFormat",
+    "AdamParams", "Backend", "Config", "ConfigError", "DataError", "DatasetFormat",
     "ForwardClient", "Loss", "LossFn", "Message", "Metrics", "PairLogps", "PluginError",
     "PreferencePair", "PreftuneError", "PublishingBackend", "RecordError", "ReferenceProvider", "Source",
-    "TokenizedPair", "TrainingError", "atomic_dir", "atomic_torch_save", "atomic_write_json",
-    "check_pair", "collate",
+    "TokenLogps", "TokenizedPair", "TrainingError", "atomic_dir", "atomic_torch_save", "atomic_write_json",
+    "check_pair", "log",
     "files_hash", "get_plugin_manager", "get_registry", "hookimpl", "load_causal_lm", "load_config",
     "load_tokenizer", "model_identity", "resolve_init", "run", "switch_symlink", "tokenize_pair",
 ]

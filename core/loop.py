@@ -4,28 +4,23 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pluggy
 import torch
 
-from . import checkpoint, hookspecs, hub, refcache
+from . import checkpoint, hub, refcache
 from .config import Config
 from .data import epoch_order, length_batches, load_pairs, make_format, split_eval, tokenize_pairs
-from .errors import ConfigError, PluginError, TrainingError
+from .errors import ConfigError, TrainingError
 from .fileio import atomic_write_json
-from .manager import PluginManager, Registry, get_registry
-from .types import AdamParams, Batch, Loss, LossFn, Metrics, PairLogps, TokenizedPair, collate
-
-
-def log(message: str) -> None:
-    """Progress messages go to stderr so stdout stays for results."""
-    print(f"[preftune] {message}", file=sys.stderr, flush=True)
+from .manager import PluginManager, get_registry
+from .messages import log
+from .sinks import open_sinks
+from .types import AdamParams, Loss, Metrics, PairLogps, TokenizedPair, resolve
 
 
 def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
@@ -35,12 +30,10 @@ def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
     # Build the cheap components first so a misspelled plugin name fails before any loading.
     loss: Loss = registry.build("loss", config.loss, config)
     fmt = make_format(registry, config)
-    reference_name = resolve_reference(config, loss)
-    if loss.needs_reference and reference_name == "none":
+    if loss.needs_reference and config.reference == "none":
         raise ConfigError(f"loss {config.loss!r} needs a reference, but reference is 'none'")
-    for kind, name in [("backend", config.backend), ("reference", reference_name)] + [
-        ("sink", s) for s in config.sinks
-    ]:
+    for kind, name in [("backend", config.backend)] + [("sink", s) for s in config.sinks] + (
+            [("reference", config.reference)] if config.reference != "auto" else []):
         registry.get(kind, name)
     log_path = Path(config.log_path)
     log_path.mkdir(parents=True, exist_ok=True)
@@ -60,14 +53,17 @@ def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
         backend = registry.build("backend", config.backend, config, tokenizer)
         reference = None
         if loss.needs_reference:
-            provider = registry.build("reference", reference_name, config, backend)
-            reference = reference_logps(config, provider, tokenizer, data)
-            del provider  # a separate reference model is freed once its log-probs are cached
+            name = resolve_reference(config, loss, backend)
+            provider = registry.build("reference", name, config, backend)
+            try:
+                reference = reference_logps(config, provider, tokenizer, data, token_level(loss))
+            finally:
+                close_quietly(provider)  # a frozen model is freed, a remote job deleted, now
         hashes = {"config_sha256": checkpoint.training_hash(config, set(registry.names("sink"))),
                   "data_sha256": data.sha256}
         state = resume_state(config, backend, hashes)
         info = {**data.info(config), "resume_step": state.get("step", 0), "config": resolved}
-        sinks.hook.preftune_run_start(config=config, info=info, backend=backend)
+        sinks.run_start(config=config, info=info, backend=backend)  # on failure, ends every sink
 
         evals: dict[int, dict[str, float]] = {}
 
@@ -88,21 +84,22 @@ def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
                     continue  # done before the checkpoint this run resumed from
                 # One optimizer step: micro-batches weighted by their share of the step's pairs,
                 # so the accumulated gradient equals the gradient of the whole step's batch.
-                metrics: dict[str, Any] = {}
+                submitted = []
                 for micro in chunks(chunk, config.batch_size):
-                    batch = collate([data.pairs[i] for i in micro], micro, data.pad_id)
+                    pairs = [data.pairs[i] for i in micro]
+                    ref = reference.select(micro) if reference is not None else None
                     weight = len(micro) / len(chunk)
-                    out = backend.forward_backward(batch, bind_loss(loss, reference, weight))
-                    accumulate(metrics, out, weight)
-                    tokens += batch.num_tokens
+                    out = backend.forward_backward(pairs, BoundLoss(loss, ref, weight))
+                    submitted.append((out, weight))
+                    tokens += sum(p.num_tokens for p in pairs)
+                metrics = resolve_metrics(submitted)  # the step's one host sync
                 check_finite(metrics, step + 1, [data.pairs[i] for i in chunk])
                 lr = learning_rate(config, step, info["total_steps"])
-                metrics.update(backend.optim_step(adam_params(config, lr)))
+                metrics.update(resolve_metrics([(backend.optim_step(adam_params(config, lr)), 1.0)]))
                 step += 1
                 elapsed = time.perf_counter() - start
-                row = {"epoch": epoch, **{k: float(v) for k, v in metrics.items()}, "lr": lr,
-                       "tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9),
-                       "elapsed_s": elapsed}
+                row = {"epoch": epoch, **metrics, "lr": lr, "tokens": tokens,
+                       "tokens_per_s": tokens / max(elapsed, 1e-9), "elapsed_s": elapsed}
                 check_finite(row, step, [data.pairs[i] for i in chunk])
                 sinks.hook.preftune_log_metrics(step=step, metrics=row)
                 if config.eval_interval and step % config.eval_interval == 0:
@@ -129,9 +126,11 @@ def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
         summary = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
         raise
     finally:
-        sinks.hook.preftune_run_end(summary=summary)
+        sink_error = sinks.run_end(summary)  # every sink's run_end, even when one raises
         if backend is not None:
             backend.close()
+        if sink_error is not None:
+            raise sink_error
 
 
 def resume_state(config: Config, backend: Any, hashes: dict[str, str]) -> dict[str, Any]:
@@ -156,7 +155,6 @@ class Data:
     train: list[int]
     eval: list[int]
     datasets: list[str]
-    pad_id: int
     report: Any
     sha256: str  # of the tokenized pairs: keys the reference cache and checkpoints
 
@@ -193,23 +191,29 @@ def prepare_data(config: Config, fmt: Any, tokenizer: Any) -> Data:
         train, held = split_eval(len(pairs), config.eval_fraction, config.seed)
     if not train:
         raise ConfigError(f"no training pairs left in {config.dataset} after tokenization")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     log(f"{len(train)} training pairs, {len(held)} held-out pairs")
-    return Data(pairs, train, held, datasets, pad_id, report, refcache.data_hash(pairs))
+    return Data(pairs, train, held, datasets, report, refcache.data_hash(pairs))
 
 
-def resolve_reference(config: Config, loss: Loss) -> str:
-    """``auto``: none for a loss that needs none, the LoRA base for LoRA, else a frozen copy."""
+def resolve_reference(config: Config, loss: Loss, backend: Any) -> str:
+    """``auto``: none for a loss that needs none, else what the backend says is the initial
+    policy's cheapest frozen copy (``default_reference``), else a separate frozen copy."""
     if config.reference != "auto":
         return config.reference
     if not loss.needs_reference:
         return "none"
-    # After a warm start the reference is the initial policy, which the LoRA base may not be.
-    return "lora_shared" if config.lora_rank > 0 and not config.init_from else "separate"
+    choose = getattr(backend, "default_reference", None)
+    return choose() if callable(choose) else "separate"
 
 
-def reference_logps(config: Config, provider: Any, tokenizer: Any, data: Data) -> Any:
-    """Reference log-probs of all pairs, from the on-disk cache when its key still matches."""
+def token_level(loss: Loss) -> bool:
+    """Whether ``loss`` asked for per-token log-probs (most losses need sums and counts only)."""
+    return bool(getattr(loss, "needs_token_logps", False))
+
+
+def reference_logps(config: Config, provider: Any, tokenizer: Any, data: Data,
+                    token_logps: bool) -> refcache.ReferenceLogps:
+    """Reference numbers of all pairs, from the on-disk cache when its key still matches."""
     if provider is None:
         raise ConfigError(f"loss {config.loss!r} needs a reference, but reference is 'none'")
     parts = {**provider.identity(), **hub.tokenizer_identity(tokenizer),
@@ -219,49 +223,47 @@ def reference_logps(config: Config, provider: Any, tokenizer: Any, data: Data) -
     cache_file = refcache.cache_file_for(cache_dir, config.base_model, data.datasets)
     size = eval_batch_size(config)
     batches = length_batches(data.pairs, data.train, size) + data.eval_batches(size)
-    return refcache.load_or_compute(cache_file, parts, lambda: provider, data.pairs, batches,
-                                    data.pad_id, log)
+    return refcache.load_or_compute(cache_file, parts, provider, data.pairs, batches,
+                                    token_logps, log)
 
 
-def bind_loss(loss: Loss, reference: Any, weight: float) -> LossFn:
-    """The loss of one micro-batch with its reference rows, scaled by its share of the step."""
-
-    def loss_fn(policy: PairLogps, batch: Batch) -> tuple[torch.Tensor, Metrics]:
-        ref = reference.for_batch(batch) if reference is not None else None
-        value, metrics = loss(policy, ref, batch)
-        return value * weight, {"loss": value.detach(), **metrics}
-
-    return loss_fn
+def close_quietly(component: Any) -> None:
+    close = getattr(component, "close", None)
+    if callable(close):
+        close()
 
 
-@torch.no_grad()
+class BoundLoss:
+    """The loss of one micro-batch: its reference numbers bound, scaled by its share of the
+    step's pairs, so the accumulated gradient is the gradient of the whole step's mean loss."""
+
+    def __init__(self, loss: Loss, reference: PairLogps | None, weight: float):
+        self.loss, self.reference, self.weight = loss, reference, weight
+        self.needs_token_logps = token_level(loss)
+
+    def __call__(self, policy: PairLogps) -> tuple[torch.Tensor, Metrics]:
+        ref = self.reference.to(policy.chosen.device) if self.reference is not None else None
+        value, metrics = self.loss(policy, ref)
+        return value * self.weight, {"loss": value.detach(), **metrics}
+
+
 def evaluate_pairs(backend: Any, loss: Loss, reference: Any, data: Data,
                    config: Config) -> dict[str, float]:
     """Held-out metrics (``eval_`` + each loss metric), means over the held-out pairs."""
     if not data.eval:
         return {}
-    totals: dict[str, Any] = {}
+    submitted = []
     for index in data.eval_batches(eval_batch_size(config)):
-        batch = collate([data.pairs[i] for i in index], index, data.pad_id)
-        ref = reference.for_batch(batch) if reference is not None else None
-        value, metrics = loss(backend.forward(batch), ref, batch)
-        accumulate(totals, {"loss": value, **metrics}, len(index) / len(data.eval))
-    return {f"eval_{k}": float(v) for k, v in totals.items()}
-
-
-def open_sinks(registry: Registry, config: Config) -> pluggy.PluginManager:
-    """A plugin manager holding only the sinks this run selected."""
-    if len(set(config.sinks)) != len(config.sinks):
-        raise ConfigError(f"sinks lists a sink twice: {config.sinks}")
-    sinks = pluggy.PluginManager("preftune")
-    sinks.add_hookspecs(hookspecs)
-    for name in config.sinks:
-        sinks.register(registry.build("sink", name, config), name=name)
-    try:
-        sinks.check_pending()  # a misspelled event method would otherwise never be called
-    except pluggy.PluginValidationError as exc:
-        raise PluginError(f"sink {sinks.get_name(exc.plugin)!r}: {exc}") from None
-    return sinks
+        out = backend.forward([data.pairs[i] for i in index], token_level(loss))
+        ref = reference.select(index) if reference is not None else None
+        submitted.append((out, ref, len(index) / len(data.eval)))
+    results = []
+    with torch.no_grad():
+        for out, ref, weight in submitted:
+            policy = resolve(out)
+            value, metrics = loss(policy, ref.to(policy.chosen.device) if ref is not None else None)
+            results.append(({"loss": value, **metrics}, weight))
+    return {f"eval_{k}": v for k, v in resolve_metrics(results).items()}
 
 
 def eval_batch_size(config: Config) -> int:
@@ -269,10 +271,22 @@ def eval_batch_size(config: Config) -> int:
     return max(2 * config.batch_size, 8)
 
 
-def accumulate(total: dict[str, Any], metrics: Metrics, weight: float) -> None:
-    for key, value in metrics.items():
-        value = value.detach() if isinstance(value, torch.Tensor) else value
-        total[key] = total.get(key, 0.0) + value * weight
+def resolve_metrics(submitted: Sequence[tuple[Any, float]]) -> dict[str, float]:
+    """Weighted sums of metrics (dicts, or futures of dicts, of tensors or floats) as floats,
+    with a single host sync for all tensors."""
+    totals: dict[str, Any] = {}
+    for out, weight in submitted:
+        for key, value in resolve(out).items():
+            value = value.detach().float() if isinstance(value, torch.Tensor) else value
+            totals[key] = totals.get(key, 0.0) + value * weight
+    keys = list(totals)
+    tensors = [k for k in keys if isinstance(totals[k], torch.Tensor)]
+    device = totals[tensors[0]].device if tensors else None
+    stacked = [totals[k].reshape(()).to(device) for k in tensors]
+    values = torch.stack(stacked).tolist() if tensors else []
+    out = {k: float(totals[k]) for k in keys if k not in tensors}
+    out.update(zip(tensors, values))
+    return {k: out[k] for k in keys}
 
 
 def check_finite(metrics: dict[str, Any], step: int, pairs: Sequence[TokenizedPair]) -> None:

@@ -20,6 +20,7 @@ import pluggy
 from pydantic import BaseModel
 
 from . import hookspecs
+from .config import Config
 from .errors import ConfigError, PluginError
 
 DEFAULT_PLUGINS = (
@@ -46,6 +47,13 @@ KINDS = {
 }
 PLURALS = {"format": "formats", "loss": "losses", "reference": "reference providers",
            "backend": "backends", "sink": "sinks"}
+# the event hooks, which only sinks implement (as methods of the object a sink's factory returns)
+EVENT_HOOKS = tuple(name for name in vars(hookspecs) if name.startswith("preftune_"))
+
+
+def hookspecs_for(names: tuple[str, ...]) -> type:
+    """A namespace holding only the hookspecs ``names``, for ``add_hookspecs``."""
+    return type("Hookspecs", (), {name: staticmethod(getattr(hookspecs, name)) for name in names})
 
 
 @dataclass(frozen=True)
@@ -71,11 +79,16 @@ class BrokenPlugin:
 
 
 class PluginManager(pluggy.PluginManager):
-    """pluggy's manager plus where each plugin came from and which plugins failed to load."""
+    """pluggy's manager plus where each plugin came from and which plugins failed to load.
+
+    It knows the discovery hooks only. A plugin that implements an event hook itself is refused:
+    its hook would never be called, since events go to the sinks a run selected, in a manager of
+    the run's own (:mod:`preftune.sinks`).
+    """
 
     def __init__(self) -> None:
         super().__init__("preftune")
-        self.add_hookspecs(hookspecs)
+        self.add_hookspecs(hookspecs_for(tuple(KINDS.values())))
         self.origins: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, version)
         self.broken: list[BrokenPlugin] = []
 
@@ -87,6 +100,28 @@ class PluginManager(pluggy.PluginManager):
             self.broken.append(BrokenPlugin(name, distribution, f"{type(exc).__name__}: {exc}"))
             return
         self.origins[name] = (distribution, version)
+
+    def register(self, plugin: Any, name: str | None = None) -> str | None:
+        """pluggy's ``register``; a :class:`PluginError` for a plugin implementing event hooks."""
+        events = implemented_hooks(self, plugin) & set(EVENT_HOOKS)
+        if events:
+            raise PluginError(
+                f"plugin {name or self.get_canonical_name(plugin)!r} implements the event hook "
+                f"{', '.join(sorted(events))} itself, so nothing would ever call it: event hooks are "
+                "methods of a sink, the object returned by a factory that the plugin's register_sinks "
+                "hook registers"
+            )
+        return super().register(plugin, name)
+
+
+def implemented_hooks(pm: pluggy.PluginManager, plugin: Any) -> set[str]:
+    """The names of the hooks ``plugin`` has ``@hookimpl`` implementations of."""
+    names = set()
+    for attr in dir(plugin):
+        opts = pm.parse_hookimpl_opts(plugin, attr)
+        if opts is not None:
+            names.add(opts.get("specname") or attr)
+    return names
 
 
 def _own_version() -> str:
@@ -172,6 +207,14 @@ class Registry:
             self.pm.broken.append(BrokenPlugin(impl.plugin_name, dist, error))
 
     def _add(self, component: Component) -> None:
+        """Add ``component``; a :class:`PluginError` when its name or option table is taken.
+
+        Names are unique within a kind. Across kinds a name may repeat (a service's backend and
+        reference provider may share one), but only one component of a name may have options:
+        a config's ``[name]`` table is flat, not per kind, so that ``[orpo]`` or ``[wandb]`` stay
+        as short as the names a config selects them by, and a second options model for the same
+        table would make it ambiguous. An options table may not be named like a top-level field.
+        """
         known = self.components[component.kind]
         if component.name in known:
             other = known[component.name]
@@ -181,7 +224,34 @@ class Registry:
                 f"{component.plugin!r} (distribution {component.distribution}); "
                 "uninstall one of them"
             )
+        if component.options is not None:
+            self._check_table(component)
         known[component.name] = component
+
+    def _check_table(self, component: Component) -> None:
+        name = component.name
+        if name in Config.model_fields:
+            raise PluginError(
+                f"{component.kind} {name!r} of plugin {component.plugin!r} (distribution "
+                f"{component.distribution}) has options, but [{name}] cannot be its table: "
+                f"{name!r} is a top-level config field; the plugin must rename it"
+            )
+        other = self._table_owner(name)
+        if other is not None:
+            raise PluginError(
+                f"the [{name}] options table is claimed twice: by {other.kind} {name!r} of plugin "
+                f"{other.plugin!r} (distribution {other.distribution}) and by {component.kind} "
+                f"{name!r} of plugin {component.plugin!r} (distribution {component.distribution}); "
+                "components of different kinds may share a name only if at most one has options: "
+                "uninstall one of them"
+            )
+
+    def _table_owner(self, name: str) -> Component | None:
+        """The component called ``name`` that has options (at most one exists), or None."""
+        for by_name in self.components.values():
+            if name in by_name and by_name[name].options is not None:
+                return by_name[name]
+        return None
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.components[kind])
@@ -210,11 +280,9 @@ class Registry:
         return [c for kind in KINDS for c in sorted(self.components[kind].values(), key=_name)]
 
     def options_model(self, name: str) -> type[BaseModel] | None:
-        """The options model of the component called ``name`` (its ``[name]`` config table)."""
-        for by_name in self.components.values():
-            if name in by_name and by_name[name].options is not None:
-                return by_name[name].options
-        return None
+        """The options model of the ``[name]`` config table (unambiguous: see :meth:`_add`)."""
+        owner = self._table_owner(name)
+        return owner.options if owner is not None else None
 
     def build(self, kind: str, name: str, config: Any, *args: Any) -> Any:
         """Build the component ``name`` of ``kind`` with its validated options."""

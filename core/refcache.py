@@ -1,9 +1,14 @@
 """Reference log-probs: computed once, batched, cached on disk, reused across epochs and runs.
 
+What is stored per pair is what the run's loss needs: the sums of the chosen and rejected
+completion log-probs and their token counts (16 bytes a pair), plus per-token rows only for a loss
+that declares ``needs_token_logps``.
+
 The cache of a dataset + model lives in one file whose name comes from the model's name and the
-dataset paths. Inside, the key parts (model identity, tokenizer, chat template, max_seq_len and a
-hash of the tokenized data) are stored with the log-probs; a file whose parts differ from this
-run's is rebuilt and the changed parts are named. Files are written atomically.
+dataset paths. Inside, the key parts (model identity, tokenizer, chat template, max_seq_len, a
+hash of the tokenized data, whether per-token rows are stored, and the file format's version) are
+stored with the numbers; a file whose parts differ from this run's is rebuilt and the changed parts
+are named. A file is never read as numbers before its parts match. Files are written atomically.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .fileio import atomic_torch_save
-from .types import Batch, ForwardClient, PairLogps, TokenizedPair, collate
+from .types import ForwardClient, PairLogps, TokenizedPair, TokenLogps, resolve
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 1: per-token rows of every pair; 2: sums and counts (+ optional rows)
+SIDES = ("chosen", "rejected")
 
 
 def default_cache_dir() -> Path:
@@ -40,94 +46,152 @@ def data_hash(pairs: Sequence[TokenizedPair]) -> str:
 
 
 class ReferenceLogps:
-    """Per-token reference log-probs of every pair of the run, looked up by dataset index."""
+    """Reference numbers of every pair of the run, looked up by dataset index.
 
-    def __init__(self, chosen: list[Tensor], rejected: list[Tensor]):
-        self.chosen = chosen
-        self.rejected = rejected
+    ``sums`` and ``counts`` map ``chosen``/``rejected`` to ``[n]`` float32 tensors; ``rows``,
+    when present, maps them to one 1-D tensor of per-token log-probs per pair.
+    """
 
-    def for_batch(self, batch: Batch) -> PairLogps:
-        """The rows of ``batch`` padded to its width, on its device."""
-        width = batch.input_ids.shape[1]
-        out = torch.zeros((2 * batch.size, width), dtype=torch.float32)
-        for row, i in enumerate(batch.index):
-            c, r = self.chosen[i], self.rejected[i]
-            out[row, : len(c)] = c
-            out[batch.size + row, : len(r)] = r
-        return PairLogps.from_rows(out.to(batch.input_ids.device))
+    def __init__(self, sums: dict[str, Tensor], counts: dict[str, Tensor],
+                 rows: dict[str, list[Tensor]] | None = None):
+        self.sums, self.counts, self.rows = sums, counts, rows
+
+    def __len__(self) -> int:
+        return int(self.sums["chosen"].shape[0])
+
+    def select(self, index: Sequence[int]) -> PairLogps:
+        """The reference :class:`PairLogps` of the pairs at ``index``, on the CPU."""
+        at = torch.tensor(list(index), dtype=torch.long)
+        tokens = None
+        if self.rows is not None:
+            tokens = TokenLogps(*(padded([self.rows[s][i] for i in index]) for s in SIDES))
+        return PairLogps(self.sums["chosen"][at], self.sums["rejected"][at],
+                         self.counts["chosen"][at], self.counts["rejected"][at], tokens)
 
     def save(self, path: Path, parts: dict[str, str]) -> None:
-        data = {
-            "parts": json.dumps(parts, sort_keys=True),
-            "chosen": torch.cat(self.chosen),
-            "rejected": torch.cat(self.rejected),
-            "chosen_len": torch.tensor([len(t) for t in self.chosen]),
-            "rejected_len": torch.tensor([len(t) for t in self.rejected]),
-        }
+        data: dict[str, object] = {"parts": json.dumps(parts, sort_keys=True)}
+        for side in SIDES:
+            data[f"{side}_sum"], data[f"{side}_count"] = self.sums[side], self.counts[side]
+            if self.rows is not None:
+                data[f"{side}_rows"] = torch.cat(self.rows[side])
+                data[f"{side}_len"] = torch.tensor([len(t) for t in self.rows[side]])
         atomic_torch_save(data, path)
+
+    @staticmethod
+    def read(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
+        """The key parts of a cache file and its raw tensors (numbers not yet interpreted)."""
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        return json.loads(data.pop("parts")), data
+
+    @classmethod
+    def from_tensors(cls, data: dict[str, Tensor]) -> ReferenceLogps:
+        sums = {s: data[f"{s}_sum"] for s in SIDES}
+        counts = {s: data[f"{s}_count"] for s in SIDES}
+        rows = None
+        if "chosen_rows" in data:
+            rows = {s: list(torch.split(data[f"{s}_rows"], data[f"{s}_len"].tolist())) for s in SIDES}
+        return cls(sums, counts, rows)
 
     @classmethod
     def load(cls, path: Path) -> tuple[ReferenceLogps, dict[str, str]]:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        chosen = list(torch.split(data["chosen"], data["chosen_len"].tolist()))
-        rejected = list(torch.split(data["rejected"], data["rejected_len"].tolist()))
-        return cls(chosen, rejected), json.loads(data["parts"])
+        parts, data = cls.read(path)
+        return cls.from_tensors(data), parts
 
 
-def compute(
-    client: ForwardClient,
-    pairs: Sequence[TokenizedPair],
-    batches: Sequence[Sequence[int]],
-    pad_id: int,
-    progress: bool = True,
-) -> ReferenceLogps:
-    """Reference log-probs of every pair, computed batch by batch (``batches`` cover all pairs)."""
-    chosen: list[Tensor | None] = [None] * len(pairs)
-    rejected: list[Tensor | None] = [None] * len(pairs)
-    bar = tqdm(total=len(pairs), desc="reference log-probs", unit="pair", disable=not progress)
+def padded(rows: Sequence[Tensor]) -> Tensor:
+    """1-D tensors stacked into ``[len(rows), max_len]``, right-padded with 0."""
+    out = torch.zeros((len(rows), max((len(r) for r in rows), default=0)), dtype=torch.float32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+def compute(client: ForwardClient, pairs: Sequence[TokenizedPair],
+            batches: Sequence[Sequence[int]], token_logps: bool = False,
+            progress: bool = True) -> ReferenceLogps:
+    """Reference numbers of every pair, batch by batch (``batches`` cover all pairs). Results
+    that are futures (remote clients) are all submitted before the first is awaited."""
+    n = len(pairs)
+    sums = {s: torch.full((n,), float("nan")) for s in SIDES}
+    counts = {s: torch.zeros(n) for s in SIDES}
+    rows: dict[str, list[Tensor]] | None = {s: [torch.zeros(0)] * n for s in SIDES} \
+        if token_logps else None
+    bar = tqdm(total=n, desc="reference log-probs", unit="pair", disable=not progress)
+
+    def store(index: Sequence[int], out: PairLogps) -> None:
+        at = torch.tensor(list(index), dtype=torch.long)
+        for side in SIDES:
+            sums[side][at] = getattr(out, side).detach().float().cpu()
+            counts[side][at] = getattr(out, f"{side}_tokens").detach().float().cpu()
+            if rows is not None and out.tokens is not None:
+                table = getattr(out.tokens, f"{side}_BT").detach().float().cpu()
+                for k, i in enumerate(index):
+                    rows[side][i] = table[k, : len(getattr(pairs[i], side))].clone()
+        bar.update(len(index))
+
     with bar:
+        pending = []
         for index in batches:
-            batch = collate([pairs[i] for i in index], list(index), pad_id)
-            logps = client.forward(batch)
-            rows = torch.cat([logps.chosen, logps.rejected]).float().cpu()
-            for row, i in enumerate(index):
-                chosen[i] = rows[row, : batch.lengths[row]].clone()
-                rejected[i] = rows[batch.size + row, : batch.lengths[batch.size + row]].clone()
-            bar.update(len(index))
-    missing = [i for i, c in enumerate(chosen) if c is None]
+            out = client.forward([pairs[i] for i in index], token_logps)
+            if callable(getattr(out, "result", None)):
+                pending.append((index, out))
+            else:
+                store(index, out)
+        for index, out in pending:
+            store(index, resolve(out))
+    missing = torch.isnan(sums["chosen"]).nonzero().flatten().tolist()
     if missing:
         raise ValueError(f"reference batches do not cover pairs {missing[:10]}")
-    return ReferenceLogps(chosen, rejected)  # type: ignore[arg-type]
+    return ReferenceLogps(sums, counts, rows)
 
 
 def load_or_compute(
     cache_file: Path,
     parts: dict[str, str],
-    make_client: Callable[[], ForwardClient],
+    client: ForwardClient,
     pairs: Sequence[TokenizedPair],
     batches: Sequence[Sequence[int]],
-    pad_id: int,
+    token_logps: bool = False,
     log: Callable[[str], None] = print,
     progress: bool = True,
 ) -> ReferenceLogps:
-    """Reuse ``cache_file`` when its key parts equal ``parts``; otherwise compute and save."""
-    parts = {**parts, "format_version": FORMAT_VERSION}
-    if cache_file.exists():
-        try:
-            cached, cached_parts = ReferenceLogps.load(cache_file)
-        except Exception as exc:  # a truncated or foreign file: rebuild, say so
-            log(f"reference cache {cache_file} is unreadable ({exc}); rebuilding")
-        else:
-            if cached_parts == parts:
-                log(f"reference log-probs: reusing cache {cache_file}")
-                return cached
-            changed = sorted(k for k in parts.keys() | cached_parts.keys()
-                             if parts.get(k) != cached_parts.get(k))
-            log(f"reference cache {cache_file} is stale ({', '.join(changed)} changed); rebuilding")
-    reference = compute(make_client(), pairs, batches, pad_id, progress)
+    """Reuse ``cache_file`` when its key parts equal ``parts``; otherwise compute and save.
+    ``client.forward`` is called only on a miss, so a lazy client loads nothing on a hit."""
+    parts = {**parts, "format_version": FORMAT_VERSION, "per_token": str(token_logps)}
+    cached = read_if_fresh(cache_file, parts, len(pairs), log)
+    if cached is not None:
+        return cached
+    reference = compute(client, pairs, batches, token_logps, progress)
     reference.save(cache_file, parts)
     log(f"reference log-probs: cached {len(pairs)} pairs in {cache_file}")
     return reference
+
+
+def read_if_fresh(cache_file: Path, parts: dict[str, str], n: int,
+                  log: Callable[[str], None]) -> ReferenceLogps | None:
+    """The cached numbers when the file exists, is whole and its key matches; else None (and
+    the log says why it will be rebuilt)."""
+    if not cache_file.exists():
+        return None
+    try:
+        cached_parts, data = ReferenceLogps.read(cache_file)
+    except Exception as exc:  # a truncated or foreign file: rebuild, say so
+        log(f"reference cache {cache_file} is unreadable ({type(exc).__name__}); rebuilding")
+        return None
+    changed = sorted(k for k in parts.keys() | cached_parts.keys()
+                     if parts.get(k) != cached_parts.get(k))
+    if changed:
+        log(f"reference cache {cache_file} is stale ({', '.join(changed)} changed); rebuilding")
+        return None
+    try:
+        cached = ReferenceLogps.from_tensors(data)
+        if len(cached) != n:
+            raise ValueError(f"{len(cached)} pairs, expected {n}")
+    except (KeyError, ValueError, RuntimeError) as exc:
+        log(f"reference cache {cache_file} is damaged ({exc}); rebuilding")
+        return None
+    log(f"reference log-probs: reusing cache {cache_file}")
+    return cached
 
 
 def cache_file_for(cache_dir: Path, model_name: str, datasets: Sequence[str]) -> Path:

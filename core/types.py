@@ -1,19 +1,23 @@
 """Backend-neutral data types and the small Protocols the loop calls.
 
 A :class:`PreferencePair` is what a dataset format produces; a :class:`TokenizedPair` is the same
-pair as token ids with loss weights; a :class:`Batch` stacks pairs into padded tensors. Token
-layout follows the training SDKs' ``Datum``: a sequence ``s`` becomes model input ``s[:-1]`` and
-targets ``s[1:]``, and weights are aligned with the targets (1 on completion tokens only).
+pair as token ids with loss weights. A backend lays a micro-batch of tokenized pairs out as it
+likes and returns :class:`PairLogps`: per-sequence sums of completion log-probs and token counts,
+which is all a (sequence-level) loss sees. Token layout follows the training SDKs' ``Datum``: a
+sequence ``s`` becomes model input ``s[:-1]`` and targets ``s[1:]``, and weights are aligned with
+the targets (1 on completion tokens only).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor
+
+T = TypeVar("T", covariant=True)
 
 
 @dataclass(frozen=True)
@@ -68,71 +72,53 @@ class TokenizedPair:
         return 2 * len(self.prompt) + len(self.chosen) + len(self.rejected)
 
 
-@dataclass
-class Batch:
-    """Pairs stacked as right-padded tensors: rows ``[0, B)`` chosen, ``[B, 2B)`` rejected."""
+@dataclass(frozen=True)
+class TokenLogps:
+    """Per-token completion log-probs of B pairs, for losses that set ``needs_token_logps``.
 
-    pairs: list[TokenizedPair]
-    index: list[int]  # position of each pair in the run's dataset (reference cache rows)
-    input_ids: Tensor  # [2B, T] int64
-    targets: Tensor  # [2B, T] int64, the next token of each input position
-    weights: Tensor  # [2B, T] float32, loss weight of each target
-    attention_mask: Tensor  # [2B, T] int64
-    lengths: list[int] = field(default_factory=list)  # targets per row
+    Each is ``[B, T]``, right-padded with 0: row ``i`` holds the weighted log-prob of each target
+    token of pair ``i``'s completion, in order (prompt tokens are not included).
+    """
 
-    @property
-    def size(self) -> int:
-        return len(self.pairs)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(p.num_tokens for p in self.pairs)
-
-    def split(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """Split a ``[2B, ...]`` tensor into its chosen and rejected halves."""
-        return rows[: self.size], rows[self.size :]
-
-    def to(self, device: torch.device | str) -> Batch:
-        move = {k: getattr(self, k).to(device) for k in ("input_ids", "targets", "weights")}
-        return Batch(
-            self.pairs,
-            self.index,
-            attention_mask=self.attention_mask.to(device),
-            lengths=self.lengths,
-            **move,
-        )
+    chosen_BT: Tensor
+    rejected_BT: Tensor
 
 
-def collate(pairs: list[TokenizedPair], index: list[int], pad_id: int = 0) -> Batch:
-    """Stack pairs into a :class:`Batch` (chosen sequences first, then rejected)."""
-    rows = [p.sequence("chosen") for p in pairs] + [p.sequence("rejected") for p in pairs]
-    width = max(len(tokens) - 1 for tokens, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    targets = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    weights = torch.zeros((len(rows), width), dtype=torch.float32)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    lengths = []
-    for i, (tokens, w) in enumerate(rows):
-        n = len(tokens) - 1
-        input_ids[i, :n] = torch.tensor(tokens[:-1])
-        targets[i, :n] = torch.tensor(tokens[1:])
-        weights[i, :n] = torch.tensor(w)
-        mask[i, :n] = 1
-        lengths.append(n)
-    return Batch(list(pairs), list(index), input_ids, targets, weights, mask, lengths)
-
-
-@dataclass
+@dataclass(frozen=True)
 class PairLogps:
-    """Per-token log-probs of the targets of a batch: each ``[B, T]``, aligned with weights."""
+    """What a loss sees of B pairs: per-sequence numbers, independent of any batch layout.
+
+    ``chosen`` and ``rejected`` are ``[B]`` sums of the completion tokens' log-probs (each times
+    its weight); ``chosen_tokens`` and ``rejected_tokens`` are ``[B]`` completion token counts
+    (sums of the weights). ``tokens`` carries per-token values, only for a loss that asks for them.
+    """
 
     chosen: Tensor
     rejected: Tensor
+    chosen_tokens: Tensor
+    rejected_tokens: Tensor
+    tokens: TokenLogps | None = None
 
-    @classmethod
-    def from_rows(cls, logps_2BT: Tensor) -> PairLogps:
-        half = logps_2BT.shape[0] // 2
-        return cls(logps_2BT[:half], logps_2BT[half:])
+    @property
+    def size(self) -> int:
+        return int(self.chosen.shape[0])
+
+    def means(self) -> tuple[Tensor, Tensor]:
+        """Length-normalized (per-token mean) log-probs of chosen and rejected: two ``[B]``."""
+        return (self.chosen / self.chosen_tokens.clamp(min=1),
+                self.rejected / self.rejected_tokens.clamp(min=1))
+
+    def to(self, device: torch.device | str) -> PairLogps:
+        tokens = None if self.tokens is None else TokenLogps(
+            self.tokens.chosen_BT.to(device), self.tokens.rejected_BT.to(device))
+        return PairLogps(self.chosen.to(device), self.rejected.to(device),
+                         self.chosen_tokens.to(device), self.rejected_tokens.to(device), tokens)
+
+    def detach(self) -> PairLogps:
+        tokens = None if self.tokens is None else TokenLogps(
+            self.tokens.chosen_BT.detach(), self.tokens.rejected_BT.detach())
+        return PairLogps(self.chosen.detach(), self.rejected.detach(), self.chosen_tokens,
+                         self.rejected_tokens, tokens)
 
 
 @dataclass(frozen=True)
@@ -147,8 +133,33 @@ class AdamParams:
     max_grad_norm: float = 0.0  # 0 = no clipping; the norm is measured either way
 
 
-Metrics = dict[str, Any]  # metric name -> float or 0-dim tensor (the loop calls float())
-LossFn = Callable[[PairLogps, Batch], tuple[Tensor, Metrics]]  # a loss bound to its reference
+Metrics = dict[str, Any]  # metric name -> float or 0-dim tensor (the loop resolves them once a step)
+
+
+class Future(Protocol[T]):
+    """A result that is still being computed (a remote call); the loop calls ``result()``."""
+
+    def result(self) -> T: ...
+
+
+def resolve(value: T | Future[T]) -> T:
+    """The value itself, or the result of a future."""
+    result = getattr(value, "result", None)
+    return result() if callable(result) else value  # type: ignore[return-value]
+
+
+@runtime_checkable
+class LossFn(Protocol):
+    """A loss bound to one micro-batch's reference numbers and its share of the step.
+
+    The loop hands one to :meth:`Backend.forward_backward`; the backend calls it with the policy's
+    numbers and backpropagates the returned loss. ``needs_token_logps`` tells the backend to also
+    fill ``PairLogps.tokens``.
+    """
+
+    needs_token_logps: bool
+
+    def __call__(self, policy: PairLogps) -> tuple[Tensor, Metrics]: ...
 
 
 @runtime_checkable
@@ -170,38 +181,55 @@ class DatasetFormat(Protocol):
 
 @runtime_checkable
 class Loss(Protocol):
-    """A preference loss: a pure function of log-probs, computed for a whole batch at once."""
+    """A preference loss: a pure function of per-sequence log-probs of B pairs.
+
+    ``needs_reference``: False for reference-free losses (ORPO); the run then loads no reference.
+    An optional ``needs_token_logps = True`` asks for per-token values in ``PairLogps.tokens``
+    (policy and reference); without it a loss sees sums and token counts only.
+    """
 
     needs_reference: bool
 
-    def __call__(
-        self, policy: PairLogps, reference: PairLogps | None, batch: Batch
-    ) -> tuple[Tensor, Metrics]:
-        """Return the scalar batch loss (mean over pairs) and metrics (batch means)."""
+    def __call__(self, policy: PairLogps, reference: PairLogps | None) -> tuple[Tensor, Metrics]:
+        """Return the scalar loss (mean over the B pairs) and metrics (means over the pairs)."""
         ...
 
 
 @runtime_checkable
 class ForwardClient(Protocol):
-    """Anything that computes log-probs of a batch without gradients."""
+    """Anything that computes per-sequence log-probs of pairs without gradients."""
 
-    def forward(self, batch: Batch) -> PairLogps:
-        """Per-token log-probs of the batch's targets, as float32 on the CPU or device."""
+    def forward(self, pairs: Sequence[TokenizedPair],
+                token_logps: bool = False) -> PairLogps | Future[PairLogps]:
+        """The pairs' completion log-prob sums and counts (and per-token values when asked)."""
         ...
 
 
 @runtime_checkable
 class ReferenceProvider(ForwardClient, Protocol):
-    """Where the reference log-probs of a loss that needs them come from."""
+    """Where the reference log-probs of a loss that needs them come from.
+
+    Opened for the reference pass and closed by the loop as soon as the cache is complete: a
+    frozen local model is freed, a remote forward-only job deleted.
+    """
 
     def identity(self) -> dict[str, str]:
         """What the reference model is, for the reference cache key (model, revision, hash)."""
         ...
 
+    def close(self) -> None:
+        """Release what the reference pass loaded or created."""
+        ...
+
 
 @runtime_checkable
 class Backend(ForwardClient, Protocol):
-    """Where the policy lives and forward/backward/optimizer steps run (local or remote)."""
+    """Where the policy lives and forward/backward/optimizer steps run (local or remote).
+
+    The backend owns the layout: it receives a micro-batch's tokenized pairs and decides how to
+    lay them out (padded, packed, the prompt shared by chosen and rejected, remote datums).
+    Verbs may return futures; the loop resolves a step's results once.
+    """
 
     def identity(self) -> dict[str, str]:
         """What the base model is: name plus revision or a weights hash."""
@@ -211,12 +239,13 @@ class Backend(ForwardClient, Protocol):
         """A frozen reference: the base with the adapter off (``shared``), or a separate copy."""
         ...
 
-    def forward_backward(self, batch: Batch, loss_fn: LossFn) -> Metrics:
-        """Run the policy forward, apply ``loss_fn(policy_logps, batch)``, accumulate the
+    def forward_backward(self, pairs: Sequence[TokenizedPair],
+                         loss_fn: LossFn) -> Metrics | Future[Metrics]:
+        """Run the policy forward on ``pairs``, apply ``loss_fn(policy)``, accumulate the
         gradient of its loss; return its metrics (tensors or floats)."""
         ...
 
-    def optim_step(self, params: AdamParams) -> Metrics:
+    def optim_step(self, params: AdamParams) -> Metrics | Future[Metrics]:
         """Apply the accumulated gradient, clear it; return at least ``grad_norm``."""
         ...
 

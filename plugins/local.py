@@ -2,40 +2,46 @@
 
 It exposes the verbs of the training SDKs' clients (forward, forward_backward with a custom loss,
 optim_step with Adam params, save/load state, save weights), so remote backends slot in beside it.
-Dropout is disabled (the model stays in eval mode) so policy and reference log-probs agree.
+How log-probs are computed (the prompt shared by chosen and rejected, the output layer only on
+completion positions, in chunks) is in ``local_engine``. Dropout is disabled (the model stays in
+eval mode) so policy and reference log-probs agree.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from preftune import (
     AdamParams,
-    Batch,
     Config,
     ConfigError,
     LossFn,
     Metrics,
     PairLogps,
+    TokenizedPair,
     TrainingError,
     atomic_dir,
     files_hash,
     hookimpl,
     load_causal_lm,
+    log,
     model_identity,
     resolve_init,
     switch_symlink,
 )
+from preftune.plugins.local_engine import Engine, Plan, auto_chunk, calibrate
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SMALL_MODEL = 20_000_000  # parameters: below this, threads = 0 means one CPU thread
 
 
 class LocalOptions(BaseModel):
@@ -48,30 +54,40 @@ class LocalOptions(BaseModel):
     lora_target_modules: str | list[str] = Field(
         "all-linear", description="peft target_modules for LoRA."
     )
-
-
-def sequence_logps(model: Any, batch: Batch) -> torch.Tensor:
-    """``[2B, T]`` log-probs of each target token (0 on padding)."""
-    logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-    ).logits
-    logps = -F.cross_entropy(logits.float().transpose(1, 2), batch.targets, reduction="none")
-    return logps * batch.attention_mask
+    layout: Literal["auto", "shared", "padded"] = Field(
+        "auto", description="shared: the prompt computed once per pair (checked against padded at "
+        "start); padded: one row per sequence; auto: shared where the model supports it."
+    )
+    threads: int = Field(
+        0, ge=0, description="CPU threads; 0 = 1 for models under 20M parameters (tiny models "
+        "lose far more to threads fighting other work than they gain), else torch's default."
+    )
+    logits_chunk: int = Field(
+        0, ge=0, description="Positions per output-layer chunk; 0 = about 64 MiB of float32 logits."
+    )
 
 
 class FrozenClient:
     """Forward-only log-probs of a model, optionally with its LoRA adapter disabled."""
 
-    def __init__(self, model: Any, device: torch.device, disable_adapter: bool = False):
-        self.model, self.device, self.disable_adapter = model, device, disable_adapter
+    def __init__(self, engine: Engine, owned: bool):
+        self.engine, self.owned = engine, owned
 
-    @torch.no_grad()
-    def forward(self, batch: Batch) -> PairLogps:
-        batch = batch.to(self.device)
-        if self.disable_adapter:
-            with self.model.disable_adapter():
-                return PairLogps.from_rows(sequence_logps(self.model, batch))
-        return PairLogps.from_rows(sequence_logps(self.model, batch))
+    @torch.inference_mode()
+    def forward(self, pairs: Sequence[TokenizedPair], token_logps: bool = False) -> PairLogps:
+        return self.engine(pairs, token_logps)
+
+    def close(self) -> None:
+        """Free a separate reference model (the shared base belongs to the policy)."""
+        if self.owned:
+            self.engine.model = None
+            free_memory()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,6 +96,25 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for, but CUDA is not available")
     return torch.device(name)
+
+
+def set_threads(device: torch.device, requested: int, model: Any) -> None:
+    """CPU threads for this process (see ``LocalOptions.threads``)."""
+    if device.type != "cpu":
+        return
+    if requested == 0 and sum(p.numel() for p in model.parameters()) >= SMALL_MODEL:
+        return
+    torch.set_num_threads(requested or 1)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: Config) -> torch.optim.Optimizer:
+    """AdamW, fused where torch has a fused kernel for the device (no per-step temporaries)."""
+    kwargs = dict(lr=config.learning_rate, betas=(config.beta1, config.beta2), eps=config.eps,
+                  weight_decay=config.weight_decay)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, **kwargs)
 
 
 class LocalBackend:
@@ -104,12 +139,24 @@ class LocalBackend:
             self._identity.update(init_from=str(self.init[1]), init_sha256=files_hash(self.init[1]))
         if config.lora_rank > 0 and not hasattr(model, "disable_adapter"):
             model = self._add_lora(model)
+        set_threads(self.device, options.threads, model)
         self.model = model.to(self.device).eval()  # eval: no dropout; gradients still flow
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=config.learning_rate, betas=(config.beta1, config.beta2),
-            eps=config.eps, weight_decay=config.weight_decay,
-        )
+        self.optimizer = make_optimizer(self.params, config)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.plan = self._plan(self.model)
+        self.engine = Engine(self.model, self.device, self.pad_id, self.plan)
+
+    def _plan(self, model: Any) -> Plan:
+        """How this model computes log-probs (checked once); each fallback is said once."""
+        chunk = auto_chunk(model, self.options.logits_chunk)
+        plan = calibrate(model, self.device, self.options.layout, chunk, self.config.max_seq_len)
+        for note in plan.notes:
+            log(f"local backend: {note}")
+        if self.options.layout == "shared" and plan.layout != "shared":
+            raise ConfigError("[local] layout = 'shared' is not possible with this model: "
+                              + plan.notes[-1])
+        return plan
 
     def _initial_model(self, trainable_adapter: bool) -> Any:
         """The weights training starts from: ``init_from`` if set, else the base model. A warm
@@ -139,8 +186,14 @@ class LocalBackend:
     def identity(self) -> dict[str, str]:
         return dict(self._identity)
 
-    def forward(self, batch: Batch) -> PairLogps:
-        return FrozenClient(self.model, self.device).forward(batch)
+    def default_reference(self) -> str:
+        """What ``reference = "auto"`` means here: the LoRA base (adapter off) when it is the
+        initial policy, else a frozen copy of the initial weights."""
+        return "lora_shared" if self.config.lora_rank > 0 and not self.config.init_from else "separate"
+
+    @torch.inference_mode()
+    def forward(self, pairs: Sequence[TokenizedPair], token_logps: bool = False) -> PairLogps:
+        return self.engine(pairs, token_logps)
 
     def reference_client(self, shared: bool) -> FrozenClient:
         if shared:
@@ -149,30 +202,32 @@ class LocalBackend:
             if self.init is not None and self.init[0] == "adapter":
                 raise ConfigError("with init_from an adapter, the LoRA base is not the initial "
                                   "policy: use reference = 'separate'")
-            return FrozenClient(self.model, self.device, disable_adapter=True)
+            engine = Engine(self.model, self.device, self.pad_id, self.plan, disable_adapter=True)
+            return FrozenClient(engine, owned=False)
         reference = self._initial_model(trainable_adapter=False)
         reference.requires_grad_(False)
-        return FrozenClient(reference.to(self.device).eval(), self.device)
+        engine = Engine(reference.to(self.device).eval(), self.device, self.pad_id, self.plan)
+        return FrozenClient(engine, owned=True)
 
-    def forward_backward(self, batch: Batch, loss_fn: LossFn) -> Metrics:
-        batch = batch.to(self.device)
-        policy = PairLogps.from_rows(sequence_logps(self.model, batch))
-        loss, metrics = loss_fn(policy, batch)
+    def forward_backward(self, pairs: Sequence[TokenizedPair], loss_fn: LossFn) -> Metrics:
+        policy = self.engine(pairs, loss_fn.needs_token_logps)
+        loss, metrics = loss_fn(policy)
         loss.backward()
         return metrics
 
     def optim_step(self, params: AdamParams) -> Metrics:
         max_norm = params.max_grad_norm if params.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        norm = float(grad_norm)  # host sync: a non-finite gradient must not be applied
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingError(f"gradient norm is {float(grad_norm)}; the step was not applied")
+            raise TrainingError(f"gradient norm is {norm}; the step was not applied")
         for group in self.optimizer.param_groups:
             group.update(lr=params.learning_rate, betas=(params.beta1, params.beta2),
                          eps=params.eps, weight_decay=params.weight_decay)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": float(grad_norm)}
+        return {"grad_norm": norm}
 
     def save_weights(self, path: str) -> None:
         with atomic_dir(path) as tmp:
@@ -229,10 +284,9 @@ class LocalBackend:
         return manifest
 
     def close(self) -> None:
-        self.model = None
+        self.model = self.engine = self.optimizer = None
         self.params = []
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
 
 
 def _local(config: Config, options: LocalOptions, tokenizer: Any) -> LocalBackend:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from preftune import Batch, Config, PairLogps, hookimpl
+from preftune import Config, PairLogps, hookimpl
 
 # log P(y) is clamped just below 0: at exactly 0, log(1 - P) is -inf and the odds are infinite.
 MAX_LOGP = -1e-6
@@ -37,22 +37,15 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def mean_logps(logps: PairLogps, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Length-normalized completion log-probs: two ``[B]`` tensors."""
-    w_c, w_r = batch.split(batch.weights.to(logps.chosen.device))
-    return ((logps.chosen * w_c).sum(-1) / w_c.sum(-1).clamp(min=1),
-            (logps.rejected * w_r).sum(-1) / w_r.sum(-1).clamp(min=1))
-
-
 class ORPOLoss:
     needs_reference = False
 
     def __init__(self, lam: float):
         self.lam = lam
 
-    def __call__(self, policy: PairLogps, reference: PairLogps | None,
-                 batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        raw_c_B, raw_r_B = mean_logps(policy, batch)
+    def __call__(self, policy: PairLogps,
+                 reference: PairLogps | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raw_c_B, raw_r_B = policy.means()
         lp_c_B, lp_r_B = raw_c_B.clamp(max=MAX_LOGP), raw_r_B.clamp(max=MAX_LOGP)
         log_odds_B = (lp_c_B - log1mexp(lp_c_B)) - (lp_r_B - log1mexp(lp_r_B))
         or_loss_B = -F.logsigmoid(log_odds_B)

@@ -7,9 +7,10 @@ whose cache is fresh never loads a reference model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from preftune import Backend, Batch, Config, ConfigError, ForwardClient, PairLogps, hookimpl
+from preftune import Backend, Config, ConfigError, ForwardClient, PairLogps, TokenizedPair, hookimpl
 
 
 class BackendReference:
@@ -24,10 +25,17 @@ class BackendReference:
         # the base with the adapter off is the base model: both kinds share one cache entry
         return self.backend.identity()
 
-    def forward(self, batch: Batch) -> PairLogps:
+    def forward(self, pairs: Sequence[TokenizedPair], token_logps: bool = False) -> PairLogps:
         if self._client is None:
             self._client = self.backend.reference_client(shared=self.shared)
-        return self._client.forward(batch)
+        return self._client.forward(pairs, token_logps)
+
+    def close(self) -> None:
+        """Free the client (a separate model) once the reference pass is done."""
+        client, self._client = self._client, None
+        close = getattr(client, "close", None)
+        if callable(close):
+            close()
 
 
 def _separate(config: Config, options: Any, backend: Backend) -> BackendReference:

@@ -69,7 +69,7 @@ def test_resume_in_process_matches_the_uninterrupted_run(make_config: Any, tmp_p
     pm.register(StopperPlugin())
     with pytest.raises(KeyboardInterrupt):
         run(part.model_copy(update={"sinks": ["jsonl", "stopper"]}), pm)
-    assert len(rows(tmp_path / "part" / "metrics.jsonl")) == 5  # stopped before jsonl saw 6
+    assert len(rows(tmp_path / "part" / "metrics.jsonl")) == 6  # sinks run in config order: jsonl saw 6
     run(part.model_copy(update={"resume": True}))
     assert without_timing(rows(tmp_path / "full" / "metrics.jsonl")) == without_timing(
         rows(tmp_path / "part" / "metrics.jsonl"))

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import preftune
-from preftune import TrainingError, get_plugin_manager, hookimpl, refcache, run
-from preftune.plugins.local import LocalBackend
+from preftune import TrainingError, get_plugin_manager, get_registry, hookimpl, refcache, run
+from preftune.plugins.local import LocalBackend, LocalOptions
+from preftune.tiny import tiny_tokenizer
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -101,16 +102,23 @@ def test_cached_reference_equals_fresh_reference(make_config: Any) -> None:
     [cache_file] = list((Path(config.cache_dir) / "reference").glob("*.pt"))
     cached, parts = refcache.ReferenceLogps.load(cache_file)
     assert parts["model"] == "builtin:tiny" and len(parts["weights_sha256"]) == 64
-    assert len(cached.chosen) == 24 and all(t.dtype == torch.float32 for t in cached.chosen)
-    assert all(torch.all(t <= 0) for t in cached.chosen)
+    assert parts["format_version"] == refcache.FORMAT_VERSION and parts["per_token"] == "False"
+    assert len(cached) == 24 and cached.rows is None  # sums and counts only: 16 bytes a pair
+    assert all(cached.sums[s].dtype == torch.float32 for s in ("chosen", "rejected"))
+    assert torch.all(cached.sums["chosen"] < 0) and torch.all(cached.counts["chosen"] >= 1)
+    backend = LocalBackend(config, LocalOptions(), tiny_tokenizer())
+    data = preftune.loop.prepare_data(config, preftune.loop.make_format(get_registry(), config),
+                                      tiny_tokenizer())
+    fresh = backend.forward(data.pairs)
+    torch.testing.assert_close(cached.select(range(24)).chosen, fresh.chosen, rtol=0, atol=1e-5)
+    torch.testing.assert_close(cached.select(range(24)).rejected_tokens, fresh.rejected_tokens)
 
 
 class NaNLoss:
     needs_reference = False
 
-    def __call__(self, policy: Any, reference: Any, batch: Any) -> Any:
-        value = (policy.chosen * batch.split(batch.weights)[0]).sum() * float("nan")
-        return value, {}
+    def __call__(self, policy: Any, reference: Any) -> Any:
+        return policy.chosen.sum() * float("nan"), {}
 
 
 class NaNPlugin:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, ConfigDict
 
 import preftune
 from preftune import PluginError, get_plugin_manager, get_registry, hookimpl, hookspecs
@@ -132,3 +133,104 @@ def test_every_hook_is_documented() -> None:
             assert fn.__doc__, name
             signature = f"{name}({', '.join(inspect.signature(fn).parameters)})"
             assert signature in docs, f"{signature} missing from docs/plugins.md"
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    size: int = 1
+
+
+def shared_name_plugins(loss_options: Any, sink_options: Any) -> tuple[Any, Any]:
+    """A loss plugin and a sink plugin that both register a component called ``shared``."""
+
+    class LossPlugin:
+        @hookimpl
+        def register_losses(self, register: Any) -> None:
+            register("shared", lambda config, options: ("loss", options), loss_options)
+
+    class SinkPlugin:
+        @hookimpl
+        def register_sinks(self, register: Any) -> None:
+            register("shared", lambda config, options: ("sink", options), sink_options)
+
+    return LossPlugin(), SinkPlugin()
+
+
+def test_one_options_table_cannot_belong_to_two_kinds() -> None:
+    pm = get_plugin_manager(load_entrypoints=False)
+    loss, sink = shared_name_plugins(Options, Options)
+    pm.register(loss, name="loss-plugin")
+    pm.register(sink, name="sink-plugin")
+    with pytest.raises(PluginError) as info:
+        get_registry(pm)
+    message = str(info.value)
+    assert "the [shared] options table is claimed twice" in message
+    assert "loss 'shared' of plugin 'loss-plugin'" in message
+    assert "sink 'shared' of plugin 'sink-plugin'" in message
+
+
+def test_kinds_may_share_a_name_when_one_has_options() -> None:
+    pm = get_plugin_manager(load_entrypoints=False)
+    loss, sink = shared_name_plugins(Options, None)
+    pm.register(loss, name="loss-plugin")
+    pm.register(sink, name="sink-plugin")
+    registry = get_registry(pm)
+    assert registry.options_model("shared") is Options
+    config = preftune.Config(base_model="builtin:tiny", dataset="d", shared={"size": 3})
+    assert config.check_plugin_tables(registry)["shared"].size == 3
+    assert registry.build("loss", "shared", config) == ("loss", Options(size=3))
+    assert registry.build("sink", "shared", config) == ("sink", None)
+
+
+def test_an_options_table_cannot_be_named_like_a_config_field() -> None:
+    class Plugin:
+        @hookimpl
+        def register_losses(self, register: Any) -> None:
+            register("beta", lambda config, options: None, Options)
+
+    pm = get_plugin_manager(load_entrypoints=False)
+    pm.register(Plugin(), name="beta-plugin")
+    with pytest.raises(PluginError, match="'beta' is a top-level config field"):
+        get_registry(pm)
+
+
+def test_a_table_clash_with_an_installed_plugin_names_both_distributions(site: Path) -> None:
+    code = ("from preftune import hookimpl\nfrom pydantic import BaseModel\n"
+            "class O(BaseModel):\n    x: int = 0\n"
+            "@hookimpl\ndef register_sinks(register):\n    register('orpo', lambda c, o: None, O)\n")
+    make_dist(site, "preftune-clash", "pt_clash", code)
+    with pytest.raises(PluginError) as info:
+        get_registry()
+    message = str(info.value)
+    assert "[orpo] options table is claimed twice" in message
+    assert "(distribution preftune)" in message and "(distribution preftune-clash)" in message
+
+
+class StrayEvents:
+    """A plugin that implements an event hook itself instead of registering a sink."""
+
+    @hookimpl
+    def preftune_log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        raise AssertionError("never called")
+
+
+def test_registering_a_plugin_with_event_hooks_is_an_error() -> None:
+    pm = get_plugin_manager(load_entrypoints=False)
+    with pytest.raises(PluginError) as info:
+        pm.register(StrayEvents(), name="stray")
+    message = str(info.value)
+    assert "plugin 'stray' implements the event hook preftune_log_metrics" in message
+    assert "methods of a sink" in message and "register_sinks" in message
+    assert pm.get_plugin("stray") is None
+    assert not hasattr(pm.hook, "preftune_log_metrics")  # the discovery manager has no events
+
+
+def test_an_installed_plugin_with_module_level_event_hooks_is_broken(site: Path) -> None:
+    make_dist(site, "preftune-stray", "pt_stray",
+              "from preftune import hookimpl\n@hookimpl\ndef preftune_run_end(summary):\n    pass\n")
+    registry = get_registry()
+    assert registry.get("loss", "dpo")  # the other plugins still work
+    [broken] = registry.pm.broken
+    assert (broken.name, broken.distribution) == ("pt_stray", "preftune-stray")
+    assert "PluginError: plugin 'pt_stray' implements the event hook preftune_run_end" in broken.error
+    assert "returned by a factory" in broken.error and "register_sinks" in broken.error

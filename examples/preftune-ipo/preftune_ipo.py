@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from preftune import Batch, PairLogps, hookimpl
+from preftune import PairLogps, hookimpl
 
 
 class IPOOptions(BaseModel):
@@ -27,12 +27,9 @@ class IPOOptions(BaseModel):
     normalize: bool = Field(False, description="Use mean instead of summed completion log-probs.")
 
 
-def completion_logps(logps: PairLogps, batch: Batch, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    w_c, w_r = batch.split(batch.weights.to(logps.chosen.device))
-    chosen, rejected = (logps.chosen * w_c).sum(-1), (logps.rejected * w_r).sum(-1)
-    if normalize:
-        chosen, rejected = chosen / w_c.sum(-1).clamp(min=1), rejected / w_r.sum(-1).clamp(min=1)
-    return chosen, rejected
+def completion_logps(logps: PairLogps, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed (or, with ``normalize``, mean per-token) completion log-probs: two ``[B]``."""
+    return logps.means() if normalize else (logps.chosen, logps.rejected)
 
 
 class IPOLoss:
@@ -41,12 +38,12 @@ class IPOLoss:
     def __init__(self, options: IPOOptions):
         self.tau, self.normalize = options.tau, options.normalize
 
-    def __call__(self, policy: PairLogps, reference: PairLogps | None,
-                 batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(self, policy: PairLogps,
+                 reference: PairLogps | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if reference is None:
             raise ValueError("IPO needs reference log-probs")
-        pi_c, pi_r = completion_logps(policy, batch, self.normalize)
-        ref_c, ref_r = completion_logps(reference, batch, self.normalize)
+        pi_c, pi_r = completion_logps(policy, self.normalize)
+        ref_c, ref_r = completion_logps(reference, self.normalize)
         margin = (pi_c - ref_c) - (pi_r - ref_r)
         loss = ((margin - 1 / (2 * self.tau)) ** 2).mean()
         metrics = {"margin": margin.mean(), "accuracy": (margin > 0).float().mean(),

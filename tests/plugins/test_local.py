@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from preftune import AdamParams, Config, Message, PreferencePair, collate, tokenize_pair
+from preftune import AdamParams, Config, Message, PairLogps, PreferencePair, tokenize_pair
+from preftune.loop import BoundLoss
 from preftune.plugins.dpo import DPOLoss
 from preftune.plugins.local import LocalBackend, LocalOptions
 
@@ -24,9 +25,27 @@ def make_pairs(tokenizer: Any, n: int = 6) -> list[Any]:
     return out
 
 
-def backend(tokenizer: Any, **config: Any) -> LocalBackend:
+def backend(tokenizer: Any, layout: str = "auto", **config: Any) -> LocalBackend:
     cfg = Config(base_model="builtin:tiny", dataset="unused", device="cpu", **config)
-    return LocalBackend(cfg, LocalOptions(), tokenizer)
+    return LocalBackend(cfg, LocalOptions(layout=layout), tokenizer)
+
+
+def sums(model: Any, pair: Any, side: str) -> float:
+    """Summed completion log-probs of one sequence, computed alone (no padding, no sharing)."""
+    tokens, weights = pair.sequence(side)
+    return float((manual_logps(model, tokens) * torch.tensor(weights)).sum())
+
+
+class Fn:
+    """A loss function for ``forward_backward``: ``fn(policy) -> (loss, metrics)``."""
+
+    needs_token_logps = False
+
+    def __init__(self, fn: Any):
+        self.fn = fn
+
+    def __call__(self, policy: PairLogps) -> Any:
+        return self.fn(policy), {}
 
 
 def manual_logps(model: Any, tokens: list[int]) -> torch.Tensor:
@@ -36,25 +55,27 @@ def manual_logps(model: Any, tokens: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0]
 
 
-def test_batched_logps_equal_unpadded_per_sequence_logps(tokenizer: Any) -> None:
-    b = backend(tokenizer)
+@pytest.mark.parametrize("layout", ["shared", "padded"])
+def test_batched_logps_equal_unpadded_per_sequence_logps(tokenizer: Any, layout: str) -> None:
+    b = backend(tokenizer, layout)
+    assert b.plan.layout == layout
     pairs = make_pairs(tokenizer)
-    logps = b.forward(collate(pairs, list(range(len(pairs))), tokenizer.pad_token_id))
+    logps = b.forward(pairs)
     for i, pair in enumerate(pairs):
-        for side, rows in (("chosen", logps.chosen), ("rejected", logps.rejected)):
-            tokens, _ = pair.sequence(side)
-            expected = manual_logps(b.model, tokens)
-            torch.testing.assert_close(rows[i, : len(expected)], expected, atol=1e-5, rtol=1e-5)
-            assert torch.all(rows[i, len(expected):] == 0)  # padding
+        for side in ("chosen", "rejected"):
+            assert float(getattr(logps, side)[i]) == pytest.approx(sums(b.model, pair, side), abs=1e-4)
+            assert float(getattr(logps, f"{side}_tokens")[i]) == len(getattr(pair, side))
 
 
 def test_separate_reference_equals_the_untrained_policy(tokenizer: Any) -> None:
     b = backend(tokenizer)
-    batch = collate(make_pairs(tokenizer), list(range(6)), tokenizer.pad_token_id)
-    ref = b.reference_client(shared=False).forward(batch)
-    policy = b.forward(batch)
-    torch.testing.assert_close(ref.chosen, policy.chosen)
+    pairs = make_pairs(tokenizer)
+    client = b.reference_client(shared=False)
+    torch.testing.assert_close(client.forward(pairs).chosen, b.forward(pairs).chosen)
     assert b.identity()["model"] == "builtin:tiny"
+    client.close()
+    assert client.engine.model is None  # the separate copy is freed; the policy is untouched
+    assert b.forward(pairs).chosen.shape == (6,)
 
 
 def test_lora_shared_reference_equals_base_model_logps(tokenizer: Any) -> None:
@@ -62,42 +83,33 @@ def test_lora_shared_reference_equals_base_model_logps(tokenizer: Any) -> None:
 
     b = backend(tokenizer, lora_rank=4, learning_rate=0.05)
     pairs = make_pairs(tokenizer)
-    batch = collate(pairs, list(range(6)), tokenizer.pad_token_id)
     loss = DPOLoss(beta=0.5)
     reference = b.reference_client(shared=True)
-    ref_before = reference.forward(batch)
+    ref_before = reference.forward(pairs)
     for _ in range(3):  # train the adapter so the policy moves away from the base
-        b.forward_backward(batch, lambda policy, batch: loss(policy, ref_before, batch))
+        b.forward_backward(pairs, BoundLoss(loss, ref_before, 1.0))
         b.optim_step(AdamParams(0.05))
-    policy = b.forward(batch)
+    policy = b.forward(pairs)
     assert not torch.allclose(policy.chosen, ref_before.chosen, atol=1e-3)
     base = tiny_model().eval()
+    after = reference.forward(pairs)
     for i, pair in enumerate(pairs):
-        tokens, _ = pair.sequence("chosen")
-        expected = manual_logps(base, tokens)
-        torch.testing.assert_close(reference.forward(batch).chosen[i, : len(expected)], expected,
-                                   atol=1e-5, rtol=1e-5)
+        assert float(after.chosen[i]) == pytest.approx(sums(base, pair, "chosen"), abs=1e-4)
+    reference.close()  # the shared base belongs to the policy: closing frees nothing
     # the adapter is active again after the reference forward
-    torch.testing.assert_close(b.forward(batch).chosen, policy.chosen)
+    torch.testing.assert_close(b.forward(pairs).chosen, policy.chosen)
 
 
 def test_accumulated_micro_batches_give_the_whole_batch_gradient(tokenizer: Any) -> None:
-    from preftune.loop import bind_loss
-
     pairs = make_pairs(tokenizer)
     loss = DPOLoss(beta=0.3)
 
     def gradient(groups: list[list[int]]) -> torch.Tensor:
         b = backend(tokenizer)
         ref = b.reference_client(shared=False)
-
-        class Ref:  # the loop's ReferenceLogps interface
-            def for_batch(self, batch: Any) -> Any:
-                return ref.forward(batch)
-
         for group in groups:
-            batch = collate([pairs[i] for i in group], group, tokenizer.pad_token_id)
-            b.forward_backward(batch, bind_loss(loss, Ref(), len(group) / len(pairs)))
+            micro = [pairs[i] for i in group]
+            b.forward_backward(micro, BoundLoss(loss, ref.forward(micro), len(group) / len(pairs)))
         return torch.cat([p.grad.flatten() for p in b.params if p.grad is not None])
 
     whole = gradient([[0, 1, 2, 3, 4, 5]])
@@ -108,13 +120,8 @@ def test_accumulated_micro_batches_give_the_whole_batch_gradient(tokenizer: Any)
 
 def test_optim_step_reports_grad_norm_and_clips(tokenizer: Any) -> None:
     b = backend(tokenizer)
-    batch = collate(make_pairs(tokenizer), list(range(6)), tokenizer.pad_token_id)
-
-    def nll(policy: Any, batch: Any) -> Any:
-        return -(policy.chosen * batch.split(batch.weights)[0]).sum(), {}
-
     before = [p.detach().clone() for p in b.params]
-    b.forward_backward(batch, nll)
+    b.forward_backward(make_pairs(tokenizer), Fn(lambda policy: -policy.chosen.sum()))
     norm = b.optim_step(AdamParams(1e-3, max_grad_norm=1.0))["grad_norm"]
     assert norm > 1.0 and math.isfinite(norm)
     assert any(not torch.equal(a, p) for a, p in zip(before, b.params))
@@ -125,9 +132,8 @@ def test_non_finite_gradient_is_not_applied(tokenizer: Any) -> None:
     from preftune import TrainingError
 
     b = backend(tokenizer)
-    batch = collate(make_pairs(tokenizer), list(range(6)), tokenizer.pad_token_id)
     before = [p.detach().clone() for p in b.params]
-    b.forward_backward(batch, lambda policy, batch: (policy.chosen.sum() * float("inf"), {}))
+    b.forward_backward(make_pairs(tokenizer), Fn(lambda policy: policy.chosen.sum() * float("inf")))
     with pytest.raises(TrainingError, match="not applied"):
         b.optim_step(AdamParams(1e-3))
     assert all(torch.equal(a, p) for a, p in zip(before, b.params))
@@ -155,10 +161,10 @@ def test_saved_weights_load_with_transformers_and_peft(tokenizer: Any, tmp_path:
 
 def test_state_round_trip_restores_weights_and_optimizer(tokenizer: Any, tmp_path: Path) -> None:
     b = backend(tokenizer)
-    batch = collate(make_pairs(tokenizer), list(range(6)), tokenizer.pad_token_id)
+    pairs = make_pairs(tokenizer)
 
     def step(backend: LocalBackend) -> None:
-        backend.forward_backward(batch, lambda p, b: (-(p.chosen.sum()), {}))
+        backend.forward_backward(pairs, Fn(lambda policy: -policy.chosen.sum()))
         backend.optim_step(AdamParams(1e-3))
 
     step(b)

@@ -9,26 +9,30 @@ from typing import Any
 import pytest
 import torch
 
-from preftune import ConfigError, PairLogps, TokenizedPair, collate, run
+from preftune import ConfigError, PairLogps, run
 from preftune.plugins.orpo import ORPOLoss, ORPOOptions, log1mexp
 
 
-def batch_of(lengths: list[tuple[int, int, int]]) -> Any:
-    pairs = [TokenizedPair(tuple(range(1, p + 1)), tuple(range(c)), tuple(range(r)),
-                           (1.0,) * c, (1.0,) * r) for p, c, r in lengths]
-    return collate(pairs, list(range(len(pairs))))
+def per_token(lengths: list[tuple[int, int]], seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return ([-torch.rand(c, generator=gen) * 2 for c, _ in lengths],
+            [-torch.rand(r, generator=gen) * 2 for _, r in lengths])
+
+
+def numbers(chosen: list[torch.Tensor], rejected: list[torch.Tensor]) -> PairLogps:
+    """Sums and counts of per-token log-probs, as a backend reports them."""
+    return PairLogps(torch.stack([t.sum() for t in chosen]), torch.stack([t.sum() for t in rejected]),
+                     torch.tensor([float(len(t)) for t in chosen]),
+                     torch.tensor([float(len(t)) for t in rejected]))
 
 
 def test_orpo_matches_the_paper_and_trl_pair_by_pair() -> None:
-    batch = batch_of([(3, 2, 4), (2, 5, 1)])
-    gen = torch.Generator().manual_seed(1)
-    policy = PairLogps.from_rows(-torch.rand(batch.weights.shape, generator=gen) * 2)
-    loss, metrics = ORPOLoss(0.3)(policy, None, batch)
-    w_c, w_r = batch.split(batch.weights)
+    chosen, rejected = per_token([(2, 4), (5, 1)], seed=1)
+    loss, metrics = ORPOLoss(0.3)(numbers(chosen, rejected), None)
     expected, nlls = [], []
     for i in range(2):
-        lc = policy.chosen[i][w_c[i] > 0].mean().item()  # mean per-token log-prob
-        lr = policy.rejected[i][w_r[i] > 0].mean().item()
+        lc = chosen[i].mean().item()  # mean per-token log-prob
+        lr = rejected[i].mean().item()
         log_odds = (lc - math.log(1 - math.exp(lc))) - (lr - math.log(1 - math.exp(lr)))
         or_loss = -math.log(1 / (1 + math.exp(-log_odds)))
         nlls.append(-lc)
@@ -47,13 +51,11 @@ def test_log1mexp_is_stable_where_naive_forms_fail() -> None:
 
 @pytest.mark.parametrize("value", [0.0, -1e-9])
 def test_loss_and_gradient_stay_finite_at_logp_zero(value: float) -> None:
-    batch = batch_of([(2, 3, 3)])
-    rows = torch.full(batch.weights.shape, value, requires_grad=True)
-    other = torch.full(batch.weights.shape, -2.0)
-    rows_mixed = torch.cat([rows[:1], other[1:]])  # chosen at log-prob ~0, rejected at -2
-    loss, metrics = ORPOLoss(0.1)(PairLogps.from_rows(rows_mixed), None, batch)
+    chosen = torch.full((3,), value, requires_grad=True)  # chosen at log-prob ~0, rejected at -2
+    policy = numbers([chosen], [torch.full((3,), -2.0)])
+    loss, metrics = ORPOLoss(0.1)(policy, None)
     loss.backward()
-    assert math.isfinite(float(loss)) and torch.isfinite(rows.grad).all()
+    assert math.isfinite(loss.item()) and torch.isfinite(chosen.grad).all()
     assert float(metrics["accuracy"]) == 1.0
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from preftune_ipo import IPOLoss, IPOOptions
 
-from preftune import Config, PairLogps, TokenizedPair, collate, get_registry, run
+from preftune import Config, PairLogps, get_registry, run
 
 
 def test_ipo_is_registered_from_its_distribution() -> None:
@@ -18,14 +18,15 @@ def test_ipo_is_registered_from_its_distribution() -> None:
 
 
 def test_ipo_matches_the_formula() -> None:
-    pairs = [TokenizedPair((1, 2), (3, 4), (5,), (1.0, 1.0), (1.0,))]
-    batch = collate(pairs, [0])
-    policy = PairLogps.from_rows(torch.tensor([[0.0, -1.0, -2.0], [0.0, -3.0, 0.0]]))
-    ref = PairLogps.from_rows(torch.tensor([[0.0, -1.5, -2.5], [0.0, -2.0, 0.0]]))
-    loss, metrics = IPOLoss(IPOOptions(tau=0.25))(policy, ref, batch)
+    counts = torch.tensor([2.0]), torch.tensor([1.0])
+    policy = PairLogps(torch.tensor([-3.0]), torch.tensor([-3.0]), *counts)
+    ref = PairLogps(torch.tensor([-4.0]), torch.tensor([-2.0]), *counts)
+    loss, metrics = IPOLoss(IPOOptions(tau=0.25))(policy, ref)
     margin = (-3.0 - -4.0) - (-3.0 - -2.0)  # = 2
     assert math.isclose(float(metrics["margin"]), margin)
     assert math.isclose(float(loss), (margin - 1 / (2 * 0.25)) ** 2)  # = 0 at the target
+    _, normalized = IPOLoss(IPOOptions(tau=0.25, normalize=True))(policy, ref)
+    assert math.isclose(float(normalized["margin"]), (-1.5 - -2.0) - (-3.0 - -2.0))
 
 
 def test_a_run_with_the_ipo_loss_trains(tmp_path: Path) -> None:
