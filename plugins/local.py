@@ -29,11 +29,13 @@ from preftune import (
     PairLogps,
     TokenizedPair,
     TrainingError,
+    hookimpl,
+    log,
+)
+from preftune.backend_utils import (
     atomic_dir,
     files_hash,
-    hookimpl,
     load_causal_lm,
-    log,
     model_identity,
     resolve_init,
     switch_symlink,

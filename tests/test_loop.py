@@ -190,7 +190,7 @@ def test_scheduled_lr_reaches_the_metrics(make_config: Any) -> None:
 def test_a_local_model_directory_works_as_base_and_tokenizer(make_config: Any, tmp_path: Path,
                                                              tokenizer: Any) -> None:
     """Any Hugging Face model directory: loaded by transformers, keyed by a hash of its files."""
-    from preftune import files_hash
+    from preftune.backend_utils import files_hash
     from preftune.tiny import tiny_model
 
     model_dir = tmp_path / "my-model"

@@ -73,12 +73,12 @@ def test_orpo_options_use_the_lambda_key(registry: Any) -> None:
 def test_orpo_run_loads_one_model_and_does_no_reference_forward(
     make_config: Any, monkeypatch: Any
 ) -> None:
-    import preftune.hub
+    import preftune.weights
     from preftune import refcache
     from preftune.plugins import local
 
     loads = []
-    real_load = preftune.hub.load_causal_lm
+    real_load = preftune.weights.load_causal_lm
     monkeypatch.setattr(local, "load_causal_lm", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     monkeypatch.setattr(refcache, "compute", lambda *a, **k: pytest.fail("reference forward"))
     config = make_config(loss="orpo", epochs=4, learning_rate=3e-3, orpo={"lambda": 1.0})

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from preftune import ConfigError, files_hash, get_plugin_manager, hookimpl, run
+from preftune import ConfigError, get_plugin_manager, hookimpl, run
+from preftune.backend_utils import files_hash
 
 
 def test_snapshots_manifest_and_current_pointer(make_config: Any, tmp_path: Path) -> None:

@@ -1,0 +1,77 @@
+"""Loading causal LMs by name and hashing their weights.
+
+A name is a Hugging Face model id, a local directory, or ``builtin:tiny`` (the embedded model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from . import tiny
+from .errors import ConfigError
+
+
+def load_causal_lm(name: str, revision: str | None = None, dtype: Any = None) -> Any:
+    """The causal LM called ``name`` (weights on the CPU; the caller moves it)."""
+    if tiny.is_builtin(name):
+        check_builtin(name)
+        model = tiny.tiny_model()
+        return model.to(dtype) if dtype is not None else model
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load model {name!r}: {exc}") from None
+
+
+def check_builtin(name: str) -> None:
+    """Refuse a ``builtin:`` name that is not a model preftune ships."""
+    if name != tiny.TINY:
+        raise ConfigError(f"unknown builtin model {name!r}; the builtin models are: {tiny.TINY}")
+
+
+def resolve_init(path: str) -> tuple[str, Path]:
+    """What ``init_from`` points at: ``("model", dir)`` for a Hugging Face model directory,
+    ``("adapter", dir)`` for a PEFT adapter; a preftune checkpoint holds one of them."""
+    directory = Path(path)
+    if (directory / "trainer_state.json").exists():
+        directory = directory / "backend"
+    if (directory / "adapter_config.json").exists():
+        return "adapter", directory
+    if (directory / "config.json").exists():
+        return "model", directory
+    raise ConfigError(
+        f"init_from {path!r} is not a preftune checkpoint, a Hugging Face model directory "
+        "(config.json) or a PEFT adapter directory (adapter_config.json)"
+    )
+
+
+def state_dict_hash(model: Any) -> str:
+    """sha256 over the names and bytes of a model's parameters and buffers."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(dtype=_u8()).numpy())
+    return digest.hexdigest()
+
+
+def _u8() -> Any:
+    import torch
+
+    return torch.uint8
+
+
+def files_hash(directory: Path) -> str:
+    """sha256 over the weight and config files of a model directory."""
+    digest = hashlib.sha256()
+    patterns = ("*.safetensors", "*.bin", "*.pt", "config.json", "adapter_config.json")
+    files = sorted({f for pattern in patterns for f in directory.glob(pattern)})
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
