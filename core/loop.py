@@ -51,7 +51,7 @@ def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
     backend: Any = None
     try:
         backend = registry.build("backend", config.backend, config, tokenizer)
-        reference = None
+        reference, reference_s = None, time.perf_counter()
         if loss.needs_reference:
             name = resolve_reference(config, loss, backend)
             provider = registry.build("reference", name, config, backend)
@@ -59,6 +59,7 @@ def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
                 reference = reference_logps(config, provider, tokenizer, data, token_level(loss))
             finally:
                 close_quietly(provider)  # a frozen model is freed, a remote job deleted, now
+        reference_s = time.perf_counter() - reference_s
         hashes = {"config_sha256": checkpoint.training_hash(config, set(registry.names("sink"))),
                   "data_sha256": data.sha256}
         state = resume_state(config, backend, hashes)
@@ -120,7 +121,9 @@ def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
                    "train_s": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
                    "weights": str(weights), "initial_eval": first_eval, "final_eval": final_eval,
                    "dropped_pairs": len(data.report.dropped),
-                   "truncated_pairs": len(data.report.truncated)}
+                   "truncated_pairs": len(data.report.truncated),
+                   "prepare_s": data.prepare_s, "reference_s": reference_s,
+                   "peak_rss_mb": peak_rss_mb()}
         return summary
     except BaseException as exc:
         summary = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
@@ -157,6 +160,7 @@ class Data:
     datasets: list[str]
     report: Any
     sha256: str  # of the tokenized pairs: keys the reference cache and checkpoints
+    prepare_s: float = 0.0  # reading, parsing and tokenizing
 
     def eval_batches(self, size: int) -> list[list[int]]:
         return length_batches(self.pairs, self.eval, size)
@@ -172,6 +176,7 @@ class Data:
 
 def prepare_data(config: Config, fmt: Any, tokenizer: Any) -> Data:
     """Parse and tokenize the dataset (and eval set), then split off the held-out pairs."""
+    start = time.perf_counter()
     datasets = [config.dataset] + ([config.eval_dataset] if config.eval_dataset else [])
     if config.eval_dataset and Path(config.eval_dataset).resolve() == Path(config.dataset).resolve():
         raise ConfigError("eval_dataset is the training dataset; held-out pairs must be other pairs")
@@ -192,7 +197,8 @@ def prepare_data(config: Config, fmt: Any, tokenizer: Any) -> Data:
     if not train:
         raise ConfigError(f"no training pairs left in {config.dataset} after tokenization")
     log(f"{len(train)} training pairs, {len(held)} held-out pairs")
-    return Data(pairs, train, held, datasets, report, refcache.data_hash(pairs))
+    return Data(pairs, train, held, datasets, report, refcache.data_hash(pairs),
+                time.perf_counter() - start)
 
 
 def resolve_reference(config: Config, loss: Loss, backend: Any) -> str:
@@ -319,6 +325,15 @@ def learning_rate(config: Config, step: int, total_steps: int) -> float:
 
 def chunks(items: Sequence[int], size: int) -> list[list[int]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux and macOS)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
 def seed_everything(seed: int) -> None:

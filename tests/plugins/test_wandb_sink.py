@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +43,14 @@ def read_records(path: Path) -> list[Any]:
 
 
 @pytest.fixture
-def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    wandb.teardown()  # no W&B service or run state carried over from another test
     for key, sub in (("WANDB_CACHE_DIR", "c"), ("WANDB_DATA_DIR", "d"), ("WANDB_CONFIG_DIR", "cfg")):
         monkeypatch.setenv(key, str(tmp_path / "wandb-env" / sub))
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_MODE", "offline")
-    return tmp_path
+    yield tmp_path
+    wandb.teardown()
 
 
 class SecretOptionsPlugin:
