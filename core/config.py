@@ -27,7 +27,8 @@ class Config(BaseModel):
     # where things go
     log_path: str = Field("./preftune_logs", description="Directory for metrics, config and weights.")
     cache_dir: str | None = Field(
-        None, description="Reference log-prob cache; default $PREFTUNE_CACHE_DIR or ~/.cache/preftune."
+        None, description="Caches of tokenized data and reference log-probs; default $PREFTUNE_CACHE_DIR or "
+        "~/.cache/preftune."
     )
     # model and data
     base_model: str = Field(description="Hugging Face model id, local path, or builtin:tiny.")

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, hub, refcache
+from . import checkpoint, hub, refcache, tokcache
 from .config import Config
-from .data import epoch_order, length_batches, load_pairs, make_format, split_eval, tokenize_pairs
+from .data import epoch_order, length_batches, make_format, split_eval
 from .errors import ConfigError, TrainingError
 from .fileio import atomic_write_json
 from .manager import PluginManager, get_registry
@@ -180,11 +180,8 @@ def prepare_data(config: Config, fmt: Any, tokenizer: Any) -> Data:
     datasets = [config.dataset] + ([config.eval_dataset] if config.eval_dataset else [])
     if config.eval_dataset and Path(config.eval_dataset).resolve() == Path(config.dataset).resolve():
         raise ConfigError("eval_dataset is the training dataset; held-out pairs must be other pairs")
-    train_raw = load_pairs(config.dataset, fmt)
-    if config.max_pairs:
-        train_raw = train_raw[: config.max_pairs]
-    eval_raw = load_pairs(config.eval_dataset, fmt) if config.eval_dataset else []
-    pairs, report = tokenize_pairs(tokenizer, train_raw + eval_raw, config.max_seq_len)
+    tokenized = tokcache.tokenize_datasets(config, fmt, tokenizer, log)  # rendered once, then cached
+    pairs, report = tokenized.pairs, tokenized.report
     for line in report.lines(config.max_seq_len):
         log(line)
     eval_files = {config.eval_dataset}
@@ -197,7 +194,7 @@ def prepare_data(config: Config, fmt: Any, tokenizer: Any) -> Data:
     if not train:
         raise ConfigError(f"no training pairs left in {config.dataset} after tokenization")
     log(f"{len(train)} training pairs, {len(held)} held-out pairs")
-    return Data(pairs, train, held, datasets, report, refcache.data_hash(pairs),
+    return Data(pairs, train, held, datasets, report, tokenized.sha256,
                 time.perf_counter() - start)
 
 

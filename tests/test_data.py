@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from preftune import Config, DataError, Message, PreferencePair, Source, tokenize_pair
+from preftune import Config, DataError, Message, PreferencePair, RecordError, Source, tokenize_pair
 from preftune.data import (
     epoch_order,
     length_batches,
@@ -168,3 +168,93 @@ def test_core_checks_name_the_fields_of_format_2(
     problems = problems_of(path, registry)
     assert [(p[1], p[2]) for p in problems] == [(1, "non_preferred_output"),
                                                 (2, "non_preferred_output")]
+
+
+def varied_pairs() -> list[PreferencePair]:
+    """Multi-turn, system prompts, unicode, repeated prompts and conversations, long answers."""
+    def m(role: str, text: str) -> tuple[Message, ...]:
+        return (Message(role, text),)
+
+    system = m("system", "Be brief. Ünïcödé ok: 日本語, ñandú, emoji \U0001F600.")
+    turns = m("user", "a") + m("assistant", "b") + m("user", "c, again")
+    prompts = [m("user", "Hi"), system + m("user", "Straße?"), turns, system + turns,
+               m("user", "word " * 70), m("user", "  spaces\n\ttabs  ")]
+    answers = ["Yes.", "No.", "word " * 45, "Ça va. 日本語です", "Same start, good", "Same start, bad"]
+    out = []
+    for i in range(60):
+        prompt = prompts[i % len(prompts)]
+        chosen, rejected = answers[i % 6], answers[(i + 1 + i // 6) % 6]
+        if chosen == rejected:
+            rejected = "Other."
+        out.append(PreferencePair(prompt, m("assistant", chosen), m("assistant", rejected),
+                                  Source(f"f{i % 2}.jsonl", i + 1)))
+    return out
+
+
+def per_pair(tokenizer: Any, pairs: list[PreferencePair], max_seq_len: int) -> tuple[list, list, list]:
+    """The one-pair-at-a-time result: kept pairs, dropped sources and problems."""
+    kept, dropped, problems = [], [], []
+    for p in pairs:
+        try:
+            t = tokenize_pair(tokenizer, p, max_seq_len)
+        except RecordError as exc:
+            problems.append((p.source.file, p.source.line, exc.field, exc.message))
+            continue
+        (kept if t is not None else dropped).append(t if t is not None else p.source)
+    return kept, dropped, problems
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 512])
+def test_batched_tokenization_equals_tokenizing_each_pair(
+    tokenizer: Any, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    import preftune.data as data
+
+    monkeypatch.setattr(data, "CHUNK", chunk)
+    monkeypatch.setattr(data, "PAIRS_PER_STEP", 5 * chunk)
+    pairs = varied_pairs()
+    out, report = tokenize_pairs(tokenizer, pairs, max_seq_len=120)
+    kept, dropped, problems = per_pair(tokenizer, pairs, 120)
+    assert not problems and out == kept and report.dropped == dropped
+    assert report.truncated == [t.source for t in kept if t.truncated]
+    assert len(dropped) == 10 and 0 < len(report.truncated) < len(kept)  # the data exercises both
+    assert all(len(t.prompt) + max(len(t.chosen), len(t.rejected)) <= 120 for t in out)
+
+
+def with_template(tokenizer: Any, template: str) -> Any:
+    from preftune.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.chat_template = template
+    return tok
+
+
+CHATML = ("{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + "
+          "message['content'] + '<|im_end|>' + '\\n' }}{%- endfor %}")
+
+
+def test_template_errors_name_every_line_and_field_as_per_pair_does(tokenizer: Any) -> None:
+    """A template that raises (roles must alternate, say) is a problem of that line, not a crash."""
+    raising = with_template(tokenizer, (
+        "{%- for message in messages %}{%- if 'BAD' in message['content'] %}"
+        "{{ raise_exception('no BAD please') }}{%- endif %}{%- endfor %}" + CHATML
+        + "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"))
+    pairs = [pair("ok", "Yes.", "No."), pair("BAD", "Yes.", "No."), pair("ok", "Yes.", "BAD"),
+             pair("ok", "BAD", "Yes.")]  # the same conversation as line 3's rejected one
+    pairs = [PreferencePair(p.prompt, p.chosen, p.rejected, Source("d.jsonl", i + 1))
+             for i, p in enumerate(pairs)]
+    with pytest.raises(DataError) as info:
+        tokenize_pairs(raising, pairs, max_seq_len=99)
+    assert info.value.problems == per_pair(raising, pairs, 99)[2]
+    assert [(p[1], p[2]) for p in info.value.problems] == [(2, "prompt"), (3, "rejected"), (4, "chosen")]
+    assert "the chat template failed: no BAD please" in str(info.value)
+
+
+def test_a_prompt_that_is_not_a_token_prefix_is_reported_as_per_pair_does(tokenizer: Any) -> None:
+    thinking = with_template(tokenizer, CHATML + (
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>' }}{%- endif %}"))
+    pairs = varied_pairs()[:8]
+    with pytest.raises(DataError) as info:
+        tokenize_pairs(thinking, pairs, max_seq_len=99)
+    assert info.value.problems == per_pair(thinking, pairs, 99)[2]
+    assert len(info.value.problems) == 8 and info.value.problems[0][2] == "chosen"
