@@ -175,7 +175,7 @@ def measure(fixture: Fixture, names: list[str], args: argparse.Namespace, root: 
     for r in range(args.rounds):
         for name in rotated(names, r):
             job = Job(name, fixture, data, steps, batch, args.lr, args.beta, args.threads, args.seed,
-                      max_seq_len, root / f"round{r}-{name}")
+                      max_seq_len, root / f"round{r}-{name}", args.checkpointing)
             label = f"{fixture.spec.name} round {r + 1}/{args.rounds} {name}"
             waited = settle(args.settle)
             print(f"[bench] {label} ...", file=sys.stderr, flush=True)
@@ -217,6 +217,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"{', '.join(map(str, fixtures.SCALING_LENGTHS))} (default contenders: preftune,trl)")
     parser.add_argument("--lengths", default=",".join(map(str, fixtures.SCALING_LENGTHS)),
                         help="with --scaling: the max_seq_len values")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing for trl "
+                        "(its default) and preftune ([local] activation_checkpointing); plain has none")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)

@@ -54,6 +54,7 @@ class Job:
     seed: int
     max_seq_len: int
     dir: Path
+    checkpointing: bool = False  # activation checkpointing (TRL's default) for trl and preftune
 
     @property
     def ref_batch(self) -> int:
@@ -75,6 +76,8 @@ def preftune_config(job: Job) -> str:
     local = {"dtype": "float32"}
     if preftune_has_threads_option():
         local["threads"] = job.threads
+    if job.checkpointing:
+        local["activation_checkpointing"] = True
     top = {"base_model": str(job.fixture.model_dir), "dataset": str(job.data),
            "log_path": str(job.dir / "run"), "cache_dir": str(job.dir / "cache"),
            "eval_fraction": 0, "beta": job.beta, "epochs": 1, "batch_size": job.batch,
@@ -96,7 +99,8 @@ def command(job: Job) -> list[str]:
     return [sys.executable, str(BENCH / script), "--model", str(job.fixture.model_dir),
             "--data", str(job.data), "--out", str(job.dir / "out"), "--steps", str(job.steps),
             "--batch", str(job.batch), "--ref-batch", str(job.ref_batch), "--lr", str(job.lr),
-            "--beta", str(job.beta), "--threads", str(job.threads), "--seed", str(job.seed)]
+            "--beta", str(job.beta), "--threads", str(job.threads), "--seed", str(job.seed)] + (
+                ["--checkpointing"] if job.checkpointing and job.contender == "trl" else [])
 
 
 def last_json_object(text: str) -> dict[str, Any] | None:

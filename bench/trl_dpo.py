@@ -92,7 +92,7 @@ def dpo_config(a: argparse.Namespace) -> DPOConfig:
         learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=0.0, beta=a.beta, loss_type=["sigmoid"], max_length=None,
         precompute_ref_log_probs=True, precompute_ref_batch_size=a.ref_batch,
-        activation_checkpointing=False, padding_free=False, dataloader_num_workers=0,
+        activation_checkpointing=a.checkpointing, padding_free=False, dataloader_num_workers=0,
         eval_strategy="no", save_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True,
     )
 
@@ -118,4 +118,5 @@ if __name__ == "__main__":
     for name, kind in [("model", str), ("data", str), ("out", str), ("steps", int), ("batch", int),
                        ("ref-batch", int), ("lr", float), ("beta", float), ("threads", int), ("seed", int)]:
         parser.add_argument(f"--{name}", type=kind, required=True)
+    parser.add_argument("--checkpointing", action="store_true", help="TRL's default activation checkpointing")
     main(parser.parse_args())

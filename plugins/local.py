@@ -40,7 +40,7 @@ from preftune.backend_utils import (
     resolve_init,
     switch_symlink,
 )
-from preftune.plugins.local_engine import Engine, Plan, auto_chunk, calibrate
+from preftune.plugins.local_engine import Engine, Plan, auto_chunk, calibrate, checkpoint_layers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SMALL_MODEL = 20_000_000  # parameters: below this, threads = 0 means one CPU thread
@@ -66,6 +66,10 @@ class LocalOptions(BaseModel):
     )
     logits_chunk: int = Field(
         0, ge=0, description="Positions per output-layer chunk; 0 = about 64 MiB of float32 logits."
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each layer's activations in the backward pass instead of "
+        "keeping them: much less memory, about a third more compute."
     )
 
 
@@ -147,6 +151,8 @@ class LocalBackend:
         self.optimizer = make_optimizer(self.params, config)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.plan = self._plan(self.model)
+        if options.activation_checkpointing and not checkpoint_layers(self.model):
+            raise ConfigError("[local] activation_checkpointing: no stack of decoder layers found")
         self.engine = Engine(self.model, self.device, self.pad_id, self.plan)
 
     def _plan(self, model: Any) -> Plan:

@@ -122,6 +122,28 @@ def auto_chunk(model: Any, requested: int) -> int:
     return max(16, LOGITS_BUDGET // vocab)
 
 
+def checkpoint_layers(model: Any) -> int:
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them
+    (activation checkpointing, in eval mode: no dropout). Returns the number of layers wrapped."""
+    decoder, _ = parts(model)
+    lists = [m for m in decoder.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    if not lists:
+        return 0
+    layers = max(lists, key=len)  # the stack of repeated blocks
+    for layer in layers:
+        layer.forward = _checkpointed(layer.forward)
+    return len(layers)
+
+
+def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
 def probe_pairs(vocab: int) -> list[TokenizedPair]:
     """Pairs of random tokens whose segments exercise packing and one-token completions."""
     gen = torch.Generator().manual_seed(0)

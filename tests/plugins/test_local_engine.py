@@ -129,6 +129,24 @@ def test_chunked_output_layer_equals_unchunked_values_and_gradients(tokenizer: A
         torch.testing.assert_close(chunked_grads[key], grad, atol=1e-5, rtol=1e-4, msg=key)
 
 
+def test_activation_checkpointing_changes_no_gradient(tokenizer: Any) -> None:
+    from preftune.plugins.local_engine import checkpoint_layers
+
+    pairs = make_pairs(tokenizer)
+    results = []
+    for checkpointed in (False, True):
+        model = llama(tokenizer)
+        if checkpointed:
+            assert checkpoint_layers(model) == 2
+        out = engine_for(model, "shared", 7)(pairs)
+        (COEF * torch.stack([out.chosen, out.rejected])).sum().backward()
+        results.append((torch.stack([out.chosen, out.rejected]).detach(), grads(model)))
+    (plain, plain_grads), (ckpt, ckpt_grads) = results
+    torch.testing.assert_close(ckpt, plain, atol=1e-6, rtol=1e-6)
+    for key, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[key], grad, atol=1e-6, rtol=1e-5, msg=key)
+
+
 def test_token_rows_are_the_completion_tokens_in_order(tokenizer: Any) -> None:
     model = tiny(tokenizer)
     pairs = make_pairs(tokenizer)
