@@ -34,8 +34,9 @@ def register_losses(register: Any) -> None:
     """Register preference losses.
 
     Call ``register(name, factory, options=None)``; ``factory(config, options)`` returns a
-    :class:`preftune.Loss`: a callable ``(policy, reference, batch) -> (loss, metrics)`` with a
-    ``needs_reference`` attribute.
+    :class:`preftune.Loss`: a callable ``(policy, reference) -> (loss, metrics)`` of per-sequence
+    log-probs (:class:`preftune.PairLogps`), with a ``needs_reference`` attribute and, for a loss
+    that needs per-token values, ``needs_token_logps = True``.
     """
 
 

@@ -260,12 +260,9 @@ def evaluate_pairs(backend: Any, loss: Loss, reference: Any, data: Data,
         out = backend.forward([data.pairs[i] for i in index], token_level(loss))
         ref = reference.select(index) if reference is not None else None
         submitted.append((out, ref, len(index) / len(data.eval)))
-    results = []
     with torch.no_grad():
-        for out, ref, weight in submitted:
-            policy = resolve(out)
-            value, metrics = loss(policy, ref.to(policy.chosen.device) if ref is not None else None)
-            results.append(({"loss": value, **metrics}, weight))
+        results = [(BoundLoss(loss, ref, 1.0)(resolve(out))[1], weight)
+                   for out, ref, weight in submitted]
     return {f"eval_{k}": v for k, v in resolve_metrics(results).items()}
 
 
