@@ -115,36 +115,36 @@ def test_shared_segments_are_packed_into_fewer_rows_than_padding(tokenizer: Any)
     torch.testing.assert_close(shared.targets.sort().values, padded.targets.sort().values)
 
 
+def sums_and_grads(model: Any, pairs: list[Any], chunk: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``[2, B]`` sums through the shared layout, and the gradients of the COEF-weighted loss."""
+    out = engine_for(model, "shared", chunk)(pairs)
+    sums = torch.stack([out.chosen, out.rejected])
+    (COEF * sums).sum().backward()
+    return sums.detach(), grads(model)
+
+
+def assert_same(a: tuple[torch.Tensor, dict[str, Any]], b: tuple[torch.Tensor, dict[str, Any]],
+                atol: float) -> None:
+    torch.testing.assert_close(a[0], b[0], atol=atol, rtol=atol)
+    for key, grad in b[1].items():
+        torch.testing.assert_close(a[1][key], grad, atol=atol, rtol=10 * atol, msg=key)
+
+
 def test_chunked_output_layer_equals_unchunked_values_and_gradients(tokenizer: Any) -> None:
     model = llama(tokenizer)
     pairs = make_pairs(tokenizer)
-    results = []
-    for chunk in (10**6, 7):  # one chunk; many checkpointed chunks
-        out = engine_for(model, "shared", chunk)(pairs)
-        (COEF * torch.stack([out.chosen, out.rejected])).sum().backward()
-        results.append((torch.stack([out.chosen, out.rejected]).detach(), grads(model)))
-    (whole, whole_grads), (chunked, chunked_grads) = results
-    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
-    for key, grad in whole_grads.items():
-        torch.testing.assert_close(chunked_grads[key], grad, atol=1e-5, rtol=1e-4, msg=key)
+    whole = sums_and_grads(model, pairs, 10**6)  # one chunk
+    assert_same(sums_and_grads(model, pairs, 7), whole, atol=1e-5)  # many checkpointed chunks
 
 
 def test_activation_checkpointing_changes_no_gradient(tokenizer: Any) -> None:
     from preftune.plugins.local_engine import checkpoint_layers
 
     pairs = make_pairs(tokenizer)
-    results = []
-    for checkpointed in (False, True):
-        model = llama(tokenizer)
-        if checkpointed:
-            assert checkpoint_layers(model) == 2
-        out = engine_for(model, "shared", 7)(pairs)
-        (COEF * torch.stack([out.chosen, out.rejected])).sum().backward()
-        results.append((torch.stack([out.chosen, out.rejected]).detach(), grads(model)))
-    (plain, plain_grads), (ckpt, ckpt_grads) = results
-    torch.testing.assert_close(ckpt, plain, atol=1e-6, rtol=1e-6)
-    for key, grad in plain_grads.items():
-        torch.testing.assert_close(ckpt_grads[key], grad, atol=1e-6, rtol=1e-5, msg=key)
+    plain = sums_and_grads(llama(tokenizer), pairs, 7)
+    model = llama(tokenizer)
+    assert checkpoint_layers(model) == 2
+    assert_same(sums_and_grads(model, pairs, 7), plain, atol=1e-6)
 
 
 def test_token_rows_are_the_completion_tokens_in_order(tokenizer: Any) -> None:
