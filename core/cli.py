@@ -17,7 +17,24 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .manager import preftune_version
+
+        typer.echo(f"preftune {preftune_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print preftune's version and exit.")] = False,
+) -> None:
+    """Preference optimization (DPO, ORPO, plugin losses) for language models."""
 
 # The demo's settings: tuned so the tiny model reaches >= 0.9 held-out accuracy in under 30 s
 # on two CPU cores.

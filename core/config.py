@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +23,7 @@ from .errors import ConfigError
 class Config(BaseModel):
     """Everything a run needs. Unknown keys must be option tables of installed plugins."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
 
     # where things go
     log_path: str = Field("./preftune_logs", description="Directory for metrics, config and weights.")
@@ -89,10 +90,12 @@ class Config(BaseModel):
         """Validate the ``[name]`` table with ``model`` (an empty table gives the defaults)."""
         table = self.plugin_tables().get(name, {})
         try:
-            return model.model_validate(table)
+            options = model.model_validate(table)
         except ValidationError as exc:
             known = ", ".join(f.alias or n for n, f in model.model_fields.items())
             raise ConfigError(f"{_describe(exc, prefix=f'{name}.')} (known [{name}] keys: {known})") from None
+        check_finite(options.model_dump(by_alias=True), f"{name}.")
+        return options
 
     def check_plugin_tables(self, registry: Any) -> dict[str, BaseModel]:
         """Validate every plugin table against the registry; unknown keys are errors."""
@@ -113,6 +116,17 @@ class Config(BaseModel):
             for key, options in self.check_plugin_tables(registry).items():
                 data[key] = options.model_dump(mode="json", by_alias=True)
         return data
+
+
+def check_finite(values: Any, where: str) -> None:
+    """Refuse NaN and infinity anywhere in a plugin's options, whatever its options model says
+    (a NaN learning rate or weight ends a run that trains nothing useful)."""
+    if isinstance(values, float) and not math.isfinite(values):
+        raise ConfigError(f"field {where.rstrip('.')!r}: must be a finite number, got {values}")
+    items = values.items() if isinstance(values, dict) else (
+        enumerate(values) if isinstance(values, (list, tuple)) else [])
+    for key, value in items:
+        check_finite(value, f"{where}{key}." if isinstance(values, dict) else f"{where[:-1]}[{key}].")
 
 
 def _unknown_key(key: str, registry: Any) -> str:

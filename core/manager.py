@@ -124,7 +124,7 @@ def implemented_hooks(pm: pluggy.PluginManager, plugin: Any) -> set[str]:
     return names
 
 
-def _own_version() -> str:
+def preftune_version() -> str:
     try:
         return importlib.metadata.version("preftune")
     except importlib.metadata.PackageNotFoundError:
@@ -137,7 +137,7 @@ def get_plugin_manager(load_entrypoints: bool = True) -> PluginManager:
     Set ``PREFTUNE_DISABLE_PLUGIN_AUTOLOAD=1`` (or true/yes) to skip third-party entry points.
     """
     pm = PluginManager()
-    version = _own_version()
+    version = preftune_version()
     for module_name in DEFAULT_PLUGINS:
         pm.add_plugin(importlib.import_module(module_name), module_name, "preftune", version)
     if load_entrypoints and os.environ.get(AUTOLOAD_ENV, "").lower() not in ("1", "true", "yes"):

@@ -23,6 +23,20 @@ def test_help_on_everything(command: list[str]) -> None:
     assert "Usage" in result.output
 
 
+@pytest.mark.parametrize("command", [[], ["run"], ["demo"], ["plugins"], ["validate"], ["report"]])
+def test_short_help_on_everything(command: list[str]) -> None:
+    result = runner.invoke(app, [*command, "-h"])
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_version_prints_the_installed_version() -> None:
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"preftune {version('preftune')}"
+
+
 def test_plugins_lists_components_with_their_distribution() -> None:
     result = runner.invoke(app, ["plugins", "--json"])
     assert result.exit_code == 0
