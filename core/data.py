@@ -66,9 +66,26 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
             if not line.strip():
                 continue
             try:
-                yield number, json.loads(line), None
+                yield number, json.loads(line, object_pairs_hook=unique_keys), None
             except json.JSONDecodeError as exc:
                 yield number, None, f"malformed JSON: {exc.msg} at column {exc.colno}"
+            except DuplicateKey as exc:
+                yield number, None, str(exc)
+
+
+class DuplicateKey(ValueError):
+    """A JSON object names one key twice: parsers disagree on which value wins."""
+
+
+def unique_keys(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's dict, refusing a key given twice (``json`` would keep the last silently,
+    which can swap chosen and rejected)."""
+    out: dict[str, Any] = {}
+    for key, value in items:
+        if key in out:
+            raise DuplicateKey(f"field {key!r}: given twice in one JSON object; which one is meant?")
+        out[key] = value
+    return out
 
 
 def check_pair(pair: PreferencePair, field_names: dict[str, str] | None = None) -> None:

@@ -258,3 +258,20 @@ def test_a_prompt_that_is_not_a_token_prefix_is_reported_as_per_pair_does(tokeni
         tokenize_pairs(thinking, pairs, max_seq_len=99)
     assert info.value.problems == per_pair(thinking, pairs, 99)[2]
     assert len(info.value.problems) == 8 and info.value.problems[0][2] == "chosen"
+
+
+def test_a_key_given_twice_in_one_object_is_refused_not_last_one_wins(
+    tmp_path: Path, registry: Any, pair_record: Any
+) -> None:
+    good = json.dumps(pair_record("q", "yes", "no"))
+    # Format 2 with preferred_output given twice: json would keep the second and flip the pair
+    twice = ('{"input": "q", "preferred_output": "good", "non_preferred_output": "bad", '
+             '"preferred_output": "bad"}')
+    nested = ('{"chosen": {"messages": [{"role": "user", "content": "q", "content": "r"}, '
+              '{"role": "assistant", "content": "a"}]}, "rejected": {"messages": []}}')
+    path = tmp_path / "dup.jsonl"
+    path.write_text("\n".join([good, twice, nested]) + "\n")
+    found = problems_of(path, registry)
+    assert [(line, message) for _, line, _, message in found] == [
+        (2, "field 'preferred_output': given twice in one JSON object; which one is meant?"),
+        (3, "field 'content': given twice in one JSON object; which one is meant?")]
