@@ -237,11 +237,20 @@ class LocalBackend:
         self.optimizer.zero_grad(set_to_none=True)
         return {"grad_norm": norm}
 
+    def check_weights(self) -> None:
+        """Refuse to write weights that hold a NaN or an infinity (they would load, and serve
+        garbage); names the first bad parameter."""
+        for name, param in self.model.named_parameters():
+            if not torch.isfinite(param).all():
+                raise TrainingError(f"weight {name!r} holds NaN or infinite values; not saved")
+
     def save_weights(self, path: str) -> None:
+        self.check_weights()
         with atomic_dir(path) as tmp:
             self.model.save_pretrained(tmp)
 
     def save_state(self, path: str) -> None:
+        self.check_weights()
         Path(path).mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
         torch.save(self.optimizer.state_dict(), Path(path) / "optimizer.pt")
@@ -276,6 +285,7 @@ class LocalBackend:
         resolves ``current`` once per load never sees a half-written snapshot."""
         if directory is None:
             raise ConfigError("the local backend publishes to a directory: set [weight_sync] directory")
+        self.check_weights()
         root = Path(directory)
         with atomic_dir(root / "snapshots" / snapshot) as tmp:
             self.model.save_pretrained(tmp)

@@ -203,3 +203,34 @@ def test_a_local_model_directory_works_as_base_and_tokenizer(make_config: Any, t
     _, parts = refcache.ReferenceLogps.load(cache_file)
     assert parts["model"] == str(model_dir.resolve())
     assert parts["weights_sha256"] == files_hash(model_dir)
+
+
+class Corrupter:
+    """A sink that breaks the policy's weights after the last step (as an overflow would)."""
+
+    backend: Any = None
+
+    @hookimpl
+    def preftune_run_start(self, config: Any, info: Any, backend: Any) -> None:
+        self.backend, self.last = backend, info["total_steps"]
+
+    @hookimpl
+    def preftune_log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        if step == self.last:
+            with torch.no_grad():
+                next(self.backend.model.parameters()).fill_(float("inf"))
+
+
+class CorrupterPlugin:
+    @hookimpl
+    def register_sinks(self, register: Any) -> None:
+        register("corrupter", lambda config, options: Corrupter())
+
+
+def test_a_run_whose_weights_are_not_finite_does_not_complete(make_config: Any) -> None:
+    pm = get_plugin_manager(load_entrypoints=False)
+    pm.register(CorrupterPlugin())
+    config = make_config(sinks=["jsonl", "corrupter"])
+    with pytest.raises(TrainingError, match="holds NaN or infinite values; not saved"):
+        run(config, pm)
+    assert not (Path(config.log_path) / "final").exists()
