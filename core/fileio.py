@@ -1,4 +1,5 @@
-"""Atomic writes: a reader never sees a half-written file or directory."""
+"""Atomic writes (a reader never sees a half-written file or directory), and the lock that makes
+a log_path one run's."""
 
 from __future__ import annotations
 
@@ -6,10 +7,14 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .errors import ConfigError
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -60,6 +65,33 @@ class atomic_dir:
         os.replace(self.tmp, self.path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def run_lock(directory: Path) -> Iterator[None]:
+    """Hold ``directory/.preftune.lock`` for the life of a run. A second run on the same directory
+    gets a :class:`ConfigError` naming the first's PID. The lock is the kernel's (``flock``), so it
+    goes away with its process: a lock file left by a killed run is simply taken over."""
+    import fcntl
+
+    path = directory / ".preftune.lock"
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise ConfigError(f"log_path {directory} is in use by another preftune run (PID {holder}); "
+                          "wait for it to end or choose another log_path") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # closing releases the lock
 
 
 def switch_symlink(link: str | Path, target: str | Path) -> None:

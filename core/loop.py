@@ -16,8 +16,8 @@ from . import checkpoint, hub, refcache, tokcache
 from .config import Config
 from .data import epoch_order, length_batches, make_format, split_eval
 from .errors import ConfigError, TrainingError
-from .fileio import atomic_write_json
-from .manager import PluginManager, get_registry
+from .fileio import atomic_write_json, run_lock
+from .manager import PluginManager, Registry, get_registry
 from .messages import log
 from .sinks import open_sinks
 from .types import AdamParams, Loss, Metrics, PairLogps, TokenizedPair, resolve
@@ -37,6 +37,12 @@ def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
         registry.get(kind, name)
     log_path = Path(config.log_path)
     log_path.mkdir(parents=True, exist_ok=True)
+    with run_lock(log_path):  # a second run on this log_path stops here, naming the first
+        return train(config, registry, loss, fmt, log_path)
+
+
+def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Path) -> dict[str, Any]:
+    """The run itself, once its components are known to exist and ``log_path`` is ours."""
     resolved = config.redacted(registry)  # secrets masked: what logs and sinks may see
     atomic_write_json(log_path / "config.json", resolved)
     seed_everything(config.seed)

@@ -187,3 +187,27 @@ def test_warm_start_from_an_adapter_and_from_a_checkpoint(make_config: Any, tmp_
 def test_init_from_a_wrong_directory_is_a_clear_error(make_config: Any, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is not a preftune checkpoint"):
         run(make_config(init_from=str(tmp_path)))
+
+
+def test_a_second_run_on_one_log_path_stops_naming_the_first_and_a_killed_ones_lock_is_taken(
+    make_config: Any,
+) -> None:
+    config = make_config()
+    log_path = Path(config.log_path)
+    log_path.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+         "from preftune.fileio import run_lock\n"
+         f"with run_lock(Path({str(log_path)!r})):\n    print('locked', flush=True)\n"
+         "    time.sleep(60)\n"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=rf"in use by another preftune run \(PID {holder.pid}\)"):
+            run(config)
+        assert not (log_path / "config.json").exists()  # nothing of the first run's was touched
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (log_path / ".preftune.lock").read_text().strip() == str(holder.pid)  # left behind
+    assert run(config)["status"] == "completed"  # the dead run's lock is taken over
+    assert run(config)["status"] == "completed"  # and released at the end of each run
