@@ -319,6 +319,18 @@ def tokenize_pairs(
     return out, report
 
 
+def check_held_out(pairs: Sequence[TokenizedPair], train: Sequence[int], held: Sequence[int]) -> None:
+    """Refuse held-out pairs that are also training pairs (same tokens, whatever the files or
+    formats): accuracy on them would measure memory, not preference."""
+    seen = {(p.prompt, p.chosen, p.rejected): p.source for p in (pairs[i] for i in train)}
+    shared = [(pairs[i].source, seen[key]) for i in held
+              if (key := (pairs[i].prompt, pairs[i].chosen, pairs[i].rejected)) in seen]
+    if shared:
+        where = "; ".join(f"{a} = {b}" for a, b in shared[:5]) + (" ..." if len(shared) > 5 else "")
+        raise ConfigError(f"eval_dataset shares {len(shared)} of its {len(held)} pairs with dataset "
+                          f"(held-out = training): {where}")
+
+
 def split_eval(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Split ``range(n)`` into train and held-out indices, a pure function of ``seed``."""
     if fraction <= 0 or n < 2:

@@ -14,7 +14,7 @@ import torch
 
 from . import checkpoint, hub, refcache, tokcache
 from .config import Config
-from .data import epoch_order, length_batches, make_format, split_eval
+from .data import check_held_out, epoch_order, length_batches, make_format, split_eval
 from .errors import ConfigError, TrainingError
 from .fileio import atomic_write_json, run_lock
 from .manager import PluginManager, Registry, get_registry
@@ -195,6 +195,7 @@ def prepare_data(config: Config, fmt: Any, tokenizer: Any) -> Data:
     if config.eval_dataset:
         train = [i for i, e in enumerate(is_eval) if not e]
         held = [i for i, e in enumerate(is_eval) if e]
+        check_held_out(pairs, train, held)
     else:
         train, held = split_eval(len(pairs), config.eval_fraction, config.seed)
     if not train:

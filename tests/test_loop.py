@@ -234,3 +234,20 @@ def test_a_run_whose_weights_are_not_finite_does_not_complete(make_config: Any) 
     with pytest.raises(TrainingError, match="holds NaN or infinite values; not saved"):
         run(config, pm)
     assert not (Path(config.log_path) / "final").exists()
+
+
+def test_an_eval_dataset_sharing_pairs_with_the_dataset_is_refused(make_config: Any, tmp_path: Path,
+                                                                   pair_record: Any) -> None:
+    config = make_config()
+    lines = Path(config.dataset).read_text().splitlines()
+    # the same pairs, in the other format and another file: compared by content, not by path
+    record = json.loads(lines[4])
+    copy = {"input": record["chosen"]["messages"][0]["content"],
+            "preferred_output": record["chosen"]["messages"][1]["content"],
+            "non_preferred_output": record["rejected"]["messages"][1]["content"]}
+    eval_file = tmp_path / "heldout.jsonl"
+    eval_file.write_text(json.dumps(pair_record("A new question?", "Yes.", "No.")) + "\n"
+                         + json.dumps(copy) + "\n")
+    with pytest.raises(preftune.ConfigError,
+                       match=r"shares 1 of its 2 pairs with dataset .*heldout\.jsonl:2 = .*data\.jsonl:5"):
+        run(make_config(eval_dataset=str(eval_file)))
