@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,8 +58,12 @@ DEMO_SETTINGS: dict[str, Any] = {
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Print a :class:`PreftuneError` as one clear message and exit with status 2."""
+    from .signals import Stopped
+
     try:
         yield
+    except Stopped:
+        raise  # not an error: the command that ran says how to go on
     except PreftuneError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -78,13 +83,23 @@ def run(
         bool, typer.Option("--resume", help="Continue from the newest checkpoint in log_path.")
     ] = False,
 ) -> None:
-    """Train with a config file."""
+    """Train with a config file. SIGTERM or Ctrl-C stop it after the current step (with a
+    checkpoint when checkpointing is on) and print the command that resumes it."""
     from .config import load_config
     from .loop import run as run_training
+    from .signals import Stopped
 
-    with user_errors():
-        config = load_config(config, (set_ or []) + (["resume=true"] if resume else []))
-        summary = run_training(config)
+    try:
+        with user_errors():
+            config_ = load_config(config, (set_ or []) + (["resume=true"] if resume else []))
+            summary = run_training(config_)
+    except Stopped as stopped:
+        sets = " ".join(f"--set {shlex.quote(s)}" for s in set_ or [])
+        command = " ".join(["preftune run", shlex.quote(str(config)), sets, "--resume"]).replace("  ", " ")
+        typer.echo(f"{stopped}", err=True)
+        if stopped.checkpoint is not None:
+            typer.echo(f"resume with: {command}", err=True)
+        raise typer.Exit(stopped.exit_code) from None
     typer.echo(json.dumps(summary, indent=2))
 
 
@@ -193,3 +208,7 @@ def report(
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+if __name__ == "__main__":
+    main()

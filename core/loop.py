@@ -19,6 +19,7 @@ from .errors import ConfigError, TrainingError
 from .fileio import atomic_write_json, run_lock
 from .manager import PluginManager, Registry, get_registry
 from .messages import log
+from .signals import Stopped, StopSignals
 from .sinks import open_sinks
 from .types import AdamParams, Loss, Metrics, PairLogps, TokenizedPair, resolve
 
@@ -55,6 +56,7 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
     sinks = open_sinks(registry, config)
     summary: dict[str, Any] = {"status": "failed"}
     backend: Any = None
+    stop = StopSignals().install()  # SIGTERM, Ctrl-C: stop at the next step boundary
     try:
         backend = registry.build("backend", config.backend, config, tokenizer)
         reference, reference_s = None, time.perf_counter()
@@ -73,12 +75,20 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
         sinks.run_start(config=config, info=info, backend=backend)  # on failure, ends every sink
 
         evals: dict[int, dict[str, float]] = {}
+        saved: Path | None = None
 
         def evaluate(step: int) -> dict[str, float]:
             evals[step] = evaluate_pairs(backend, loss, reference, data, config)
             if evals[step]:
                 sinks.hook.preftune_eval(step=step, metrics=evals[step])
             return evals[step]
+
+        def save_checkpoint(step: int, epoch: int, tokens: int, elapsed: float) -> Path:
+            path = checkpoint.save(log_path, step, backend, {
+                **hashes, "tokens": tokens, "elapsed_s": elapsed, "epoch": epoch,
+                "first_eval": first_eval}, config.keep_checkpoints)
+            sinks.hook.preftune_checkpoint(step=step, path=str(path))
+            return path
 
         step = state.get("step", 0)
         first_eval = state["first_eval"] if "first_eval" in state else evaluate(0)
@@ -112,10 +122,11 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
                 if config.eval_interval and step % config.eval_interval == 0:
                     evaluate(step)
                 if config.checkpoint_interval and step % config.checkpoint_interval == 0:
-                    saved = checkpoint.save(log_path, step, backend, {
-                        **hashes, "tokens": tokens, "elapsed_s": elapsed, "epoch": epoch,
-                        "first_eval": first_eval}, config.keep_checkpoints)
-                    sinks.hook.preftune_checkpoint(step=step, path=str(saved))
+                    saved = save_checkpoint(step, epoch, tokens, elapsed)
+                if stop.signum is not None:
+                    if config.checkpoint_interval and step % config.checkpoint_interval:
+                        saved = save_checkpoint(step, epoch, tokens, elapsed)
+                    raise Stopped(stop.signum, step, saved if config.checkpoint_interval else None)
 
         final_eval = evals[step] if step in evals else evaluate(step)
         weights = log_path / "final"
@@ -132,9 +143,11 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
                    "peak_rss_mb": peak_rss_mb()}
         return summary
     except BaseException as exc:
-        summary = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        status = "stopped" if isinstance(exc, Stopped) else "failed"
+        summary = {"status": status, "error": f"{type(exc).__name__}: {exc}"}
         raise
     finally:
+        stop.restore()
         sink_error = sinks.run_end(summary)  # every sink's run_end, even when one raises
         if backend is not None:
             backend.close()

@@ -68,7 +68,7 @@ class ConsoleSink:
             self.bar.close()
             self.bar = None
         if summary.get("status") != "completed":
-            self.write(f"run failed: {summary.get('error', '')}")
+            self.write(f"run {summary.get('status', 'failed')}: {summary.get('error', '')}")
             return
         self.write(f"done: {fmt(summary, ('steps', 'tokens', 'train_s', 'tokens_per_s'))}")
         for key in ("initial_eval", "final_eval"):

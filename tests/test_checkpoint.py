@@ -211,3 +211,31 @@ def test_a_second_run_on_one_log_path_stops_naming_the_first_and_a_killed_ones_l
     assert (log_path / ".preftune.lock").read_text().strip() == str(holder.pid)  # left behind
     assert run(config)["status"] == "completed"  # the dead run's lock is taken over
     assert run(config)["status"] == "completed"  # and released at the end of each run
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint_and_the_resume_command(
+    tmp_path: Path, small_dataset: Any, signum: int, code: int
+) -> None:
+    data = small_dataset(tmp_path / "data.jsonl")
+    config = tmp_path / "c.toml"
+    config.write_text(CONFIG.format(data=data, log=tmp_path / "logs", cache=tmp_path / "cache")
+                      .replace("epochs = 6", "epochs = 400").replace("checkpoint_interval = 3",
+                                                                     "checkpoint_interval = 1000"))
+    proc = subprocess.Popen([sys.executable, "-m", "preftune.cli", "run", str(config),
+                             "--set", "seed=3"], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PREFTUNE_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    metrics = tmp_path / "logs" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(rows(metrics)) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and out == ""
+    [saved] = (tmp_path / "logs" / "checkpoints").iterdir()  # written at the stop, not the interval
+    step = int(saved.name.split("-")[1])
+    assert 3 <= step < 3600 and len(rows(metrics)) == step  # every finished step was logged
+    assert f"after step {step}; checkpoint {saved}" in err
+    assert f"resume with: preftune run {config} --set seed=3 --resume" in err
+    assert not (tmp_path / "logs" / "final").exists()
