@@ -171,13 +171,18 @@ def validate(
                               "format": format}, "validate")
         result = parse_file(data, make_format(registry, config))
         problems, notes = list(result.problems), []
+        if not result.records:  # as run refuses it
+            problems.append((str(data), 0, "", "the file holds no preference pairs"))
         if tokenizer and result.pairs:
             from .errors import DataError
             from .hub import load_tokenizer
 
             try:
-                _, report = tokenize_pairs(load_tokenizer(tokenizer), result.pairs, max_seq_len)
+                kept, report = tokenize_pairs(load_tokenizer(tokenizer), result.pairs, max_seq_len)
                 notes = report.lines(max_seq_len)
+                if not kept:  # as run refuses it
+                    problems.append((str(data), 0, "", f"no pair fits max_seq_len={max_seq_len}: "
+                                     "every prompt alone is at least that long"))
             except DataError as exc:
                 problems += exc.problems
                 notes = exc.report.lines(max_seq_len)
@@ -185,8 +190,8 @@ def validate(
         typer.echo(format_problem(*problem))
     for note in notes:
         typer.echo(f"note: {note}")
-    typer.echo(f"{data}: {result.records} records, {result.records - len(problems)} ok, "
-               f"{len(problems)} bad")
+    bad = len({p[1] for p in problems if p[1]})
+    typer.echo(f"{data}: {result.records} records, {result.records - bad} ok, {bad} bad")
     if problems:
         raise typer.Exit(1)
 
