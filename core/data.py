@@ -10,6 +10,7 @@ conversation once; the result is exactly that of tokenizing each pair alone.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,17 +89,30 @@ def unique_keys(items: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+ROLES = ("system", "user", "assistant")  # what chat templates render; tool turns are not supported yet
+
+
 def check_pair(pair: PreferencePair, field_names: dict[str, str] | None = None) -> None:
-    """Checks every format gets for free: a prompt, no empty completion, chosen differs from
-    rejected. ``field_names`` maps prompt/chosen/rejected to the record's own field names."""
+    """Checks every format gets for free: a prompt, known roles, no empty completion, responses
+    of assistant turns only, chosen differs from rejected. ``field_names`` maps
+    prompt/chosen/rejected to the record's own field names."""
     names = field_names or {}
     if not pair.prompt:
         raise RecordError(names.get("prompt", "prompt"), "the prompt has no messages")
+    for side in ("prompt", "chosen", "rejected"):
+        for i, message in enumerate(getattr(pair, side)):
+            if message.role not in ROLES:
+                raise RecordError(names.get(side, side), (
+                    f"message {i} of the {side} has role {message.role!r}; preftune trains on "
+                    f"{', '.join(ROLES)} turns (tool calls and results are not supported yet)"))
     for side in ("chosen", "rejected"):
         messages = getattr(pair, side)
         if not messages:
             raise RecordError(names.get(side, side), f"the {side} response has no messages")
         for i, message in enumerate(messages):
+            if message.role != "assistant":
+                raise RecordError(names.get(side, side), f"the {side} response (message {i}) is a "
+                                  f"{message.role!r} turn; a response holds assistant turns only")
             if not message.content.strip():
                 raise RecordError(names.get(side, side), f"the {side} response (message {i}) is empty")
     if pair.chosen == pair.rejected:
@@ -245,11 +259,35 @@ def assemble(pair: PreferencePair, prompt: Rendered, fulls: Sequence[Rendered],
     )
 
 
+def control_tokens(tokenizer: Any) -> re.Pattern[str] | None:
+    """A pattern matching the tokenizer's special tokens (``<|im_end|>``, ``</s>``...) in text."""
+    specials = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(token, "special", False):
+            specials.add(str(token))
+    specials = {t for t in specials if t}
+    return re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True)))) if specials else None
+
+
+def check_control_tokens(pair: PreferencePair, pattern: re.Pattern[str] | None) -> None:
+    """Refuse message text holding the chat template's own control tokens: rendered, they would
+    become real turn boundaries, a turn injected into the training data."""
+    if pattern is None:
+        return
+    for side in ("prompt", *SIDES):
+        for i, message in enumerate(getattr(pair, side)):
+            found = pattern.search(message.content)
+            if found:
+                raise RecordError(side, f"message {i} contains the tokenizer's control token "
+                                  f"{found.group()!r}; as text it would end or start a turn")
+
+
 def tokenize_pair(tokenizer: Any, pair: PreferencePair, max_seq_len: int) -> TokenizedPair | None:
     """Tokenize a pair; None when the prompt alone leaves no room for a completion token.
 
     Completions longer than ``max_seq_len - len(prompt)`` are truncated from their end.
     """
+    check_control_tokens(pair, control_tokens(tokenizer))
     prompt = try_render(tokenizer, pair.prompt, True, "prompt")
     fulls = [try_render(tokenizer, pair.prompt + getattr(pair, side), False, side) for side in SIDES]
     return assemble(pair, prompt, fulls, max_seq_len)
@@ -295,11 +333,13 @@ def tokenize_pairs(
     """Tokenize all pairs, as :func:`tokenize_pair` does each but rendered in batches; template
     problems are a :class:`DataError` listing every line."""
     out, report, problems = [], TokenizeReport(), []
+    pattern = control_tokens(tokenizer)
     with tqdm(total=len(pairs), desc="tokenizing", unit="pair", disable=not progress) as bar:
         for start in range(0, len(pairs), PAIRS_PER_STEP):
             chunk = pairs[start : start + PAIRS_PER_STEP]
             for pair, (prompt, *fulls) in zip(chunk, render_pairs(tokenizer, chunk)):
                 try:
+                    check_control_tokens(pair, pattern)
                     tokenized = assemble(pair, prompt, fulls, max_seq_len)
                 except RecordError as exc:
                     src = pair.source or Source("?", 0)

@@ -33,7 +33,7 @@ from .hub import tokenizer_identity
 from .refcache import data_hash, default_cache_dir
 from .types import Source, TokenizedPair
 
-FORMAT_VERSION = "2"  # 2: records with a key given twice are refused (they were parsed before)
+FORMAT_VERSION = "3"  # 2: a key given twice refused; 3: unknown roles and control tokens refused
 PROBE = TokenizedPair((1,), (2,), (3,), (1.0,), (1.0,))  # fingerprints data_hash's definition
 
 

@@ -31,6 +31,10 @@ def parse_messages(value: Any, field: str) -> tuple[Message, ...]:
         if not isinstance(item, dict):
             raise RecordError(where, f"expected a message object, got {type(item).__name__}")
         role, content = item.get("role"), item.get("content")
+        for key in ("tool_calls", "function_call"):
+            if item.get(key):
+                raise RecordError(f"{where}.{key}", "tool calls are not supported yet; the chat "
+                                  "template would drop them from what is trained")
         if not isinstance(role, str) or not role:
             raise RecordError(f"{where}.role", "missing or not a string")
         if isinstance(content, list):  # OpenAI-style [{"type": "text", "text": ...}]
