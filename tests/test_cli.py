@@ -106,24 +106,3 @@ def test_console_script_is_installed() -> None:
     exe = Path(sys.executable).parent / "preftune"
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True)
     assert "demo" in out.stdout and "validate" in out.stdout
-
-
-@pytest.mark.parametrize("content", ["", "\n\n   \n"])
-def test_validate_refuses_a_file_with_no_pairs_as_run_does(tmp_path: Path, content: str) -> None:
-    path = tmp_path / "empty.jsonl"
-    path.write_text(content)
-    result = runner.invoke(app, ["validate", str(path)])
-    assert result.exit_code == 1
-    assert f"{path}: the file holds no preference pairs" in result.output
-
-
-def test_validate_refuses_a_file_whose_every_pair_is_too_long_as_run_does(
-    tmp_path: Path, pair_record: Any, write_jsonl: Any
-) -> None:
-    path = write_jsonl(tmp_path / "long.jsonl", [pair_record("a long question " * 20, "y", "n")] * 2)
-    result = runner.invoke(app, ["validate", str(path), "--tokenizer", "builtin:tiny",
-                                 "--max-seq-len", "16"])
-    assert result.exit_code == 1
-    assert "no pair fits max_seq_len=16" in result.output
-    ok = runner.invoke(app, ["validate", str(path), "--tokenizer", "builtin:tiny"])
-    assert ok.exit_code == 0 and "2 records, 2 ok, 0 bad" in ok.output
