@@ -96,3 +96,32 @@ def make_config(tmp_path: Path) -> Any:
         return _tiny_config(tmp_path, **overrides)
 
     return make
+
+
+CONFIG_FILE = """
+base_model = "builtin:tiny"
+dataset = "{data}"
+log_path = "{log}"
+cache_dir = "{cache}"
+max_seq_len = 64
+batch_size = 2
+epochs = {epochs}
+eval_fraction = 0.25
+eval_interval = 10
+learning_rate = 1e-3
+checkpoint_interval = {checkpoint_interval}
+sinks = ["jsonl"]
+"""
+
+
+@pytest.fixture
+def config_file() -> Any:
+    """Write a TOML config for a ``preftune run`` subprocess on the tiny model."""
+
+    def write(path: Path, data: Path, log: Path, cache: Path, epochs: int = 6,
+              checkpoint_interval: int = 3) -> Path:
+        path.write_text(CONFIG_FILE.format(data=data, log=log, cache=cache, epochs=epochs,
+                                           checkpoint_interval=checkpoint_interval))
+        return path
+
+    return write

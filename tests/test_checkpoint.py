@@ -93,34 +93,17 @@ def test_resume_without_checkpoint_starts_fresh(make_config: Any, capsys: Any) -
     assert "no checkpoint" in capsys.readouterr().err
 
 
-CONFIG = """
-base_model = "builtin:tiny"
-dataset = "{data}"
-log_path = "{log}"
-cache_dir = "{cache}"
-max_seq_len = 64
-batch_size = 2
-epochs = 6
-eval_fraction = 0.25
-eval_interval = 10
-learning_rate = 1e-3
-checkpoint_interval = 3
-sinks = ["jsonl"]
-"""
-
-
 def preftune(*args: str) -> list[str]:
     return [str(Path(sys.executable).parent / "preftune"), *args]
 
 
 def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_result(
-    tmp_path: Path, small_dataset: Any
+    tmp_path: Path, small_dataset: Any, config_file: Any
 ) -> None:
     data = small_dataset(tmp_path / "d.jsonl")
     cfgs = {}
     for name in ("full", "killed"):
-        cfgs[name] = tmp_path / f"{name}.toml"
-        cfgs[name].write_text(CONFIG.format(data=data, log=tmp_path / name, cache=tmp_path / "c"))
+        cfgs[name] = config_file(tmp_path / f"{name}.toml", data, tmp_path / name, tmp_path / "c")
     env = {**os.environ, "PREFTUNE_DISABLE_PLUGIN_AUTOLOAD": "1"}
     subprocess.run(preftune("run", str(cfgs["full"])), check=True, env=env, capture_output=True)
     total = len(rows(tmp_path / "full" / "metrics.jsonl"))

@@ -17,21 +17,6 @@ import torch
 from preftune import Config, ConfigError, TrainingError, get_plugin_manager, hookimpl, run
 from preftune.plugins.local import LocalBackend, LocalOptions
 
-CONFIG = """
-base_model = "builtin:tiny"
-dataset = "{data}"
-log_path = "{log}"
-cache_dir = "{cache}"
-max_seq_len = 64
-batch_size = 2
-epochs = 400
-eval_fraction = 0.25
-eval_interval = 10
-learning_rate = 1e-3
-checkpoint_interval = 1000
-sinks = ["jsonl"]
-"""
-
 
 def rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
@@ -107,11 +92,11 @@ def test_a_second_run_on_one_log_path_stops_naming_the_first_and_a_killed_ones_l
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint_and_the_resume_command(
-    tmp_path: Path, small_dataset: Any, signum: int, code: int
+    tmp_path: Path, small_dataset: Any, config_file: Any, signum: int, code: int
 ) -> None:
     data = small_dataset(tmp_path / "data.jsonl")
-    config = tmp_path / "c.toml"
-    config.write_text(CONFIG.format(data=data, log=tmp_path / "logs", cache=tmp_path / "cache"))
+    config = config_file(tmp_path / "c.toml", data, tmp_path / "logs", tmp_path / "cache", epochs=400,
+                         checkpoint_interval=1000)
     proc = subprocess.Popen([sys.executable, "-m", "preftune.cli", "run", str(config),
                              "--set", "seed=3"], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True, env={**os.environ, "PREFTUNE_DISABLE_PLUGIN_AUTOLOAD": "1"})
