@@ -248,6 +248,10 @@ def assemble(pair: PreferencePair, prompt: Rendered, fulls: Sequence[Rendered],
     chosen, rejected = (c[:room] for c in completions)
     if not chosen or not rejected:
         raise RecordError("chosen" if not chosen else "rejected", "the completion has no tokens")
+    if chosen == rejected:  # they differ only past max_seq_len: no preference left to learn
+        raise RecordError("rejected", f"chosen and rejected are identical after truncation to "
+                          f"max_seq_len={max_seq_len} (prompt {len(prompt)} tokens); raise "
+                          "max_seq_len or remove the pair")
     return TokenizedPair(
         tuple(prompt),
         tuple(chosen),

@@ -33,7 +33,7 @@ from .hub import tokenizer_identity
 from .refcache import data_hash, default_cache_dir
 from .types import Source, TokenizedPair
 
-FORMAT_VERSION = "3"  # 2: a key given twice refused; 3: unknown roles and control tokens refused
+FORMAT_VERSION = "4"  # 2: duplicate keys, 3: roles and control tokens, 4: identical after truncation
 PROBE = TokenizedPair((1,), (2,), (3,), (1.0,), (1.0,))  # fingerprints data_hash's definition
 
 

@@ -87,3 +87,13 @@ def test_an_eval_dataset_sharing_pairs_with_the_dataset_is_refused(make_config: 
     with pytest.raises(preftune.ConfigError,
                        match=r"shares 1 of its 2 pairs with dataset .*heldout\.jsonl:2 = .*data\.jsonl:5"):
         run(make_config(eval_dataset=str(eval_file)))
+
+
+def test_a_pair_identical_after_truncation_is_refused_not_trained(tokenizer: Any) -> None:
+    same_start = "The answer, after a long and careful look at every part of it, is "
+    pair = PreferencePair((Message("user", "What is it?"),), (Message("assistant", same_start + "yes."),),
+                          (Message("assistant", same_start + "no."),), Source("d.jsonl", 3))
+    assert tokenize_pair(tokenizer, pair, 128) is not None  # they differ within 128 tokens
+    with pytest.raises(DataError, match=r"d\.jsonl:3: field 'rejected': chosen and rejected are "
+                                        r"identical after truncation to max_seq_len=24"):
+        tokenize_pairs(tokenizer, [pair], 24)
