@@ -126,7 +126,7 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
                 if stop.signum is not None:
                     if config.checkpoint_interval and step % config.checkpoint_interval:
                         saved = save_checkpoint(step, epoch, tokens, elapsed)
-                    raise Stopped(stop.signum, step, saved if config.checkpoint_interval else None)
+                    raise Stopped(stop.signum, step, saved)  # None when checkpointing is off
 
         final_eval = evals[step] if step in evals else evaluate(step)
         weights = log_path / "final"

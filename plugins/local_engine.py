@@ -162,26 +162,25 @@ def calibrate(model: Any, device: torch.device, layout: str, chunk: int,
     notes: list[str] = []
     vocab = model.get_input_embeddings().num_embeddings
     pairs = probe_pairs(min(vocab, 1000))
-    plain = Plan("padded", split_head=False, chunk=chunk, notes=[])
-    expected = target_logps(model, padded_layout(pairs).to(device), plain)
-    split = Plan("padded", split_head=True, chunk=chunk, notes=[])
-    split.split_head = _close(target_logps(model, padded_layout(pairs).to(device), split), expected,
-                              model.dtype)
-    if not split.split_head:
+    padded = padded_layout(pairs).to(device)
+    expected = target_logps(model, padded, Plan("padded", False, chunk, []))
+    split_head = _close(target_logps(model, padded, Plan("padded", True, chunk, [])), expected,
+                        model.dtype)
+    if not split_head:
         notes.append("the model's logits are not its output layer applied to its hidden states; "
                      "computing full logits (more memory)")
     if layout == "padded":
-        return Plan("padded", split.split_head, chunk, notes)
+        return Plan("padded", split_head, chunk, notes)
     why = shared_unsupported(model, max_seq_len)
     if why is None:
-        shared = Plan("shared", split.split_head, chunk, [])
+        shared = Plan("shared", split_head, chunk, [])
         if not _close(target_logps(model, shared_layout(pairs).to(device), shared), expected,
                       model.dtype):
             why = "its log-probs with a custom 4D mask and position ids differ from the plain ones"
     if why is None:
-        return Plan("shared", split.split_head, chunk, notes)
+        return Plan("shared", split_head, chunk, notes)
     notes.append(f"the prompt is computed twice per pair (padded layout): {why}")
-    return Plan("padded", split.split_head, chunk, notes)
+    return Plan("padded", split_head, chunk, notes)
 
 
 def shared_unsupported(model: Any, max_seq_len: int) -> str | None:
