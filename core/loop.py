@@ -130,7 +130,7 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
 
         final_eval = evals[step] if step in evals else evaluate(step)
         weights = log_path / "final"
-        backend.save_weights(str(weights))
+        remote = backend.save_weights(str(weights)) or {}  # a remote backend names its copy
         tokenizer.save_pretrained(str(weights))
         sinks.hook.preftune_checkpoint(step=step, path=str(weights))
         elapsed = time.perf_counter() - start
@@ -140,7 +140,7 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
                    "dropped_pairs": len(data.report.dropped),
                    "truncated_pairs": len(data.report.truncated),
                    "prepare_s": data.prepare_s, "reference_s": reference_s,
-                   "peak_rss_mb": peak_rss_mb()}
+                   "peak_rss_mb": peak_rss_mb(), **remote}
         return summary
     except BaseException as exc:
         status = "stopped" if isinstance(exc, Stopped) else "failed"
@@ -150,7 +150,7 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
         stop.restore()
         sink_error = sinks.run_end(summary)  # every sink's run_end, even when one raises
         if backend is not None:
-            backend.close()
+            backend.close(summary["status"])  # a remote backend ends its jobs and sessions
         if sink_error is not None:
             raise sink_error
 

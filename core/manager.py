@@ -29,6 +29,7 @@ DEFAULT_PLUGINS = (
     "preftune.plugins.orpo",
     "preftune.plugins.references",
     "preftune.plugins.local",
+    "preftune.plugins.tinker",
     "preftune.plugins.console",
     "preftune.plugins.jsonl",
     "preftune.plugins.wandb_sink",

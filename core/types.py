@@ -249,8 +249,10 @@ class Backend(ForwardClient, Protocol):
         """Apply the accumulated gradient, clear it; return at least ``grad_norm``."""
         ...
 
-    def save_weights(self, path: str) -> None:
-        """Write the policy in Hugging Face format (a PEFT adapter dir for LoRA) to ``path``."""
+    def save_weights(self, path: str) -> dict[str, Any] | None:
+        """Write the policy in Hugging Face format (a PEFT adapter dir for LoRA) to ``path``.
+        A remote backend saves them on its service, writes their name to ``path`` and returns
+        it (for example ``{"remote_weights": ...}``) for the run's summary."""
         ...
 
     def save_state(self, path: str) -> None:
@@ -261,8 +263,9 @@ class Backend(ForwardClient, Protocol):
         """Restore what :meth:`save_state` wrote."""
         ...
 
-    def close(self) -> None:
-        """Release models, sessions and remote jobs."""
+    def close(self, status: str = "completed") -> None:
+        """Release models, sessions and remote jobs; ``status`` is the run's outcome
+        (``completed``, ``stopped`` or ``failed``), which a remote service may record."""
         ...
 
 

@@ -301,7 +301,7 @@ class LocalBackend:
             shutil.rmtree(old, ignore_errors=True)
         return manifest
 
-    def close(self) -> None:
+    def close(self, status: str = "completed") -> None:
         self.model = self.engine = self.optimizer = None
         self.params = []
         free_memory()

@@ -125,3 +125,26 @@ def config_file() -> Any:
         return path
 
     return write
+
+
+@pytest.fixture
+def emulator(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A loopback emulator of the remote services (real SDK clients talk to it). Any attempt of
+    this process to reach a host other than 127.0.0.1 fails the test."""
+    import socket
+
+    from preftune.testing import Server
+
+    real = socket.getaddrinfo
+
+    def loopback_only(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host not in ("127.0.0.1", "localhost", b"127.0.0.1", None):
+            raise AssertionError(f"a test tried to reach {host!r}")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", loopback_only)
+    monkeypatch.setenv("TINKER_TELEMETRY", "0")
+    monkeypatch.setenv("TINKER_API_KEY", "tml-emulator-key")
+    monkeypatch.setenv("FIREWORKS_API_KEY", "fw-emulator-key")
+    with Server() as server:
+        yield server

@@ -210,7 +210,7 @@ def closed(monkeypatch: pytest.MonkeyPatch) -> list[LocalBackend]:
     calls: list[LocalBackend] = []
     original = LocalBackend.close
 
-    def close(self: LocalBackend) -> None:
+    def close(self: LocalBackend, status: str = "completed") -> None:
         calls.append(self)
         original(self)
 

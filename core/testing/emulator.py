@@ -1,0 +1,212 @@
+"""A loopback emulator of the remote training services, for tests and dry runs.
+
+``python -m preftune.testing.emulator --port 8765`` serves, on 127.0.0.1 only, the endpoints that
+the real ``tinker`` and ``fireworks.training.sdk`` clients call for training: sessions, models,
+forward, forward/backward, optimizer steps, saved state, sampler weights, futures, and for
+Fireworks the account, trainer jobs, deployments and hot-load. It computes with torch on
+``builtin:tiny`` or any local model directory (see :mod:`preftune.testing.trainer`). A config
+selects it with ``[tinker] base_url = "http://127.0.0.1:8765"`` (or ``[fireworks]``).
+
+Faults can be switched on to test clients: bursts of 5xx answers, slow answers, dropped
+connections, trainer jobs that never become ready or that die mid-run (see :class:`Faults`).
+On shutdown it prints every job, session or deployment the clients left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import re
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from . import fireworks_routes, tinker_routes
+from .exchange import Answer, Failed, Reply, Request
+
+
+@dataclass
+class Faults:
+    """Switches for fault injection; a test sets them and the emulator obeys them.
+
+    ``errors``: path pattern -> how many of the next matching requests answer 503.
+    ``drops``: path pattern -> how many of the next matching requests get the connection closed
+    with no answer. ``delay``: path pattern -> seconds to sleep before answering.
+    ``never_ready``: trainer jobs stay in JOB_STATE_CREATING. ``die_after_steps``: the trainer
+    fails every request after that many optimizer steps (a job that died mid-run).
+    """
+
+    errors: dict[str, int] = field(default_factory=dict)
+    drops: dict[str, int] = field(default_factory=dict)
+    delay: dict[str, float] = field(default_factory=dict)
+    never_ready: bool = False
+    die_after_steps: int | None = None
+
+    def take(self, table: dict[str, int], path: str) -> bool:
+        for pattern, left in table.items():
+            if left > 0 and re.search(pattern, path):
+                table[pattern] = left - 1
+                return True
+        return False
+
+    def sleep_for(self, path: str) -> float:
+        return max((s for p, s in self.delay.items() if re.search(p, path)), default=0.0)
+
+
+Route = Callable[["Emulator", Request, re.Match[str]], Any]
+
+
+class Emulator:
+    """The service's state: sessions, models (each a :class:`Trainer`), futures, jobs, files."""
+
+    def __init__(self, root: str | Path | None = None, lora_alpha: float = 32.0,
+                 api_keys: tuple[str, ...] | None = None):
+        self.root = Path(root or tempfile.mkdtemp(prefix="preftune-emulator-"))
+        self.lora_alpha = lora_alpha
+        self.api_keys = api_keys  # None = any key is accepted
+        self.faults = Faults()
+        self.lock = threading.RLock()  # one computation at a time, like one trainer
+        self.ids = itertools.count(1)
+        self.sessions: dict[str, dict[str, Any]] = {}
+        self.models: dict[str, dict[str, Any]] = {}
+        self.futures: dict[str, Answer] = {}
+        self.saved: dict[str, dict[str, Any]] = {}
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.deployments: dict[str, dict[str, Any]] = {}
+        self.requests: list[Request] = []
+        self.routes: list[tuple[str, re.Pattern[str], Route]] = []
+        for method, pattern, route in tinker_routes.ROUTES + fireworks_routes.ROUTES:
+            self.routes.append((method, re.compile(pattern + "$"), route))
+
+    def new_id(self, prefix: str) -> str:
+        return f"{prefix}-{next(self.ids)}"
+
+    def future(self, answer: Answer) -> dict[str, str]:
+        """Store a result to be fetched with retrieve_future; returns the untyped future."""
+        request_id = self.new_id("req")
+        self.futures[request_id] = answer
+        return {"request_id": request_id}
+
+    def handle(self, request: Request) -> Answer:
+        self.requests.append(request)
+        if self.faults.take(self.faults.errors, request.path):
+            return Answer(503, {"error": "injected fault: service unavailable"})
+        self.check_key(request)
+        for method, pattern, route in self.routes:
+            match = pattern.match(request.path)
+            if match and method == request.method:
+                try:
+                    result = route(self, request, match)
+                except Reply as reply:
+                    return Answer(reply.status, reply.body)
+                except Failed as failed:
+                    return Answer(200, self.future(Answer(200, failed.body)))
+                return result if isinstance(result, Answer) else Answer(200, result)
+        return Answer(404, {"error": f"the emulator does not serve {request.method} {request.path}"})
+
+    def check_key(self, request: Request) -> None:
+        if self.api_keys is None:
+            return
+        keys = {request.headers.get("x-api-key", "")}
+        auth = request.headers.get("authorization", "")
+        keys.add(auth.removeprefix("Bearer ").strip())
+        if not keys & set(self.api_keys):
+            raise Reply(401, "invalid API key")
+
+    def leftovers(self) -> list[str]:
+        """Everything a client created and did not delete, finish or scale to zero."""
+        left = [f"trainer job {j}" for j, job in self.jobs.items() if not job.get("deleted")]
+        left += [f"session {s}" for s, session in self.sessions.items() if not session.get("finished")]
+        left += [f"deployment {d}" for d, dep in self.deployments.items()
+                 if not dep.get("deleted") and dep.get("replicas", 0) > 0 and dep.get("created")]
+        return left
+
+
+def _handler(emulator: Emulator) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:  # quiet: tests read emulator.requests
+            pass
+
+        def _serve(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            body = self.rfile.read(length) if length else b""
+            path, _, query = self.path.partition("?")
+            request = Request(self.command, path, dict(re.findall(r"([^&=]+)=([^&]*)", query)),
+                              {k.lower(): v for k, v in self.headers.items()}, body)
+            if emulator.faults.take(emulator.faults.drops, path):
+                self.close_connection = True
+                self.connection.close()
+                return
+            time.sleep(emulator.faults.sleep_for(path))
+            try:
+                answer = emulator.handle(request)
+            except Reply as reply:
+                answer = Answer(reply.status, reply.body)
+            except Exception as exc:  # a bug in the emulator: say it, as a server would
+                answer = Answer(500, {"error": f"emulator error: {type(exc).__name__}: {exc}"})
+            payload = answer.payload()
+            try:
+                self.send_response(answer.status)
+                self.send_header("Content-Type", answer.content_type)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _serve
+
+    return Handler
+
+
+class Server:
+    """A running emulator on 127.0.0.1 (``port = 0`` picks a free one)."""
+
+    def __init__(self, emulator: Emulator | None = None, port: int = 0):
+        self.emulator = emulator or Emulator()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(self.emulator))
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m preftune.testing.emulator",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--root", help="directory for saved states (default: a temporary one)")
+    parser.add_argument("--lora-alpha", type=float, default=32.0,
+                        help="LoRA alpha of the emulated trainers (the services fix their own)")
+    args = parser.parse_args(argv)
+    server = Server(Emulator(args.root, args.lora_alpha), args.port)
+    print(f"preftune emulator on {server.url} (Ctrl-C to stop)", flush=True)
+    try:
+        server.httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.httpd.server_close()
+        left = server.emulator.leftovers()
+        print("left behind: " + (", ".join(left) if left else "nothing"), flush=True)
+    return 1 if left else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

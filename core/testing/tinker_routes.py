@@ -1,0 +1,205 @@
+"""The session API both SDKs speak (``/api/v1/...``): sessions, models, futures and the verbs.
+
+Tinker speaks it at the service's root; the Fireworks SDK speaks the same paths under each trainer
+job's URL (``/training/v1/rlorTrainerJobs/{account}/{job}``), which :mod:`fireworks_routes` maps
+here. Forward/backward is protobuf for Tinker and JSON for Fireworks; every other call is JSON.
+Results are computed when the request arrives and handed out through ``retrieve_future``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import tinker_wire
+from .exchange import Answer, Failed, Reply, Request
+from .trainer import Adam, Datum, Trainer
+
+if TYPE_CHECKING:
+    from .emulator import Emulator
+
+PROTO = "application/x-protobuf"
+
+
+def client_config(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, Any]:
+    return {"pjwt_auth_enabled": False, "proto_compress_fwdbwd": False,
+            "use_pyqwest_transport": False}
+
+
+def dynamic_config(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, Any]:
+    return {"refresh_interval_sec": 3600}
+
+
+def create_session(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, Any]:
+    session_id = emu.new_id("session")
+    emu.sessions[session_id] = {"created": True, "job": m.groupdict().get("job")}
+    return {"type": "create_session", "session_id": session_id}
+
+
+def heartbeat(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, Any]:
+    return {"type": "session_heartbeat"}
+
+
+def finish_session(emu: Emulator, req: Request, m: re.Match[str]) -> Any:
+    session = emu.sessions.get(m["session"])
+    if session is not None:
+        session["finished"] = req.json().get("reason", {}).get("type", "success")
+    return None
+
+
+def _model(emu: Emulator, model_id: str) -> dict[str, Any]:
+    model = emu.models.get(model_id)
+    if model is None:
+        raise Reply(404, f"unknown model {model_id!r}")
+    steps = emu.faults.die_after_steps
+    if steps is not None and model["steps"] >= steps:
+        raise Failed(f"the trainer of {model_id} died (injected fault)")
+    return model
+
+
+def _job(emu: Emulator, m: re.Match[str]) -> dict[str, Any] | None:
+    job = m.groupdict().get("job")
+    return emu.jobs.get(job) if job else None
+
+
+def create_model(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, str]:
+    body = req.json()
+    job = _job(emu, m) or {}
+    lora = body.get("lora_config") or {}
+    rank = int(lora.get("rank") or 0) or int(job.get("lora_rank") or 0)
+    model_id = f"{body['session_id']}:train:{body['model_seq_id']}"
+    base_only = bool(body.get("base_only"))
+    forward_only = base_only or bool(job.get("forward_only"))
+    with emu.lock:
+        trainer = Trainer(job.get("base_model") or body["base_model"], 0 if base_only else rank,
+                          emu.lora_alpha, int(lora.get("seed") or 0), forward_only=forward_only)
+    emu.models[model_id] = {"trainer": trainer, "steps": 0, "rank": rank, "base_only": base_only,
+                            "base_model": body["base_model"], "session": body["session_id"]}
+    return emu.future(Answer(body={"type": "create_model", "model_id": model_id}))
+
+
+def get_info(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, Any]:
+    model_id = req.json()["model_id"]
+    model = _model(emu, model_id)
+    return {"type": "get_info", "model_id": model_id, "is_lora": model["rank"] > 0,
+            "lora_rank": model["rank"] or None, "model_name": model["base_model"],
+            "model_data": {"model_name": model["base_model"], "tokenizer_id": model["base_model"]}}
+
+
+def _forward_backward(emu: Emulator, model_id: str, loss_fn: str, forward_only: bool,
+                      datums: list[Datum]) -> tuple[list[list[float]], dict[str, float]]:
+    if loss_fn != "cross_entropy":
+        raise Reply(400, f"loss_fn {loss_fn!r} is not emulated (only cross_entropy)")
+    model = _model(emu, model_id)
+    trainer: Trainer = model["trainer"]
+    with emu.lock:
+        if forward_only:
+            logprobs = trainer.forward(datums, base_only=model["base_only"])
+            loss = -sum(w * lp for d, row in zip(datums, logprobs) for w, lp in zip(d.weights, row))
+        else:
+            logprobs, loss = trainer.forward_backward(datums)
+    return logprobs, {"loss:sum": loss}
+
+
+def forward_backward_proto(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, str]:
+    try:
+        model_id, loss_fn, forward_only, datums = tinker_wire.decode_forward_backward(req.body)
+    except (ValueError, KeyError) as exc:
+        raise Reply(400, f"bad forward_backward request: {exc}") from None
+    logprobs, metrics = _forward_backward(emu, model_id, loss_fn, forward_only, datums)
+    return emu.future(Answer(body=tinker_wire.encode_output(logprobs, metrics), content_type=PROTO))
+
+
+def optim_step(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, str]:
+    body = req.json()
+    model = _model(emu, body["model_id"])
+    params = body.get("adam_params") or body.get("optim_params") or {}
+    adam = Adam(**{k: float(v) for k, v in params.items() if k in Adam.__dataclass_fields__})
+    with emu.lock:
+        try:
+            metrics = model["trainer"].optim_step(adam)
+        except ArithmeticError as exc:
+            raise Failed(str(exc), "user") from None
+    model["steps"] += 1
+    model["adam"] = adam
+    return emu.future(Answer(body={"type": "optim_step", "metrics": metrics}))
+
+
+def _state_dir(emu: Emulator, model_id: str, kind: str, name: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{model_id}/{kind}/{name}")
+    return emu.root / "states" / safe
+
+
+def save_weights(emu: Emulator, req: Request, m: re.Match[str], kind: str = "weights") -> dict[str, str]:
+    body = req.json()
+    model_id = body["model_id"]
+    model = _model(emu, model_id)
+    name = body.get("path") or f"step-{model['steps']}"
+    with emu.lock:
+        model["trainer"].save(_state_dir(emu, model_id, kind, name), optimizer=kind == "weights")
+    path = f"tinker://{model_id}/{kind}/{name}"
+    emu.saved[path] = {"model_id": model_id, "rank": model["rank"], "base_model": model["base_model"],
+                       "dir": _state_dir(emu, model_id, kind, name)}
+    kind_type = "save_weights" if kind == "weights" else "save_weights_for_sampler"
+    return emu.future(Answer(body={"type": kind_type, "path": path}))
+
+
+def save_sampler(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, str]:
+    return save_weights(emu, req, m, kind="sampler_weights")
+
+
+def load_weights(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, str]:
+    body = req.json()
+    saved = emu.saved.get(body["path"])
+    if saved is None:
+        raise Failed(f"no saved state at {body['path']}", "user")
+    if body.get("model_id"):
+        model_id = body["model_id"]
+    else:  # a new training client from saved state
+        model_id = f"{body['session_id']}:train:{body['model_seq_id']}"
+        with emu.lock:
+            trainer = Trainer(saved["base_model"], saved["rank"], emu.lora_alpha)
+        emu.models[model_id] = {"trainer": trainer, "steps": 0, "rank": saved["rank"],
+                                "base_only": False, "base_model": saved["base_model"],
+                                "session": body["session_id"]}
+    model = _model(emu, model_id)
+    with emu.lock:
+        model["trainer"].load(saved["dir"], optimizer=bool(body.get("optimizer")), adam=model.get("adam"))
+    return emu.future(Answer(body={"type": "load_weights", "path": body["path"], "model_id": model_id}))
+
+
+def retrieve_future(emu: Emulator, req: Request, m: re.Match[str]) -> Any:
+    request_id = req.json()["request_id"]
+    answer = emu.futures.get(request_id)
+    if answer is None:
+        raise Reply(404, f"unknown future {request_id!r}")
+    return answer
+
+
+def telemetry(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, Any]:
+    return {}
+
+
+def healthz(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, str]:
+    return {"status": "ok"}
+
+
+API = [
+    ("POST", "/api/v1/client/config", client_config),
+    ("POST", "/api/v1/client/dynamic_config", dynamic_config),
+    ("POST", "/api/v1/create_session", create_session),
+    ("POST", "/api/v1/session_heartbeat", heartbeat),
+    ("POST", "/api/v1/sessions/(?P<session>[^/]+)/finish", finish_session),
+    ("POST", "/api/v1/create_model", create_model),
+    ("POST", "/api/v1/get_info", get_info),
+    ("POST", "/api/v1/forward_backward", forward_backward_proto),
+    ("POST", "/api/v1/optim_step", optim_step),
+    ("POST", "/api/v1/save_weights", save_weights),
+    ("POST", "/api/v1/save_weights_for_sampler", save_sampler),
+    ("POST", "/api/v1/load_weights", load_weights),
+    ("POST", "/api/v1/retrieve_future", retrieve_future),
+    ("POST", "/api/v1/telemetry", telemetry),
+    ("GET", "/api/v1/healthz", healthz),
+]
+ROUTES = API

@@ -1,0 +1,229 @@
+"""What the remote backends (``tinker``, ``fireworks``) share: pairs as datums, the run's loss as a
+client-side custom loss, bounded calls with retries, and the little state a checkpoint keeps.
+
+Both services run a model on datums (input tokens, a target token and a weight per position) and
+return each target's log-prob. A pair becomes two datums, chosen then rejected, in the order the
+cookbook sends them (``[c0, r0, c1, r1, ...]``). The loss plugin runs here, on the client, on the
+per-sequence numbers those log-probs add up to; the SDK sends back ``-dloss/dlogprob`` as weights
+of a cross-entropy backward pass on the service.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+from urllib.parse import urlparse
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from preftune import (
+    ConfigError,
+    LossFn,
+    Metrics,
+    PairLogps,
+    TokenizedPair,
+    TokenLogps,
+    TrainingError,
+    log,
+)
+
+T = TypeVar("T")
+STATE_FILE = "remote.json"
+
+
+class RemoteOptions(BaseModel):
+    """Settings every remote backend has (each adds its own)."""
+
+    model_config = ConfigDict(extra="forbid")
+    base_url: str | None = Field(None, description="The service's URL (default: the SDK's own).")
+    api_key_env: str = Field(description="Environment variable that holds the API key.")
+    timeout_s: float = Field(600.0, gt=0, description="Longest wait for one call's result.")
+    connect_timeout_s: float = Field(10.0, gt=0, description="Longest wait to reach the service.")
+    retries: int = Field(3, ge=0, description="Retries of a call that is safe to repeat.")
+
+    def api_key(self, prefix_hint: str) -> str:
+        key = os.environ.get(self.api_key_env, "").strip()
+        if not key:
+            raise ConfigError(f"set the environment variable {self.api_key_env} to your API key "
+                              f"({prefix_hint}); the key is never written to logs or checkpoints")
+        return key
+
+
+def datums(pairs: Sequence[TokenizedPair], make: Callable[[list[int], list[int], list[float]], Any]
+           ) -> list[Any]:
+    """Two datums per pair, ``[c0, r0, c1, r1, ...]``: inputs, next-token targets, weights."""
+    out = []
+    for pair in pairs:
+        for side in ("chosen", "rejected"):
+            tokens, weights = pair.sequence(side)
+            out.append(make(tokens[:-1], tokens[1:], weights))
+    return out
+
+
+def pair_logps(pairs: Sequence[TokenizedPair], logprobs: Sequence[torch.Tensor],
+               token_logps: bool) -> PairLogps:
+    """Per-sequence numbers (and per-token rows) of ``pairs`` from the datums' log-probs; the
+    result stays differentiable in ``logprobs``."""
+    sums: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": []}
+    counts: dict[str, list[float]] = {"chosen": [], "rejected": []}
+    rows: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": []}
+    for k, pair in enumerate(pairs):
+        for j, side in enumerate(("chosen", "rejected")):
+            row = logprobs[2 * k + j].reshape(-1).float()
+            _, weights = pair.sequence(side)
+            w = torch.tensor(weights, dtype=torch.float32)
+            if row.numel() != w.numel():
+                raise TrainingError(f"the service returned {row.numel()} log-probs for a sequence "
+                                    f"of {w.numel()} targets")
+            sums[side].append((row * w).sum())
+            counts[side].append(float(w.sum()))
+            start = len(pair.prompt) - 1
+            rows[side].append(row[start:] * w[start:])
+    tokens = None
+    if token_logps:
+        tokens = TokenLogps(*(torch.nn.utils.rnn.pad_sequence(rows[s], batch_first=True)
+                              for s in ("chosen", "rejected")))
+    return PairLogps(torch.stack(sums["chosen"]), torch.stack(sums["rejected"]),
+                     torch.tensor(counts["chosen"]), torch.tensor(counts["rejected"]), tokens)
+
+
+def custom_loss(pairs: Sequence[TokenizedPair], loss_fn: LossFn) -> Callable[..., Any]:
+    """The SDKs' custom-loss callback ``(data, logprobs_list) -> (loss, metrics)`` for the run's
+    loss on ``pairs``; metrics become floats (the SDK sends them as numbers)."""
+
+    def run(data: Any, logprobs_list: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        policy = pair_logps(pairs, logprobs_list, loss_fn.needs_token_logps)
+        loss, metrics = loss_fn(policy)
+        return loss, {k: float(v) for k, v in metrics.items()}
+
+    return run
+
+
+def metrics_of(output: Any) -> Metrics:
+    """The loss metrics of a forward/backward result (the SDKs add their own ``...:sum``)."""
+    return {k: v for k, v in output.metrics.items() if ":" not in k}
+
+
+class RemoteError(TrainingError):
+    """A call to the service failed; ``transient`` when repeating it may succeed."""
+
+    def __init__(self, message: str, transient: bool):
+        super().__init__(message)
+        self.transient = transient
+
+
+class Service:
+    """How calls to one remote service are made: every wait bounded, the SDK's errors turned
+    into preftune's, and calls that are safe to repeat retried with backoff."""
+
+    def __init__(self, name: str, options: RemoteOptions, errors: tuple[type, ...],
+                 transient: tuple[type, ...]):
+        self.name, self.options, self.errors, self.transient = name, options, errors, transient
+        self.where = ""  # the service's ids for what this run created, named in its errors
+
+    def wait(self, what: str, future: Any) -> Any:
+        """The result of an SDK future, waiting at most ``timeout_s``."""
+        try:
+            return future.result(timeout=self.options.timeout_s)
+        except (TimeoutError, FutureTimeout):
+            raise RemoteError(f"{self.name}: {what}: no result within "
+                              f"{self.options.timeout_s:g} s (timeout_s)", transient=True) from None
+        except self.errors as exc:
+            where = f" ({self.where})" if self.where else ""
+            raise RemoteError(f"{self.name}: {what} failed{where}: {_describe(exc)}",
+                              transient=isinstance(exc, self.transient)) from None
+
+    def call(self, what: str, submit: Callable[[], Any], repeatable: bool = False) -> Any:
+        """Submit and wait; a repeatable call is retried with backoff on a transient error.
+        Training calls are not repeatable: a gradient applied twice would be silently wrong."""
+        attempts = self.options.retries + 1 if repeatable else 1
+        for attempt in range(attempts):
+            try:
+                return self.wait(what, submit())
+            except RemoteError as exc:
+                if not exc.transient or attempt + 1 == attempts:
+                    raise
+                pause = min(2.0 ** attempt, 30.0)
+                log(f"{exc}; retrying in {pause:g} s")
+                time.sleep(pause)
+        raise AssertionError("unreachable")
+
+    def pending(self, what: str, submit: Callable[[], Any], convert: Callable[[Any], T],
+                repeatable: bool = False) -> Pending[T]:
+        return Pending(self, what, submit, convert, repeatable)
+
+
+class Pending(Generic[T]):
+    """A remote result still being computed; the loop calls ``result()`` once per step."""
+
+    def __init__(self, service: Service, what: str, submit: Callable[[], Any],
+                 convert: Callable[[Any], T], repeatable: bool):
+        self.service, self.what, self.submit, self.convert = service, what, submit, convert
+        self.repeatable = repeatable
+        self.future = submit()
+
+    def result(self) -> T:
+        try:
+            value = self.service.wait(self.what, self.future)
+        except RemoteError as exc:
+            if not (exc.transient and self.repeatable and self.service.options.retries):
+                raise
+            log(f"{exc}; retrying")
+            value = self.service.call(self.what, self.submit, repeatable=True)
+        return self.convert(value)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if len(text) < 500 else text[:500] + "..."
+
+
+def check_reachable(url: str, timeout: float) -> None:
+    """Fail in seconds, not minutes, when nothing answers at ``url`` (the SDKs retry a refused
+    connection for minutes). Any HTTP answer, even an error, counts as reachable."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(f"base_url {url!r} is not an http(s) URL")
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrainingError(f"cannot reach the service at {url}: {reason} "
+                            f"(waited at most {timeout:g} s)") from None
+
+
+def bounded(what: str, call: Callable[[], T], timeout: float) -> T:
+    """``call()`` in a worker thread, waiting at most ``timeout`` seconds (an SDK call that blocks
+    inside, such as creating a client, cannot hang the run)."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preftune-remote")
+    try:
+        return pool.submit(call).result(timeout=timeout)
+    except FutureTimeout:
+        raise TrainingError(f"{what}: no answer within {timeout:g} s") from None
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def write_state(path: str, state: dict[str, Any]) -> None:
+    """A checkpoint of a remote backend: the names of what the service saved, nothing secret."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+    (Path(path) / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def read_state(path: str) -> dict[str, Any]:
+    file = Path(path) / STATE_FILE
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"checkpoint {path} holds no remote state ({file.name}): {exc}") from None

@@ -1,0 +1,201 @@
+"""The ``tinker`` backend: the policy is a LoRA adapter trained on Tinker's service.
+
+Through the real ``tinker`` SDK: ``ServiceClient(base_url, api_key)``, then
+``create_lora_training_client``. Tinker trains LoRA adapters only. A LoRA adapter starts as the
+identity, so the reference log-probs are the policy's before its first step (``lora_shared``, the
+default), or those of a second adapter that is never stepped (``separate``). Training runs the
+run's loss client-side with ``forward_backward_custom``; checkpoints name the service's saved
+state and resume with ``create_training_client_from_state_with_optimizer``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from preftune import (
+    AdamParams,
+    Config,
+    ConfigError,
+    LossFn,
+    PairLogps,
+    TokenizedPair,
+    hookimpl,
+    log,
+)
+from preftune.plugins import remote
+
+CLOSE_STATUS = {"completed": "success", "stopped": "interrupted"}  # anything else: errored
+
+
+class TinkerOptions(remote.RemoteOptions):
+    """Options of the ``[tinker]`` table."""
+
+    api_key_env: str = Field("TINKER_API_KEY", description="Environment variable holding the key.")
+    train_unembed: bool = Field(True, description="Also adapt the output layer.")
+
+
+def import_sdk(module: str, extra: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(f"backend needs the {module!r} package ({exc.name} is missing): "
+                          f"pip install 'preftune[{extra}]'") from None
+
+
+class TinkerClient:
+    """Forward-only log-probs from a Tinker training client (a reference)."""
+
+    def __init__(self, backend: TinkerBackend, client: Any, policy: bool):
+        self.backend, self.client, self.policy = backend, client, policy
+
+    def forward(self, pairs: Sequence[TokenizedPair], token_logps: bool = False) -> Any:
+        if self.policy and self.backend.stepped:
+            raise RuntimeError("the policy was stepped: it is no longer the reference")
+        return self.backend.forward_with(self.client, pairs, token_logps)
+
+
+class TinkerBackend:
+    """See the module docstring."""
+
+    def __init__(self, config: Config, options: TinkerOptions, tokenizer: Any):
+        if config.lora_rank <= 0:
+            raise ConfigError("backend 'tinker' trains LoRA adapters only: set lora_rank > 0 "
+                              "(lora_rank = 0 asks for a full fine-tune)")
+        if config.init_from:
+            raise ConfigError("backend 'tinker' does not take init_from; start from a Tinker "
+                              "checkpoint by resuming a run")
+        self.tinker = import_sdk("tinker", "tinker")
+        self.config, self.options = config, options
+        self.url = options.base_url or os.environ.get("TINKER_BASE_URL")
+        errors = self.tinker.TinkerError
+        self.service = remote.Service("tinker", options, (errors,), (
+            self.tinker.APIConnectionError, self.tinker.InternalServerError, self.tinker.RateLimitError))
+        key = options.api_key("a Tinker key starts with 'tml-'")
+        if self.url:
+            remote.check_reachable(self.url, options.connect_timeout_s)
+        self.sdk = self.tinker.ServiceClient(base_url=self.url, api_key=key,
+                                             user_metadata={"client": "preftune"})
+        try:
+            self.client = self._new_adapter("creating the LoRA training client")
+        except BaseException:
+            self.close("failed")
+            raise
+        self.service.where = f"session {self.client.holder.get_session_id()}"
+        self.stepped = False
+        self.saves = 0
+
+    def _new_adapter(self, what: str) -> Any:
+        create = self.sdk.create_lora_training_client
+        future = remote.bounded(what, lambda: create(
+            self.config.base_model, rank=self.config.lora_rank, seed=self.config.seed,
+            train_unembed=self.options.train_unembed), self.options.connect_timeout_s * 3)
+        client = self.service.wait(what, future)
+        log(f"tinker: {what.removeprefix('creating ')} is model {client.model_id}")
+        return client
+
+    def datum(self, tokens: list[int], targets: list[int], weights: list[float]) -> Any:
+        types = self.tinker.types
+        return types.Datum(model_input=types.ModelInput.from_ints(tokens),
+                           loss_fn_inputs={"target_tokens": targets, "weights": weights})
+
+    def identity(self) -> dict[str, str]:
+        return {"backend": "tinker", "service": self.url or "default",
+                "base_model": self.config.base_model}
+
+    def default_reference(self) -> str:
+        return "lora_shared"
+
+    def reference_client(self, shared: bool) -> TinkerClient:
+        if shared:
+            return TinkerClient(self, self.client, policy=True)
+        return TinkerClient(self, self._new_adapter("creating the reference adapter"), policy=False)
+
+    def forward_with(self, client: Any, pairs: Sequence[TokenizedPair], token_logps: bool) -> Any:
+        data = remote.datums(pairs, self.datum)
+
+        def convert(out: Any) -> PairLogps:
+            rows = [torch.tensor(o["logprobs"].data, dtype=torch.float32) for o in out.loss_fn_outputs]
+            return remote.pair_logps(pairs, rows, token_logps)
+
+        return self.service.pending("forward", lambda: client.forward(data, "cross_entropy"),
+                                    convert, repeatable=True)
+
+    def forward(self, pairs: Sequence[TokenizedPair], token_logps: bool = False) -> Any:
+        return self.forward_with(self.client, pairs, token_logps)
+
+    def forward_backward(self, pairs: Sequence[TokenizedPair], loss_fn: LossFn) -> Any:
+        data = remote.datums(pairs, self.datum)
+        loss = remote.custom_loss(pairs, loss_fn)
+        return self.service.pending("forward_backward",
+                                    lambda: self.client.forward_backward_custom(data, loss),
+                                    remote.metrics_of)
+
+    def optim_step(self, params: AdamParams) -> Any:
+        adam = self.tinker.types.AdamParams(
+            learning_rate=params.learning_rate, beta1=params.beta1, beta2=params.beta2,
+            eps=params.eps, weight_decay=params.weight_decay, grad_clip_norm=params.max_grad_norm)
+        self.stepped = True
+        return self.service.pending("optim_step", lambda: self.client.optim_step(adam),
+                                    lambda out: dict(out.metrics or {}))
+
+    def _name(self, kind: str) -> str:
+        self.saves += 1
+        return f"preftune-{kind}-{int(time.time())}-{self.saves}"
+
+    def save_state(self, path: str) -> None:
+        name = self._name("state")
+        saved = self.service.call("save_state", lambda: self.client.save_state(name), repeatable=True)
+        remote.write_state(path, {"backend": "tinker", "state": saved.path,
+                                  "base_model": self.config.base_model})
+
+    def load_state(self, path: str) -> None:
+        state = remote.read_state(path)
+        create = self.sdk.create_training_client_from_state_with_optimizer
+        self.client = self.service.call("loading state " + state["state"],
+                                        lambda: create(state["state"]), repeatable=True)
+        self.stepped = True
+        log(f"tinker: resumed from {state['state']}")
+
+    def save_weights(self, path: str) -> dict[str, Any]:
+        name = self._name("weights")
+        saved = self.service.call("save_weights_for_sampler",
+                                  lambda: self.client.save_weights_for_sampler(name), repeatable=True)
+        remote.write_state(path, {"backend": "tinker", "sampler_weights": saved.path,
+                                  "base_model": self.config.base_model,
+                                  "lora_rank": self.config.lora_rank})
+        return {"remote_weights": saved.path}
+
+    def publish_weights(self, snapshot: str, step: int, deployment_id: str,
+                        directory: str | None, keep: int) -> dict[str, Any]:
+        """Tinker serves sampler weights by path: publishing saves them and names the path."""
+        saved = self.service.call("save_weights_for_sampler",
+                                  lambda: self.client.save_weights_for_sampler(snapshot),
+                                  repeatable=True)
+        return {"snapshot": snapshot, "step": step, "deployment_id": deployment_id,
+                "path": saved.path, "created": time.time()}
+
+    def close(self, status: str = "completed") -> None:
+        """Finish the session: the service releases what it holds for this run."""
+        sdk, self.sdk = self.sdk, None
+        if sdk is None:
+            return
+        try:
+            sdk.close(CLOSE_STATUS.get(status, "errored")).result(timeout=self.options.connect_timeout_s)
+        except Exception as exc:  # the run's own outcome matters more than a failed goodbye
+            log(f"tinker: closing the session failed: {exc}")
+
+
+def _tinker(config: Config, options: TinkerOptions, tokenizer: Any) -> TinkerBackend:
+    return TinkerBackend(config, options, tokenizer)
+
+
+@hookimpl
+def register_backends(register: Any) -> None:
+    register("tinker", _tinker, TinkerOptions)

@@ -1,0 +1,164 @@
+"""The ``tinker`` backend, through the real ``tinker`` client against the loopback emulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from preftune import ConfigError, TrainingError, run
+
+
+def metrics(log_path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (log_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(log_path: Path) -> list[float]:
+    return [row["loss"] for row in metrics(log_path)]
+
+
+def tinker_config(make_config: Any, emulator: Any, tmp_path: Path, name: str, **overrides: Any) -> Any:
+    settings = {"lora_rank": 4, "epochs": 2, "log_path": str(tmp_path / name),
+                "tinker": {"base_url": emulator.url, "timeout_s": 60}} | overrides
+    return make_config(backend="tinker", **settings)
+
+
+@pytest.mark.parametrize("loss", ["dpo", "orpo"])
+def test_training_through_tinker_gives_the_local_backends_losses(
+        make_config: Any, emulator: Any, tmp_path: Path, loss: str) -> None:
+    local = run(make_config(loss=loss, lora_rank=4, epochs=2, log_path=str(tmp_path / "local")))
+    remote = run(tinker_config(make_config, emulator, tmp_path, "tinker", loss=loss))
+    expected, got = losses(tmp_path / "local"), losses(tmp_path / "tinker")
+    assert len(got) == len(expected) == 10
+    assert got == pytest.approx(expected, abs=1e-5)
+    for key, value in local["final_eval"].items():
+        assert remote["final_eval"][key] == pytest.approx(value, abs=1e-4), key
+    # the final adapter is saved on the service and named, next to the tokenizer
+    saved = json.loads((tmp_path / "tinker" / "final" / "remote.json").read_text())
+    assert saved["sampler_weights"].startswith("tinker://") and saved["lora_rank"] == 4
+    assert remote["remote_weights"] == saved["sampler_weights"]
+    assert (tmp_path / "tinker" / "final" / "tokenizer.json").exists()
+    assert [s["finished"] for s in emulator.emulator.sessions.values()] == ["success"]
+    assert emulator.emulator.leftovers() == []
+    key = os.environ["TINKER_API_KEY"]
+    for file in (tmp_path / "tinker").rglob("*"):
+        assert not file.is_file() or key.encode() not in file.read_bytes(), file
+
+
+def test_tinker_refuses_a_full_fine_tune(make_config: Any, emulator: Any, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="LoRA adapters only: set lora_rank > 0"):
+        run(tinker_config(make_config, emulator, tmp_path, "full", lora_rank=0))
+
+
+def test_a_missing_key_names_its_variable(make_config: Any, emulator: Any, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TINKER_API_KEY")
+    with pytest.raises(ConfigError, match="set the environment variable TINKER_API_KEY"):
+        run(tinker_config(make_config, emulator, tmp_path, "nokey"))
+    assert emulator.emulator.requests == []
+
+
+def test_no_server_is_a_clear_error_within_seconds(make_config: Any, emulator: Any,
+                                                   tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    start = time.monotonic()
+    with pytest.raises(TrainingError, match=f"cannot reach the service at {url}"):
+        run(tinker_config(make_config, emulator, tmp_path, "noserver",
+                          tinker={"base_url": url, "connect_timeout_s": 2}))
+    assert time.monotonic() - start < 15
+
+
+def test_transient_faults_are_retried_and_change_nothing(make_config: Any, emulator: Any,
+                                                         tmp_path: Path) -> None:
+    run(tinker_config(make_config, emulator, tmp_path, "clean", epochs=1))
+    faults = emulator.emulator.faults
+    faults.errors.update({"/api/v1/forward_backward": 3, "/api/v1/optim_step": 2})
+    faults.drops.update({"/api/v1/retrieve_future": 2})
+    run(tinker_config(make_config, emulator, tmp_path, "faulty", epochs=1))
+    assert faults.errors == {"/api/v1/forward_backward": 0, "/api/v1/optim_step": 0}
+    assert faults.drops == {"/api/v1/retrieve_future": 0}
+    assert losses(tmp_path / "faulty") == losses(tmp_path / "clean")
+    assert emulator.emulator.leftovers() == []
+
+
+def test_a_trainer_that_dies_mid_run_stops_it_and_ends_the_session(
+        make_config: Any, emulator: Any, tmp_path: Path) -> None:
+    emulator.emulator.faults.die_after_steps = 2
+    with pytest.raises(TrainingError, match=r"tinker: forward_backward failed \(session [^)]+\): .*died"):
+        run(tinker_config(make_config, emulator, tmp_path, "dies"))
+    assert len(metrics(tmp_path / "dies")) == 2
+    assert [s["finished"] for s in emulator.emulator.sessions.values()] == ["errored"]
+
+
+def test_a_slow_answer_past_the_timeout_is_a_clear_error(make_config: Any, emulator: Any,
+                                                         tmp_path: Path) -> None:
+    emulator.emulator.faults.delay["/api/v1/optim_step"] = 5
+    start = time.monotonic()
+    with pytest.raises(TrainingError, match=r"tinker: optim_step: no result within 1 s"):
+        run(tinker_config(make_config, emulator, tmp_path, "slow",
+                          tinker={"base_url": emulator.url, "timeout_s": 1}))
+    assert time.monotonic() - start < 30
+    emulator.emulator.faults.delay.clear()
+    assert [s["finished"] for s in emulator.emulator.sessions.values()] == ["errored"]
+
+
+def preftune_run(config: Path, *args: str, **kwargs: Any) -> Any:
+    env = {**os.environ, "PREFTUNE_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    command = [str(Path(sys.executable).parent / "preftune"), "run", str(config), *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kwargs)
+
+
+def wait_for_rows(path: Path, count: int, proc: Any) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists() and len(path.read_text().splitlines()) >= count:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{path} never reached {count} rows")
+
+
+def test_a_sigkilled_tinker_run_resumes_to_the_same_losses(
+        emulator: Any, tmp_path: Path, small_dataset: Any, config_file: Any) -> None:
+    data = small_dataset(tmp_path / "d.jsonl")
+    configs = {}
+    for name in ("full", "killed"):
+        configs[name] = config_file(tmp_path / f"{name}.toml", data, tmp_path / name, tmp_path / "c",
+                                    epochs=3)
+        with open(configs[name], "a") as f:
+            f.write(f'backend = "tinker"\nlora_rank = 4\n[tinker]\nbase_url = "{emulator.url}"\n')
+    full = preftune_run(configs["full"])
+    assert full.wait(timeout=300) == 0, full.stderr.read()
+    killed = preftune_run(configs["killed"])
+    wait_for_rows(tmp_path / "killed" / "metrics.jsonl", 14, killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    resumed = preftune_run(configs["killed"], "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert "resumed from" in resumed.stderr.read()
+    assert losses(tmp_path / "killed") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
+
+
+def test_sigterm_stops_a_tinker_run_and_marks_the_session_interrupted(
+        emulator: Any, tmp_path: Path, small_dataset: Any, config_file: Any) -> None:
+    data = small_dataset(tmp_path / "d.jsonl")
+    config = config_file(tmp_path / "c.toml", data, tmp_path / "logs", tmp_path / "c", epochs=20)
+    with open(config, "a") as f:
+        f.write(f'backend = "tinker"\nlora_rank = 4\n[tinker]\nbase_url = "{emulator.url}"\n')
+    proc = preftune_run(config)
+    wait_for_rows(tmp_path / "logs" / "metrics.jsonl", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    assert "--resume" in proc.stderr.read()
+    assert [s["finished"] for s in emulator.emulator.sessions.values()] == ["interrupted"]
