@@ -30,6 +30,7 @@ DEFAULT_PLUGINS = (
     "preftune.plugins.references",
     "preftune.plugins.local",
     "preftune.plugins.tinker",
+    "preftune.plugins.fireworks",
     "preftune.plugins.console",
     "preftune.plugins.jsonl",
     "preftune.plugins.wandb_sink",

@@ -16,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,6 +30,7 @@ from .types import ForwardClient, PairLogps, TokenizedPair, TokenLogps, resolve
 
 FORMAT_VERSION = "2"  # 1: per-token rows of every pair; 2: sums and counts (+ optional rows)
 SIDES = ("chosen", "rejected")
+IN_FLIGHT = 16  # remote reference batches awaited at once (the cookbook's ref_cache_concurrency)
 
 
 def default_cache_dir() -> Path:
@@ -129,20 +132,26 @@ def compute(client: ForwardClient, pairs: Sequence[TokenizedPair],
                     rows[side][i] = table[k, : len(getattr(pairs[i], side))].clone()
         bar.update(len(index))
 
-    with bar:
-        pending = []
+    with bar:  # a remote client's batches overlap, at most IN_FLIGHT at a time
+        pending: deque[tuple[Sequence[int], Any]] = deque()
         for index in batches:
             out = client.forward([pairs[i] for i in index], token_logps)
             if callable(getattr(out, "result", None)):
                 pending.append((index, out))
             else:
                 store(index, out)
-        for index, out in pending:
-            store(index, resolve(out))
+            if len(pending) >= IN_FLIGHT:
+                store(*_resolved(pending.popleft()))
+        while pending:
+            store(*_resolved(pending.popleft()))
     missing = torch.isnan(sums["chosen"]).nonzero().flatten().tolist()
     if missing:
         raise ValueError(f"reference batches do not cover pairs {missing[:10]}")
     return ReferenceLogps(sums, counts, rows)
+
+
+def _resolved(item: tuple[Sequence[int], Any]) -> tuple[Sequence[int], PairLogps]:
+    return item[0], resolve(item[1])
 
 
 def load_or_compute(

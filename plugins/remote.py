@@ -10,6 +10,7 @@ of a cross-entropy backward pass on the service.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import time
@@ -26,9 +27,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from preftune import (
+    AdamParams,
     ConfigError,
     LossFn,
-    Metrics,
     PairLogps,
     TokenizedPair,
     TokenLogps,
@@ -96,21 +97,19 @@ def pair_logps(pairs: Sequence[TokenizedPair], logprobs: Sequence[torch.Tensor],
                      torch.tensor(counts["chosen"]), torch.tensor(counts["rejected"]), tokens)
 
 
-def custom_loss(pairs: Sequence[TokenizedPair], loss_fn: LossFn) -> Callable[..., Any]:
+def custom_loss(pairs: Sequence[TokenizedPair], loss_fn: LossFn) -> tuple[Callable[..., Any], set[str]]:
     """The SDKs' custom-loss callback ``(data, logprobs_list) -> (loss, metrics)`` for the run's
-    loss on ``pairs``; metrics become floats (the SDK sends them as numbers)."""
+    loss on ``pairs``, and the set its metric names go into (the SDK mixes in its own metrics, such
+    as ``loss:sum``, under which the loss would be shadowed)."""
+    names: set[str] = set()
 
     def run(data: Any, logprobs_list: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         policy = pair_logps(pairs, logprobs_list, loss_fn.needs_token_logps)
         loss, metrics = loss_fn(policy)
+        names.update(metrics)
         return loss, {k: float(v) for k, v in metrics.items()}
 
-    return run
-
-
-def metrics_of(output: Any) -> Metrics:
-    """The loss metrics of a forward/backward result (the SDKs add their own ``...:sum``)."""
-    return {k: v for k, v in output.metrics.items() if ":" not in k}
+    return run, names
 
 
 class RemoteError(TrainingError):
@@ -185,6 +184,77 @@ class Pending(Generic[T]):
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text if len(text) < 500 else text[:500] + "..."
+
+
+def import_sdk(module: str, extra: str) -> Any:
+    """The SDK module, or a config error that says which extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(f"this backend needs {module!r}, which is not installed ({exc}): "
+                          f"pip install 'preftune[{extra}]'") from None
+
+
+class ReferenceClient:
+    """Forward-only log-probs from one of the service's models: the policy before its first
+    step (``policy``), or a frozen model; ``on_close`` releases what was made for it."""
+
+    def __init__(self, backend: TrainingClientBackend, client: Any, policy: bool = False,
+                 on_close: Callable[[], None] | None = None):
+        self.backend, self.client, self.policy, self.on_close = backend, client, policy, on_close
+
+    def forward(self, pairs: Sequence[TokenizedPair], token_logps: bool = False) -> Any:
+        if self.policy and self.backend.stepped:
+            raise TrainingError("the policy has been stepped: it is no longer the reference")
+        return self.backend.forward_with(self.client, pairs, token_logps)
+
+    def close(self) -> None:
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close()
+
+
+class TrainingClientBackend:
+    """The verbs both SDKs' training clients share (``forward``, ``forward_backward_custom``,
+    ``optim_step``); a backend sets ``types`` (the SDK's Datum, ModelInput, AdamParams), ``service``
+    and ``client``, and adds how it provisions, saves and cleans up."""
+
+    types: Any
+    service: Service
+    client: Any
+    stepped = False
+
+    def datum(self, tokens: list[int], targets: list[int], weights: list[float]) -> Any:
+        return self.types.Datum(model_input=self.types.ModelInput.from_ints(tokens),
+                                loss_fn_inputs={"target_tokens": targets, "weights": weights})
+
+    def forward_with(self, client: Any, pairs: Sequence[TokenizedPair], token_logps: bool) -> Any:
+        data = datums(pairs, self.datum)
+
+        def convert(out: Any) -> PairLogps:
+            rows = [torch.tensor(o["logprobs"].data, dtype=torch.float32) for o in out.loss_fn_outputs]
+            return pair_logps(pairs, rows, token_logps)
+
+        return self.service.pending("forward", lambda: client.forward(data, "cross_entropy"),
+                                    convert, repeatable=True)
+
+    def forward(self, pairs: Sequence[TokenizedPair], token_logps: bool = False) -> Any:
+        return self.forward_with(self.client, pairs, token_logps)
+
+    def forward_backward(self, pairs: Sequence[TokenizedPair], loss_fn: LossFn) -> Any:
+        data = datums(pairs, self.datum)
+        loss, names = custom_loss(pairs, loss_fn)
+        return self.service.pending(
+            "forward_backward", lambda: self.client.forward_backward_custom(data, loss),
+            lambda out: {k: v for k, v in out.metrics.items() if k in names})
+
+    def optim_step(self, params: AdamParams) -> Any:
+        adam = self.types.AdamParams(
+            learning_rate=params.learning_rate, beta1=params.beta1, beta2=params.beta2,
+            eps=params.eps, weight_decay=params.weight_decay, grad_clip_norm=params.max_grad_norm)
+        self.stepped = True
+        return self.service.pending("optim_step", lambda: self.client.optim_step(adam),
+                                    lambda out: dict(out.metrics or {}))
 
 
 def check_reachable(url: str, timeout: float) -> None:

@@ -10,25 +10,13 @@ state and resume with ``create_training_client_from_state_with_optimizer``.
 
 from __future__ import annotations
 
-import importlib
 import os
 import time
-from collections.abc import Sequence
 from typing import Any
 
-import torch
 from pydantic import Field
 
-from preftune import (
-    AdamParams,
-    Config,
-    ConfigError,
-    LossFn,
-    PairLogps,
-    TokenizedPair,
-    hookimpl,
-    log,
-)
+from preftune import Config, ConfigError, hookimpl, log
 from preftune.plugins import remote
 
 CLOSE_STATUS = {"completed": "success", "stopped": "interrupted"}  # anything else: errored
@@ -41,27 +29,7 @@ class TinkerOptions(remote.RemoteOptions):
     train_unembed: bool = Field(True, description="Also adapt the output layer.")
 
 
-def import_sdk(module: str, extra: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise ConfigError(f"backend needs the {module!r} package ({exc.name} is missing): "
-                          f"pip install 'preftune[{extra}]'") from None
-
-
-class TinkerClient:
-    """Forward-only log-probs from a Tinker training client (a reference)."""
-
-    def __init__(self, backend: TinkerBackend, client: Any, policy: bool):
-        self.backend, self.client, self.policy = backend, client, policy
-
-    def forward(self, pairs: Sequence[TokenizedPair], token_logps: bool = False) -> Any:
-        if self.policy and self.backend.stepped:
-            raise RuntimeError("the policy was stepped: it is no longer the reference")
-        return self.backend.forward_with(self.client, pairs, token_logps)
-
-
-class TinkerBackend:
+class TinkerBackend(remote.TrainingClientBackend):
     """See the module docstring."""
 
     def __init__(self, config: Config, options: TinkerOptions, tokenizer: Any):
@@ -71,7 +39,7 @@ class TinkerBackend:
         if config.init_from:
             raise ConfigError("backend 'tinker' does not take init_from; start from a Tinker "
                               "checkpoint by resuming a run")
-        self.tinker = import_sdk("tinker", "tinker")
+        self.tinker = self.types = remote.import_sdk("tinker", "tinker")
         self.config, self.options = config, options
         self.url = options.base_url or os.environ.get("TINKER_BASE_URL")
         errors = self.tinker.TinkerError
@@ -100,11 +68,6 @@ class TinkerBackend:
         log(f"tinker: {what.removeprefix('creating ')} is model {client.model_id}")
         return client
 
-    def datum(self, tokens: list[int], targets: list[int], weights: list[float]) -> Any:
-        types = self.tinker.types
-        return types.Datum(model_input=types.ModelInput.from_ints(tokens),
-                           loss_fn_inputs={"target_tokens": targets, "weights": weights})
-
     def identity(self) -> dict[str, str]:
         return {"backend": "tinker", "service": self.url or "default",
                 "base_model": self.config.base_model}
@@ -112,38 +75,11 @@ class TinkerBackend:
     def default_reference(self) -> str:
         return "lora_shared"
 
-    def reference_client(self, shared: bool) -> TinkerClient:
+    def reference_client(self, shared: bool) -> remote.ReferenceClient:
+        """The policy before its first step (``shared``), or an adapter never stepped."""
         if shared:
-            return TinkerClient(self, self.client, policy=True)
-        return TinkerClient(self, self._new_adapter("creating the reference adapter"), policy=False)
-
-    def forward_with(self, client: Any, pairs: Sequence[TokenizedPair], token_logps: bool) -> Any:
-        data = remote.datums(pairs, self.datum)
-
-        def convert(out: Any) -> PairLogps:
-            rows = [torch.tensor(o["logprobs"].data, dtype=torch.float32) for o in out.loss_fn_outputs]
-            return remote.pair_logps(pairs, rows, token_logps)
-
-        return self.service.pending("forward", lambda: client.forward(data, "cross_entropy"),
-                                    convert, repeatable=True)
-
-    def forward(self, pairs: Sequence[TokenizedPair], token_logps: bool = False) -> Any:
-        return self.forward_with(self.client, pairs, token_logps)
-
-    def forward_backward(self, pairs: Sequence[TokenizedPair], loss_fn: LossFn) -> Any:
-        data = remote.datums(pairs, self.datum)
-        loss = remote.custom_loss(pairs, loss_fn)
-        return self.service.pending("forward_backward",
-                                    lambda: self.client.forward_backward_custom(data, loss),
-                                    remote.metrics_of)
-
-    def optim_step(self, params: AdamParams) -> Any:
-        adam = self.tinker.types.AdamParams(
-            learning_rate=params.learning_rate, beta1=params.beta1, beta2=params.beta2,
-            eps=params.eps, weight_decay=params.weight_decay, grad_clip_norm=params.max_grad_norm)
-        self.stepped = True
-        return self.service.pending("optim_step", lambda: self.client.optim_step(adam),
-                                    lambda out: dict(out.metrics or {}))
+            return remote.ReferenceClient(self, self.client, policy=True)
+        return remote.ReferenceClient(self, self._new_adapter("creating the reference adapter"))
 
     def _name(self, kind: str) -> str:
         self.saves += 1

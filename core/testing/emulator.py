@@ -27,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from . import fireworks_routes, tinker_routes
+from . import fireworks_routes, session_routes
 from .exchange import Answer, Failed, Reply, Request
 
 
@@ -81,7 +81,7 @@ class Emulator:
         self.deployments: dict[str, dict[str, Any]] = {}
         self.requests: list[Request] = []
         self.routes: list[tuple[str, re.Pattern[str], Route]] = []
-        for method, pattern, route in tinker_routes.ROUTES + fireworks_routes.ROUTES:
+        for method, pattern, route in session_routes.ROUTES + fireworks_routes.ROUTES:
             self.routes.append((method, re.compile(pattern + "$"), route))
 
     def new_id(self, prefix: str) -> str:
@@ -119,10 +119,18 @@ class Emulator:
         if not keys & set(self.api_keys):
             raise Reply(401, "invalid API key")
 
+    def add_deployment(self, deployment_id: str, base_model: str) -> dict[str, Any]:
+        """A deployment that exists before any client runs (one a user made to serve the model)."""
+        self.deployments[deployment_id] = {"state": "READY", "replicas": 1, "base_model": base_model,
+                                           "created": False, "snapshot": None, "hot_loads": []}
+        return self.deployments[deployment_id]
+
     def leftovers(self) -> list[str]:
-        """Everything a client created and did not delete, finish or scale to zero."""
+        """Everything a client created and did not delete, finish or scale to zero (a Fireworks
+        session lives and ends with its trainer job; a Tinker session must be finished)."""
         left = [f"trainer job {j}" for j, job in self.jobs.items() if not job.get("deleted")]
-        left += [f"session {s}" for s, session in self.sessions.items() if not session.get("finished")]
+        left += [f"session {s}" for s, session in self.sessions.items()
+                 if not session.get("finished") and not session.get("job")]
         left += [f"deployment {d}" for d, dep in self.deployments.items()
                  if not dep.get("deleted") and dep.get("replicas", 0) > 0 and dep.get("created")]
         return left

@@ -1,9 +1,9 @@
 """The session API both SDKs speak (``/api/v1/...``): sessions, models, futures and the verbs.
 
 Tinker speaks it at the service's root; the Fireworks SDK speaks the same paths under each trainer
-job's URL (``/training/v1/rlorTrainerJobs/{account}/{job}``), which :mod:`fireworks_routes` maps
-here. Forward/backward is protobuf for Tinker and JSON for Fireworks; every other call is JSON.
-Results are computed when the request arrives and handed out through ``retrieve_future``.
+job's URL (``/training/v1/rlorTrainerJobs/{account}/{job}``, see :mod:`fireworks_routes`).
+Forward/backward is protobuf for Tinker and JSON for Fireworks; every other call is JSON. Results
+are computed when the request arrives and handed out through ``retrieve_future``.
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ def _model(emu: Emulator, model_id: str) -> dict[str, Any]:
     model = emu.models.get(model_id)
     if model is None:
         raise Reply(404, f"unknown model {model_id!r}")
+    if model["job"] and emu.jobs[model["job"]].get("deleted"):
+        raise Reply(404, f"trainer job {model['job']} was deleted")
     steps = emu.faults.die_after_steps
     if steps is not None and model["steps"] >= steps:
         raise Failed(f"the trainer of {model_id} died (injected fault)")
@@ -66,6 +68,8 @@ def _job(emu: Emulator, m: re.Match[str]) -> dict[str, Any] | None:
 def create_model(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, str]:
     body = req.json()
     job = _job(emu, m) or {}
+    if job.get("deleted"):
+        raise Reply(404, f"trainer job {m['job']} was deleted")
     lora = body.get("lora_config") or {}
     rank = int(lora.get("rank") or 0) or int(job.get("lora_rank") or 0)
     model_id = f"{body['session_id']}:train:{body['model_seq_id']}"
@@ -73,9 +77,11 @@ def create_model(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, str
     forward_only = base_only or bool(job.get("forward_only"))
     with emu.lock:
         trainer = Trainer(job.get("base_model") or body["base_model"], 0 if base_only else rank,
-                          emu.lora_alpha, int(lora.get("seed") or 0), forward_only=forward_only)
+                          float(lora.get("alpha") or emu.lora_alpha), int(lora.get("seed") or 0),
+                          forward_only=forward_only)
     emu.models[model_id] = {"trainer": trainer, "steps": 0, "rank": rank, "base_only": base_only,
-                            "base_model": body["base_model"], "session": body["session_id"]}
+                            "base_model": body["base_model"], "session": body["session_id"],
+                            "job": m.groupdict().get("job"), "alpha": trainer.lora_alpha}
     return emu.future(Answer(body={"type": "create_model", "model_id": model_id}))
 
 
@@ -111,6 +117,43 @@ def forward_backward_proto(emu: Emulator, req: Request, m: re.Match[str]) -> dic
     return emu.future(Answer(body=tinker_wire.encode_output(logprobs, metrics), content_type=PROTO))
 
 
+def _tensor(value: Any) -> list[Any]:
+    return value["data"] if isinstance(value, dict) else list(value)
+
+
+def _json_datums(body: dict[str, Any]) -> tuple[str, list[Datum]]:
+    spec = body.get("forward_backward_input") or body.get("forward_input") or {}
+    datums = []
+    for d in spec.get("data", []):
+        tokens = [t for chunk in d["model_input"]["chunks"] for t in chunk["tokens"]]
+        inputs = d["loss_fn_inputs"]
+        targets = [int(t) for t in _tensor(inputs["target_tokens"])]
+        weights = [float(w) for w in _tensor(inputs.get("weights", [0.0] * len(targets)))]
+        datums.append(Datum(tokens, targets, weights))
+    return spec.get("loss_fn", "cross_entropy"), datums
+
+
+def _json_output(logprobs: list[list[float]], metrics: dict[str, float]) -> dict[str, Any]:
+    outputs = [{"logprobs": {"data": row, "dtype": "float32", "shape": [len(row)]}} for row in logprobs]
+    return {"loss_fn_output_type": "ArrayRecord", "loss_fn_outputs": outputs, "metrics": metrics}
+
+
+def forward_json(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, str]:
+    body = req.json()
+    loss_fn, datums = _json_datums(body)
+    logprobs, metrics = _forward_backward(emu, body["model_id"], loss_fn, True, datums)
+    return emu.future(Answer(body=_json_output(logprobs, metrics)))
+
+
+def forward_backward(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, str]:
+    if req.headers.get("content-type", "").startswith(PROTO):
+        return forward_backward_proto(emu, req, m)
+    body = req.json()
+    loss_fn, datums = _json_datums(body)
+    logprobs, metrics = _forward_backward(emu, body["model_id"], loss_fn, False, datums)
+    return emu.future(Answer(body=_json_output(logprobs, metrics)))
+
+
 def optim_step(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, str]:
     body = req.json()
     model = _model(emu, body["model_id"])
@@ -138,9 +181,10 @@ def save_weights(emu: Emulator, req: Request, m: re.Match[str], kind: str = "wei
     name = body.get("path") or f"step-{model['steps']}"
     with emu.lock:
         model["trainer"].save(_state_dir(emu, model_id, kind, name), optimizer=kind == "weights")
-    path = f"tinker://{model_id}/{kind}/{name}"
-    emu.saved[path] = {"model_id": model_id, "rank": model["rank"], "base_model": model["base_model"],
-                       "dir": _state_dir(emu, model_id, kind, name)}
+    path = name if model["job"] else f"tinker://{model_id}/{kind}/{name}"
+    emu.saved[_saved_key(model["job"], path)] = {
+        "model_id": model_id, "rank": model["rank"], "base_model": model["base_model"],
+        "alpha": model["alpha"], "dir": _state_dir(emu, model_id, kind, name), "kind": kind}
     kind_type = "save_weights" if kind == "weights" else "save_weights_for_sampler"
     return emu.future(Answer(body={"type": kind_type, "path": path}))
 
@@ -149,9 +193,17 @@ def save_sampler(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, str
     return save_weights(emu, req, m, kind="sampler_weights")
 
 
+def _saved_key(job: str | None, path: str) -> str:
+    """Where a saved state is found: a Tinker URI is global, a Fireworks name is the trainer
+    job's own (``cross_job://{job}/{name}`` names another job's)."""
+    if path.startswith("cross_job://"):
+        return path.removeprefix("cross_job://")
+    return f"{job}/{path}" if job else path
+
+
 def load_weights(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, str]:
     body = req.json()
-    saved = emu.saved.get(body["path"])
+    saved = emu.saved.get(_saved_key(m.groupdict().get("job"), body["path"]))
     if saved is None:
         raise Failed(f"no saved state at {body['path']}", "user")
     if body.get("model_id"):
@@ -159,10 +211,11 @@ def load_weights(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, str
     else:  # a new training client from saved state
         model_id = f"{body['session_id']}:train:{body['model_seq_id']}"
         with emu.lock:
-            trainer = Trainer(saved["base_model"], saved["rank"], emu.lora_alpha)
+            trainer = Trainer(saved["base_model"], saved["rank"], saved["alpha"])
         emu.models[model_id] = {"trainer": trainer, "steps": 0, "rank": saved["rank"],
                                 "base_only": False, "base_model": saved["base_model"],
-                                "session": body["session_id"]}
+                                "session": body["session_id"], "job": m.groupdict().get("job"),
+                                "alpha": saved["alpha"]}
     model = _model(emu, model_id)
     with emu.lock:
         model["trainer"].load(saved["dir"], optimizer=bool(body.get("optimizer")), adam=model.get("adam"))
@@ -182,9 +235,19 @@ def telemetry(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, Any]:
 
 
 def healthz(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, str]:
+    job = _job(emu, m)
+    if job is not None and (job.get("deleted") or job["state"] != "JOB_STATE_RUNNING"):
+        raise Reply(503, "trainer not ready")
     return {"status": "ok"}
 
 
+def unload_model(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, str]:
+    model_id = req.json()["model_id"]
+    emu.models.pop(model_id, None)
+    return emu.future(Answer(body={"type": "unload_model", "model_id": model_id}))
+
+
+JOB = r"(?:/training/v1/rlorTrainerJobs/(?P<account>[^/]+)/(?P<job>[^/]+))?"
 API = [
     ("POST", "/api/v1/client/config", client_config),
     ("POST", "/api/v1/client/dynamic_config", dynamic_config),
@@ -193,13 +256,15 @@ API = [
     ("POST", "/api/v1/sessions/(?P<session>[^/]+)/finish", finish_session),
     ("POST", "/api/v1/create_model", create_model),
     ("POST", "/api/v1/get_info", get_info),
-    ("POST", "/api/v1/forward_backward", forward_backward_proto),
+    ("POST", "/api/v1/forward", forward_json),
+    ("POST", "/api/v1/forward_backward", forward_backward),
     ("POST", "/api/v1/optim_step", optim_step),
     ("POST", "/api/v1/save_weights", save_weights),
     ("POST", "/api/v1/save_weights_for_sampler", save_sampler),
     ("POST", "/api/v1/load_weights", load_weights),
+    ("POST", "/api/v1/unload_model", unload_model),
     ("POST", "/api/v1/retrieve_future", retrieve_future),
     ("POST", "/api/v1/telemetry", telemetry),
     ("GET", "/api/v1/healthz", healthz),
 ]
-ROUTES = API
+ROUTES = [(method, JOB + path, route) for method, path, route in API]

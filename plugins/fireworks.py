@@ -1,0 +1,277 @@
+"""The ``fireworks`` backend: the policy trains on a Fireworks trainer job.
+
+Through the real ``fireworks.training.sdk`` (package ``fireworks-ai``), as the cookbook's DPO recipe
+provisions it: a ``TrainerJobManager`` creates a service-mode trainer job for the policy (or
+attaches to ``job_id``) and a ``FiretitanServiceClient`` on the job's URL creates the training
+client, full-parameter or LoRA. The reference is, with LoRA, the policy session's base model
+(``create_reference_client``: no second job), and for a full fine-tune a separate forward-only
+trainer job that is deleted as soon as the reference cache is complete. The run's loss runs
+client-side (``forward_backward_custom``); checkpoints name the trainer's saved state and resume
+with ``load_state_with_optimizer``; weight sync saves sampler weights and hot-loads a deployment.
+
+Every job the run creates is recorded in ``log_path/fireworks_jobs.json`` before it is created and
+deleted when the run ends, however it ends; jobs left by a killed run are deleted by the next run on
+that ``log_path`` (after a resume has loaded its state from them). Jobs named in the config are
+used and never deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from preftune import Config, ConfigError, TrainingError, hookimpl, log
+from preftune.plugins import remote
+
+SDK = "fireworks.training.sdk"
+DEFAULT_URL = "https://api.fireworks.ai"
+JOBS_FILE = "fireworks_jobs.json"
+
+
+class FireworksOptions(remote.RemoteOptions):
+    """Options of the ``[fireworks]`` table (names follow the cookbook's ``TrainerConfig``)."""
+
+    api_key_env: str = Field("FIREWORKS_API_KEY", description="Environment variable holding the key.")
+    trainer_gateway_url: str | None = Field(None, description="Host of the trainer jobs' URLs "
+                                            "(default base_url).")
+    training_shape_id: str | None = Field(None, description="Training shape of the policy job.")
+    reference_training_shape_id: str | None = Field(None, description="Shape of the reference job.")
+    job_id: str | None = Field(None, description="Use this existing policy trainer job (never deleted).")
+    reference_job_id: str | None = Field(None, description="Use this existing reference job.")
+    region: str | None = Field(None, description="Region of the jobs this run creates.")
+    trainer_timeout_s: float = Field(3600.0, gt=0, description="Longest wait for a job to be ready.")
+    poll_interval_s: float = Field(5.0, gt=0, description="Seconds between job status polls.")
+    hotload_timeout_s: float = Field(600.0, gt=0, description="Longest wait for a hot-load.")
+    warmup_after_hotload: bool = Field(True, description="Send one request after each hot-load.")
+
+
+class Jobs:
+    """The trainer jobs this run created: recorded before creation, deleted at the end."""
+
+    def __init__(self, log_path: str, manager: Any, bound: float):
+        self.file = Path(log_path) / JOBS_FILE
+        self.manager, self.bound = manager, bound
+        self.created: list[str] = []
+        self.left = self._recorded()  # by a run on this log_path that was killed
+
+    def _recorded(self) -> list[str]:
+        try:
+            return list(json.loads(self.file.read_text()))
+        except (OSError, ValueError):
+            return []
+
+    def _write(self) -> None:
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        self.file.write_text(json.dumps(self.left + self.created))
+
+    def new(self, role: str) -> str:
+        job_id = f"preftune-{role}-{secrets.token_hex(4)}"
+        self.created.append(job_id)
+        self._write()
+        return job_id
+
+    def delete(self, job_id: str) -> None:
+        try:
+            remote.bounded(f"deleting trainer job {job_id}", lambda: self.manager.delete(job_id),
+                           self.bound)
+        except Exception as exc:
+            log(f"fireworks: could not delete trainer job {job_id} ({exc}); delete it by hand")
+            return
+        for jobs in (self.created, self.left):
+            if job_id in jobs:
+                jobs.remove(job_id)
+        self._write()
+
+    def delete_left(self) -> None:
+        for job_id in list(self.left):
+            log(f"fireworks: deleting trainer job {job_id}, left by an interrupted run")
+            self.delete(job_id)
+
+    def delete_all(self) -> None:
+        for job_id in list(self.created):
+            self.delete(job_id)
+        self.delete_left()
+        if not self.created and not self.left:
+            self.file.unlink(missing_ok=True)
+
+
+class FireworksBackend(remote.TrainingClientBackend):
+    """See the module docstring."""
+
+    def __init__(self, config: Config, options: FireworksOptions, tokenizer: Any):
+        self.fw = self.types = remote.import_sdk(SDK, "fireworks")
+        trainer = remote.import_sdk(f"{SDK}.trainer", "fireworks")
+        self.config, self.options, self.trainer_types = config, options, trainer
+        self.alpha = config.lora_alpha
+        if config.lora_rank > 0 and not float(self.alpha).is_integer():
+            raise ConfigError(f"lora_alpha = {self.alpha}: the fireworks backend needs a whole number")
+        if config.init_from:
+            raise ConfigError("backend 'fireworks' does not take init_from; attach to a trainer "
+                              "job with [fireworks] job_id, or resume a run")
+        self.key = options.api_key("a Fireworks key; a 'tml-' key is a Tinker key")
+        if self.key.startswith("tml-"):
+            raise ConfigError(f"{options.api_key_env} holds a Tinker key ('tml-...'): the fireworks "
+                              "backend needs a Fireworks API key")
+        self.url = (options.base_url or os.environ.get("FIREWORKS_BASE_URL") or DEFAULT_URL).rstrip("/")
+        self.gateway = (options.trainer_gateway_url or self.url).rstrip("/")
+        fw = self.fw
+        self.service = remote.Service("fireworks", options, (
+            fw.TrainingError, fw.TrainingAPIError, RuntimeError, ValueError, OSError),
+            (fw.APIConnectionError, fw.APITimeoutError))
+        remote.check_reachable(self.url, options.connect_timeout_s)
+        self.manager = trainer.TrainerJobManager(api_key=self.key, base_url=self.url,
+                                                 trainer_gateway_url=self.gateway)
+        self.jobs = Jobs(config.log_path, self.manager, options.connect_timeout_s * 3)
+        if not config.resume:  # a resumed run may need their saved state; it deletes them later
+            self.jobs.delete_left()
+        self.clients: list[Any] = []  # service clients to close
+        self.syncer: Any = None
+        self.saves = 0
+        try:
+            self.policy_job, self.sdk = self._trainer("policy", config.lora_rank, False,
+                                                      options.training_shape_id, options.job_id)
+            self.client = remote.bounded("creating the training client", lambda: (
+                self.sdk.create_training_client(config.base_model, lora_rank=config.lora_rank,
+                                                seed=config.seed, lora_alpha=int(self.alpha))),
+                options.timeout_s)
+        except BaseException:
+            self.close("failed")
+            raise
+        self.service.where = f"trainer job {self.policy_job}"
+
+    def _trainer(self, role: str, lora_rank: int, forward_only: bool, shape: str | None,
+                 existing: str | None) -> tuple[str, Any]:
+        """A ready trainer job (created, or ``existing``) and a service client on its URL."""
+        opts = self.options
+        wait = dict(poll_interval_s=opts.poll_interval_s, timeout_s=opts.trainer_timeout_s)
+        if existing:
+            job_id = existing
+            ready = lambda: self.manager.wait_for_existing(existing, **wait)  # noqa: E731
+        else:
+            job_id = self.jobs.new(role)
+            job = self.trainer_types.TrainerJobConfig(
+                base_model=self.config.base_model, lora_rank=lora_rank, forward_only=forward_only,
+                max_context_length=self.config.max_seq_len, learning_rate=self.config.learning_rate,
+                training_shape_ref=shape, region=opts.region, requested_job_id=job_id,
+                display_name=f"preftune {role}")
+            ready = lambda: self.manager.create_and_wait(job, **wait)  # noqa: E731
+        log(f"fireworks: waiting for {role} trainer job {job_id}")
+        try:
+            endpoint = remote.bounded(f"{role} trainer job {job_id}", ready,
+                                      opts.trainer_timeout_s + opts.connect_timeout_s)
+        except Exception as exc:
+            raise TrainingError(f"fireworks: {role} trainer job {job_id} did not become ready: "
+                                f"{exc}") from None
+        client = remote.bounded(f"connecting to trainer job {job_id}", lambda: (
+            self.fw.FiretitanServiceClient(base_url=endpoint.base_url, api_key=self.key,
+                                           max_retries=opts.retries)), opts.timeout_s)
+        self.clients.append(client)
+        return job_id, client
+
+    def identity(self) -> dict[str, str]:
+        return {"backend": "fireworks", "service": self.url, "base_model": self.config.base_model}
+
+    def default_reference(self) -> str:
+        return "lora_shared" if self.config.lora_rank > 0 else "separate"
+
+    def reference_client(self, shared: bool) -> remote.ReferenceClient:
+        """With LoRA and ``shared``, the base model on the policy's own session; otherwise a
+        forward-only trainer job, deleted when the reference pass is done."""
+        if shared:
+            client = remote.bounded("creating the reference client", lambda: (
+                self.sdk.create_reference_client(self.config.base_model)), self.options.timeout_s)
+            return remote.ReferenceClient(self, client)
+        opts = self.options
+        job_id, sdk = self._trainer("reference", 0, True, opts.reference_training_shape_id,
+                                    opts.reference_job_id)
+        client = remote.bounded("creating the reference client", lambda: (
+            sdk.create_training_client(self.config.base_model, lora_rank=0)), opts.timeout_s)
+
+        def release() -> None:
+            self._close_client(sdk)
+            if job_id in self.jobs.created:
+                self.jobs.delete(job_id)
+                log(f"fireworks: reference trainer job {job_id} deleted (the cache is complete)")
+
+        return remote.ReferenceClient(self, client, on_close=release)
+
+    def _name(self, kind: str) -> str:
+        """A checkpoint name the trainer accepts (one lowercase DNS label)."""
+        self.saves += 1
+        return f"preftune-{kind}-{secrets.token_hex(3)}-{self.saves}"
+
+    def save_state(self, path: str) -> None:
+        name = self._name("state")
+        saved = self.service.call("save_state", lambda: self.client.save_state(name), repeatable=True)
+        remote.write_state(path, {"backend": "fireworks", "job": self.policy_job, "state": saved.path,
+                                  "base_model": self.config.base_model})
+
+    def load_state(self, path: str) -> None:
+        state = remote.read_state(path)
+        same_job = state.get("job") == self.policy_job
+        name = state["state"] if same_job else f"cross_job://{state['job']}/{state['state']}"
+        self.service.call(f"loading state {name}", lambda: self.client.load_state_with_optimizer(name),
+                          repeatable=True)
+        self.stepped = True
+        log(f"fireworks: resumed from {name}")
+        self.jobs.delete_left()  # the killed run's jobs, now that their state is loaded
+
+    def _save_sampler(self, name: str) -> Any:
+        return remote.bounded("save_weights_for_sampler", lambda: (
+            self.client.save_weights_for_sampler_ext(name)), self.options.timeout_s)
+
+    def save_weights(self, path: str) -> dict[str, Any]:
+        saved = self._save_sampler(self._name("final"))
+        remote.write_state(path, {"backend": "fireworks", "job": self.policy_job,
+                                  "snapshot": saved.snapshot_name, "path": saved.path,
+                                  "base_model": self.config.base_model,
+                                  "lora_rank": self.config.lora_rank})
+        return {"remote_weights": saved.snapshot_name}
+
+    def publish_weights(self, snapshot: str, step: int, deployment_id: str,
+                        directory: str | None, keep: int) -> dict[str, Any]:
+        """Save sampler weights and hot-load them into ``deployment_id`` (base, then deltas for a
+        full fine-tune, as the SDK's ``WeightSyncer`` chains them)."""
+        if self.syncer is None:
+            deploy = remote.import_sdk(f"{SDK}.deployment", "fireworks")
+            syncer = remote.import_sdk(f"{SDK}.weight_syncer", "fireworks")
+            manager = deploy.DeploymentManager(api_key=self.key, base_url=self.url)
+            self.syncer = syncer.WeightSyncer(
+                policy_client=self.client, deploy_mgr=manager, deployment_id=deployment_id,
+                base_model=self.config.base_model, hotload_timeout=int(self.options.hotload_timeout_s),
+                warmup_after_hotload=self.options.warmup_after_hotload, lora_rank=self.config.lora_rank)
+        name = snapshot.lower().replace("_", "-")
+        loaded = remote.bounded(f"hot-loading {name} into deployment {deployment_id}", lambda: (
+            self.syncer.save_and_hotload(name)), self.options.hotload_timeout_s + self.options.timeout_s)
+        if not loaded:
+            raise TrainingError(f"fireworks: hot-loading {name} into deployment {deployment_id} failed")
+        return {"snapshot": loaded, "step": step, "deployment_id": deployment_id,
+                "trainer_job": self.policy_job}
+
+    def _close_client(self, client: Any) -> None:
+        if client in self.clients:
+            self.clients.remove(client)
+        try:
+            client.close()
+        except Exception as exc:
+            log(f"fireworks: closing a client failed: {exc}")
+
+    def close(self, status: str = "completed") -> None:
+        """Close every client, then delete every trainer job this run created."""
+        for client in list(self.clients):
+            self._close_client(client)
+        self.jobs.delete_all()
+
+
+def _fireworks(config: Config, options: FireworksOptions, tokenizer: Any) -> FireworksBackend:
+    return FireworksBackend(config, options, tokenizer)
+
+
+@hookimpl
+def register_backends(register: Any) -> None:
+    register("fireworks", _fireworks, FireworksOptions)
