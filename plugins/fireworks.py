@@ -53,9 +53,9 @@ class FireworksOptions(remote.RemoteOptions):
 class Jobs:
     """The trainer jobs this run created: recorded before creation, deleted at the end."""
 
-    def __init__(self, log_path: str, manager: Any, bound: float):
+    def __init__(self, log_path: str, manager: Any, service: remote.Service, bound: float):
         self.file = Path(log_path) / JOBS_FILE
-        self.manager, self.bound = manager, bound
+        self.manager, self.service, self.bound = manager, service, bound
         self.created: list[str] = []
         self.left = self._recorded()  # by a run on this log_path that was killed
 
@@ -77,8 +77,8 @@ class Jobs:
 
     def delete(self, job_id: str) -> None:
         try:
-            remote.bounded(f"deleting trainer job {job_id}", lambda: self.manager.delete(job_id),
-                           self.bound)
+            self.service.run(f"deleting trainer job {job_id}", lambda: self.manager.delete(job_id),
+                             self.bound)
         except Exception as exc:
             log(f"fireworks: could not delete trainer job {job_id} ({exc}); delete it by hand")
             return
@@ -126,7 +126,7 @@ class FireworksBackend(remote.TrainingClientBackend):
         remote.check_reachable(self.url, options.connect_timeout_s)
         self.manager = trainer.TrainerJobManager(api_key=self.key, base_url=self.url,
                                                  trainer_gateway_url=self.gateway)
-        self.jobs = Jobs(config.log_path, self.manager, options.connect_timeout_s * 3)
+        self.jobs = Jobs(config.log_path, self.manager, self.service, options.connect_timeout_s * 3)
         if not config.resume:  # a resumed run may need their saved state; it deletes them later
             self.jobs.delete_left()
         self.clients: list[Any] = []  # service clients to close
@@ -135,10 +135,9 @@ class FireworksBackend(remote.TrainingClientBackend):
         try:
             self.policy_job, self.sdk = self._trainer("policy", config.lora_rank, False,
                                                       options.training_shape_id, options.job_id)
-            self.client = remote.bounded("creating the training client", lambda: (
+            self.client = self.service.run("creating the training client", lambda: (
                 self.sdk.create_training_client(config.base_model, lora_rank=config.lora_rank,
-                                                seed=config.seed, lora_alpha=int(self.alpha))),
-                options.timeout_s)
+                                                seed=config.seed, lora_alpha=int(self.alpha))))
         except BaseException:
             self.close("failed")
             raise
@@ -162,14 +161,14 @@ class FireworksBackend(remote.TrainingClientBackend):
             ready = lambda: self.manager.create_and_wait(job, **wait)  # noqa: E731
         log(f"fireworks: waiting for {role} trainer job {job_id}")
         try:
-            endpoint = remote.bounded(f"{role} trainer job {job_id}", ready,
-                                      opts.trainer_timeout_s + opts.connect_timeout_s)
-        except Exception as exc:
+            endpoint = self.service.run(f"waiting for {role} trainer job {job_id}", ready,
+                                        opts.trainer_timeout_s + opts.connect_timeout_s)
+        except remote.RemoteError as exc:
             raise TrainingError(f"fireworks: {role} trainer job {job_id} did not become ready: "
                                 f"{exc}") from None
-        client = remote.bounded(f"connecting to trainer job {job_id}", lambda: (
+        client = self.service.run(f"connecting to trainer job {job_id}", lambda: (
             self.fw.FiretitanServiceClient(base_url=endpoint.base_url, api_key=self.key,
-                                           max_retries=opts.retries)), opts.timeout_s)
+                                           max_retries=opts.retries)))
         self.clients.append(client)
         return job_id, client
 
@@ -183,14 +182,14 @@ class FireworksBackend(remote.TrainingClientBackend):
         """With LoRA and ``shared``, the base model on the policy's own session; otherwise a
         forward-only trainer job, deleted when the reference pass is done."""
         if shared:
-            client = remote.bounded("creating the reference client", lambda: (
-                self.sdk.create_reference_client(self.config.base_model)), self.options.timeout_s)
+            client = self.service.run("creating the reference client", lambda: (
+                self.sdk.create_reference_client(self.config.base_model)))
             return remote.ReferenceClient(self, client)
         opts = self.options
         job_id, sdk = self._trainer("reference", 0, True, opts.reference_training_shape_id,
                                     opts.reference_job_id)
-        client = remote.bounded("creating the reference client", lambda: (
-            sdk.create_training_client(self.config.base_model, lora_rank=0)), opts.timeout_s)
+        client = self.service.run("creating the reference client", lambda: (
+            sdk.create_training_client(self.config.base_model, lora_rank=0)))
 
         def release() -> None:
             self._close_client(sdk)
@@ -222,8 +221,8 @@ class FireworksBackend(remote.TrainingClientBackend):
         self.jobs.delete_left()  # the killed run's jobs, now that their state is loaded
 
     def _save_sampler(self, name: str) -> Any:
-        return remote.bounded("save_weights_for_sampler", lambda: (
-            self.client.save_weights_for_sampler_ext(name)), self.options.timeout_s)
+        return self.service.run("save_weights_for_sampler", lambda: (
+            self.client.save_weights_for_sampler_ext(name)))
 
     def save_weights(self, path: str) -> dict[str, Any]:
         saved = self._save_sampler(self._name("final"))
@@ -246,7 +245,7 @@ class FireworksBackend(remote.TrainingClientBackend):
                 base_model=self.config.base_model, hotload_timeout=int(self.options.hotload_timeout_s),
                 warmup_after_hotload=self.options.warmup_after_hotload, lora_rank=self.config.lora_rank)
         name = snapshot.lower().replace("_", "-")
-        loaded = remote.bounded(f"hot-loading {name} into deployment {deployment_id}", lambda: (
+        loaded = self.service.run(f"hot-loading {name} into deployment {deployment_id}", lambda: (
             self.syncer.save_and_hotload(name)), self.options.hotload_timeout_s + self.options.timeout_s)
         if not loaded:
             raise TrainingError(f"fireworks: hot-loading {name} into deployment {deployment_id} failed")

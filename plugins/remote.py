@@ -129,13 +129,27 @@ class Service:
         self.name, self.options, self.errors, self.transient = name, options, errors, transient
         self.where = ""  # the service's ids for what this run created, named in its errors
 
+    def run(self, what: str, call: Callable[[], T], timeout: float | None = None) -> T:
+        """``call()`` (an SDK call, which may block inside) in a worker thread, waiting at most
+        ``timeout`` (default ``timeout_s``) seconds; the SDK's errors become :class:`RemoteError`."""
+        timeout = timeout or self.options.timeout_s
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"preftune-{self.name}")
+        try:
+            return self._converted(what, lambda: pool.submit(call).result(timeout=timeout), timeout)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
     def wait(self, what: str, future: Any) -> Any:
         """The result of an SDK future, waiting at most ``timeout_s``."""
+        timeout = self.options.timeout_s
+        return self._converted(what, lambda: future.result(timeout=timeout), timeout)
+
+    def _converted(self, what: str, call: Callable[[], T], timeout: float) -> T:
         try:
-            return future.result(timeout=self.options.timeout_s)
+            return call()
         except (TimeoutError, FutureTimeout):
-            raise RemoteError(f"{self.name}: {what}: no result within "
-                              f"{self.options.timeout_s:g} s (timeout_s)", transient=True) from None
+            raise RemoteError(f"{self.name}: {what}: no result within {timeout:g} s",
+                              transient=True) from None
         except self.errors as exc:
             where = f" ({self.where})" if self.where else ""
             raise RemoteError(f"{self.name}: {what} failed{where}: {_describe(exc)}",
@@ -147,7 +161,7 @@ class Service:
         attempts = self.options.retries + 1 if repeatable else 1
         for attempt in range(attempts):
             try:
-                return self.wait(what, submit())
+                return self.wait(what, self.run(what, submit))
             except RemoteError as exc:
                 if not exc.transient or attempt + 1 == attempts:
                     raise
@@ -168,7 +182,7 @@ class Pending(Generic[T]):
                  convert: Callable[[Any], T], repeatable: bool):
         self.service, self.what, self.submit, self.convert = service, what, submit, convert
         self.repeatable = repeatable
-        self.future = submit()
+        self.future = service.run(what, submit)  # some SDK calls block for their first half
 
     def result(self) -> T:
         try:
@@ -271,18 +285,6 @@ def check_reachable(url: str, timeout: float) -> None:
         reason = getattr(exc, "reason", exc)
         raise TrainingError(f"cannot reach the service at {url}: {reason} "
                             f"(waited at most {timeout:g} s)") from None
-
-
-def bounded(what: str, call: Callable[[], T], timeout: float) -> T:
-    """``call()`` in a worker thread, waiting at most ``timeout`` seconds (an SDK call that blocks
-    inside, such as creating a client, cannot hang the run)."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preftune-remote")
-    try:
-        return pool.submit(call).result(timeout=timeout)
-    except FutureTimeout:
-        raise TrainingError(f"{what}: no answer within {timeout:g} s") from None
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def write_state(path: str, state: dict[str, Any]) -> None:

@@ -61,9 +61,9 @@ class TinkerBackend(remote.TrainingClientBackend):
 
     def _new_adapter(self, what: str) -> Any:
         create = self.sdk.create_lora_training_client
-        future = remote.bounded(what, lambda: create(
+        future = self.service.run(what, lambda: create(
             self.config.base_model, rank=self.config.lora_rank, seed=self.config.seed,
-            train_unembed=self.options.train_unembed), self.options.connect_timeout_s * 3)
+            train_unembed=self.options.train_unembed))
         client = self.service.wait(what, future)
         log(f"tinker: {what.removeprefix('creating ')} is model {client.model_id}")
         return client

@@ -1,0 +1,176 @@
+"""The ``fireworks`` backend, through the real ``fireworks.training.sdk`` clients against the
+loopback emulator: jobs, reference lifecycle, parity with the local backend, weight sync, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from preftune import ConfigError, TrainingError, run
+
+
+def losses(log_path: Path) -> list[float]:
+    lines = (log_path / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+def fireworks_config(make_config: Any, emulator: Any, tmp_path: Path, name: str, **overrides: Any) -> Any:
+    settings = {"epochs": 2, "log_path": str(tmp_path / name),
+                "fireworks": {"base_url": emulator.url, "poll_interval_s": 0.05, "timeout_s": 60}}
+    return make_config(backend="fireworks", **(settings | overrides))
+
+
+def paths(emulator: Any, method: str, fragment: str) -> list[int]:
+    """Positions in the emulator's request log of requests matching ``method`` and ``fragment``."""
+    return [i for i, r in enumerate(emulator.emulator.requests)
+            if r.method == method and fragment in r.path]
+
+
+@pytest.mark.parametrize(("loss", "lora_rank"), [("dpo", 0), ("dpo", 4), ("orpo", 0)])
+def test_training_on_fireworks_gives_the_local_backends_losses(
+        make_config: Any, emulator: Any, tmp_path: Path, loss: str, lora_rank: int) -> None:
+    local = run(make_config(loss=loss, lora_rank=lora_rank, epochs=2, log_path=str(tmp_path / "local")))
+    remote = run(fireworks_config(make_config, emulator, tmp_path, "fw", loss=loss, lora_rank=lora_rank))
+    assert losses(tmp_path / "fw") == pytest.approx(losses(tmp_path / "local"), abs=1e-5)
+    assert len(losses(tmp_path / "fw")) == 10
+    for key, value in local["final_eval"].items():
+        assert remote["final_eval"][key] == pytest.approx(value, abs=1e-4), key
+    jobs = emulator.emulator.jobs
+    policy = [j for j, job in jobs.items() if not job["forward_only"]]
+    reference = [j for j, job in jobs.items() if job["forward_only"]]
+    assert len(policy) == 1 and jobs[policy[0]]["lora_rank"] == lora_rank
+    # a full fine-tune's DPO reference is its own forward-only job, deleted before training starts
+    assert len(reference) == (1 if loss == "dpo" and lora_rank == 0 else 0)
+    for job in reference:
+        assert paths(emulator, "DELETE", job)[0] < paths(emulator, "POST", "forward_backward")[0]
+    assert emulator.emulator.leftovers() == []
+    assert not (tmp_path / "fw" / "fireworks_jobs.json").exists()
+    saved = json.loads((tmp_path / "fw" / "final" / "remote.json").read_text())
+    assert remote["remote_weights"] == saved["snapshot"] and saved["job"] == policy[0]
+    key = os.environ["FIREWORKS_API_KEY"]
+    for file in (tmp_path / "fw").rglob("*"):
+        assert not file.is_file() or key.encode() not in file.read_bytes(), file
+
+
+def test_weight_sync_hot_loads_an_existing_deployment(make_config: Any, emulator: Any,
+                                                      tmp_path: Path) -> None:
+    deployment = emulator.emulator.add_deployment("serving", "builtin:tiny")
+    run(fireworks_config(make_config, emulator, tmp_path, "sync", lora_rank=4,
+                         sinks=["jsonl", "weight_sync"],
+                         weight_sync={"deployment_id": "serving", "weight_sync_interval": 4}))
+    assert len(deployment["hot_loads"]) == 3  # steps 4 and 8, and the end (step 10)
+    assert deployment["snapshot"] == deployment["hot_loads"][-1]
+    assert deployment["snapshot"].startswith("step-00000010")
+    assert not deployment.get("deleted") and deployment["replicas"] == 1  # not ours: untouched
+    assert emulator.emulator.leftovers() == []
+
+
+def test_a_tinker_key_or_no_key_is_a_clear_error(make_config: Any, emulator: Any, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FIREWORKS_API_KEY", "tml-123")
+    with pytest.raises(ConfigError, match="holds a Tinker key"):
+        run(fireworks_config(make_config, emulator, tmp_path, "tml"))
+    monkeypatch.delenv("FIREWORKS_API_KEY")
+    with pytest.raises(ConfigError, match="set the environment variable FIREWORKS_API_KEY"):
+        run(fireworks_config(make_config, emulator, tmp_path, "nokey"))
+    assert emulator.emulator.requests == []
+
+
+def test_a_job_that_never_becomes_ready_is_an_error_and_is_deleted(
+        make_config: Any, emulator: Any, tmp_path: Path) -> None:
+    emulator.emulator.faults.never_ready = True
+    start = time.monotonic()
+    with pytest.raises(TrainingError, match=r"policy trainer job preftune-policy-\w+ did not become ready"):
+        run(fireworks_config(make_config, emulator, tmp_path, "never",
+                             fireworks={"base_url": emulator.url, "poll_interval_s": 0.05,
+                                        "trainer_timeout_s": 1}))
+    assert time.monotonic() - start < 30
+    assert len(emulator.emulator.jobs) == 1 and emulator.emulator.leftovers() == []
+
+
+def test_a_job_that_dies_mid_run_stops_it_with_the_job_named(make_config: Any, emulator: Any,
+                                                             tmp_path: Path) -> None:
+    emulator.emulator.faults.die_after_steps = 3
+    with pytest.raises(TrainingError, match=r"forward_backward failed \(trainer job preftune-policy-"):
+        run(fireworks_config(make_config, emulator, tmp_path, "dies", lora_rank=4))
+    assert len(losses(tmp_path / "dies")) == 3
+    assert emulator.emulator.leftovers() == []
+
+
+def test_transient_faults_are_retried_and_change_nothing(make_config: Any, emulator: Any,
+                                                         tmp_path: Path) -> None:
+    run(fireworks_config(make_config, emulator, tmp_path, "clean", lora_rank=4, epochs=1))
+    faults = emulator.emulator.faults
+    faults.errors.update({"/api/v1/forward_backward": 1, "rlorTrainerJobs/[^/]+$": 1})
+    faults.drops.update({"/api/v1/retrieve_future": 2, "/api/v1/optim_step": 1})
+    run(fireworks_config(make_config, emulator, tmp_path, "faulty", lora_rank=4, epochs=1))
+    assert set(faults.errors.values()) == set(faults.drops.values()) == {0}
+    assert losses(tmp_path / "faulty") == losses(tmp_path / "clean")
+    assert emulator.emulator.leftovers() == []
+
+
+def preftune_run(config: Path, *args: str) -> Any:
+    env = {**os.environ, "PREFTUNE_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    command = [str(Path(sys.executable).parent / "preftune"), "run", str(config), *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_rows(path: Path, count: int, proc: Any) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists() and len(path.read_text().splitlines()) >= count:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{path} never reached {count} rows")
+
+
+def fireworks_file(config_file: Any, path: Path, data: Path, log: Path, cache: Path, url: str,
+                   epochs: int) -> Path:
+    config = config_file(path, data, log, cache, epochs=epochs)
+    with open(config, "a") as f:
+        f.write(f'backend = "fireworks"\n[fireworks]\nbase_url = "{url}"\npoll_interval_s = 0.05\n')
+    return config
+
+
+def test_a_sigkilled_run_resumes_to_the_same_losses_and_its_jobs_are_deleted(
+        emulator: Any, tmp_path: Path, small_dataset: Any, config_file: Any) -> None:
+    data = small_dataset(tmp_path / "d.jsonl")
+    configs = {name: fireworks_file(config_file, tmp_path / f"{name}.toml", data, tmp_path / name,
+                                    tmp_path / "c", emulator.url, epochs=3) for name in ("full", "killed")}
+    full = preftune_run(configs["full"])
+    assert full.wait(timeout=300) == 0, full.stderr.read()
+    killed = preftune_run(configs["killed"])
+    wait_for_rows(tmp_path / "killed" / "metrics.jsonl", 14, killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    orphans = emulator.emulator.leftovers()
+    assert len(orphans) == 1 and orphans[0].startswith("trainer job preftune-policy-")
+    resumed = preftune_run(configs["killed"], "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    stderr = resumed.stderr.read()
+    assert "resumed from cross_job://" in stderr and "left by an interrupted run" in stderr
+    assert losses(tmp_path / "killed") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
+    assert emulator.emulator.leftovers() == []
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_or_ctrl_c_stops_the_run_and_deletes_its_jobs(
+        emulator: Any, tmp_path: Path, small_dataset: Any, config_file: Any, signum: int,
+        code: int) -> None:
+    data = small_dataset(tmp_path / "d.jsonl")
+    config = fireworks_file(config_file, tmp_path / "c.toml", data, tmp_path / "logs", tmp_path / "c",
+                            emulator.url, epochs=20)
+    proc = preftune_run(config)
+    wait_for_rows(tmp_path / "logs" / "metrics.jsonl", 2, proc)
+    proc.send_signal(signum)
+    assert proc.wait(timeout=60) == code
+    assert "--resume" in proc.stderr.read()
+    assert emulator.emulator.jobs and emulator.emulator.leftovers() == []
