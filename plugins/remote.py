@@ -90,9 +90,9 @@ def pair_logps(pairs: Sequence[TokenizedPair], logprobs: Sequence[torch.Tensor],
             start = len(pair.prompt) - 1
             rows[side].append(row[start:] * w[start:])
     tokens = None
-    if token_logps:
-        tokens = TokenLogps(*(torch.nn.utils.rnn.pad_sequence(rows[s], batch_first=True)
-                              for s in ("chosen", "rejected")))
+    if token_logps:  # [B, T] each, right-padded with 0 to the longest completion of either side
+        table = torch.nn.utils.rnn.pad_sequence(rows["chosen"] + rows["rejected"], batch_first=True)
+        tokens = TokenLogps(table[: len(pairs)], table[len(pairs):])
     return PairLogps(torch.stack(sums["chosen"]), torch.stack(sums["rejected"]),
                      torch.tensor(counts["chosen"]), torch.tensor(counts["rejected"]), tokens)
 

@@ -57,7 +57,7 @@ def test_unknown_keys_are_errors_listing_known_ones(registry: Any) -> None:
     message = str(info.value)
     assert "unknown config key 'learning_rat'" in message
     assert "did you mean 'learning_rate'" in message and "known keys:" in message
-    assert "plugin option tables: console, local" in message
+    assert "plugin option tables: console, fireworks, local" in message
 
 
 def test_plugin_tables_are_validated_by_the_plugins_model(registry: Any) -> None:
@@ -93,17 +93,23 @@ def test_redacted_config_masks_secrets(registry: Any) -> None:
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
 
-def doc_rows() -> dict[str, tuple[str, str]]:
-    rows = {}
+def doc_rows() -> dict[str | None, dict[str, tuple[str, str]]]:
+    """Documented rows per table (``None``: the top-level fields), each ``(type, default)``."""
+    tables: dict[str | None, dict[str, tuple[str, str]]] = {None: {}}
+    table = None
     for line in DOCS.read_text().splitlines():
+        heading = re.match(r"^### `\[(\w+)\]`", line)
+        if heading:
+            table = heading.group(1)
+            tables[table] = {}
         match = re.match(r"^\| `(\w+)` \| `([^`]*)` \| `?([^`|]*)`? \|", line)
         if match:
-            rows[match.group(1)] = (match.group(2), match.group(3).strip())
-    return rows
+            tables[table][match.group(1)] = (match.group(2), match.group(3).strip())
+    return tables
 
 
 def test_docs_list_every_config_field_with_type_and_default() -> None:
-    rows = doc_rows()
+    rows = doc_rows()[None]
     fields = config_fields()
     assert set(fields) <= set(rows), f"undocumented: {set(fields) - set(rows)}"
     for name, (type_name, default, _) in fields.items():
@@ -112,11 +118,12 @@ def test_docs_list_every_config_field_with_type_and_default() -> None:
 
 
 def test_docs_list_every_builtin_plugin_option(registry: Any) -> None:
-    rows = doc_rows()
+    tables = doc_rows()
     for component in registry.all():
         if component.options is None:
             continue
+        rows = tables.get(component.name, {})
         for name, info in component.options.model_fields.items():
             key = info.alias or name  # what users write in the table
             assert key in rows, f"[{component.name}] {key} is not documented"
-            assert rows[key][1] == repr(info.default), key
+            assert rows[key][1] == repr(info.default), f"[{component.name}] {key}"

@@ -25,7 +25,7 @@ def test_builtins_register_every_kind(registry: Any) -> None:
     assert registry.names("format") == ["chosen_rejected", "input_output"]
     assert registry.names("loss") == ["dpo", "orpo"]
     assert registry.names("reference") == ["lora_shared", "none", "separate"]
-    assert registry.names("backend") == ["local"]
+    assert registry.names("backend") == ["fireworks", "local", "tinker"]
     assert registry.names("sink") == ["console", "jsonl", "wandb", "weight_sync"]
     assert {c.distribution for c in registry.all()} == {"preftune"}
 

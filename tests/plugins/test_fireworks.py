@@ -105,6 +105,19 @@ def test_a_job_that_dies_mid_run_stops_it_with_the_job_named(make_config: Any, e
     assert emulator.emulator.leftovers() == []
 
 
+def test_a_slow_answer_past_the_timeout_is_a_clear_error_and_the_job_is_deleted(
+        make_config: Any, emulator: Any, tmp_path: Path) -> None:
+    emulator.emulator.faults.delay["/api/v1/optim_step"] = 10
+    start = time.monotonic()
+    with pytest.raises(TrainingError, match="fireworks: optim_step: no result within 3 s"):
+        run(fireworks_config(make_config, emulator, tmp_path, "slow", lora_rank=4,
+                             fireworks={"base_url": emulator.url, "poll_interval_s": 0.05,
+                                        "timeout_s": 3}))
+    assert time.monotonic() - start < 30
+    emulator.emulator.faults.delay.clear()
+    assert emulator.emulator.leftovers() == []
+
+
 def test_transient_faults_are_retried_and_change_nothing(make_config: Any, emulator: Any,
                                                          tmp_path: Path) -> None:
     run(fireworks_config(make_config, emulator, tmp_path, "clean", lora_rank=4, epochs=1))
