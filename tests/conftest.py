@@ -143,6 +143,9 @@ def emulator(monkeypatch: pytest.MonkeyPatch) -> Any:
         return real(host, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", loopback_only)
+    for name in ("TINKER_BASE_URL", "FIREWORKS_BASE_URL", "FIREWORKS_TRAINER_GATEWAY_URL",
+                 "FIREWORKS_CREDENTIAL_CMD", "FIREWORKS_SESSION_ID"):
+        monkeypatch.delenv(name, raising=False)  # the SDKs would follow these to other hosts
     monkeypatch.setenv("TINKER_TELEMETRY", "0")
     monkeypatch.setenv("TINKER_API_KEY", "tml-emulator-key")
     monkeypatch.setenv("FIREWORKS_API_KEY", "fw-emulator-key")
