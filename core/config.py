@@ -38,9 +38,9 @@ class Config(BaseModel):
     init_from: str | None = Field(
         None, description="Start from these weights: a checkpoint, HF model or PEFT adapter dir."
     )
-    dataset: str = Field(description="Training preference pairs, a JSONL file.")
+    dataset: str = Field(description="Training preference pairs, a JSONL file (plain or gzip).")
     eval_dataset: str | None = Field(
-        None, description="Held-out pairs (JSONL); default: split eval_fraction off dataset."
+        None, description="Held-out pairs (JSONL, plain or gzip); default: split eval_fraction off dataset."
     )
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="Share of dataset held out.")
     eval_interval: int = Field(0, ge=0, description="Evaluate every N steps; 0 = at start and end.")
