@@ -350,7 +350,8 @@ def split_eval(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The order of training pairs in ``epoch``: a pure function of seed and epoch."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1)
+    # modulo 2**64, torch's seed range: the same orders as ever for seeds below ~1.8e13
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch + 1) % 2**64)
     return torch.randperm(n, generator=generator).tolist()
 
 
