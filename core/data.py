@@ -348,6 +348,15 @@ def split_eval(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]
     return sorted(perm[n_eval:]), sorted(perm[:n_eval])
 
 
+def no_training_pairs(config: Any, kept: int, held: int, report: Any) -> str:
+    """Why no pair is left to train on: the held-out split took them, or tokenization did."""
+    if held and not config.eval_dataset:
+        return (f"eval_fraction = {config.eval_fraction} holds out {held} of the {kept} pairs of "
+                f"{config.dataset}, leaving none to train on; lower eval_fraction, or set eval_dataset")
+    return (f"no training pairs left in {config.dataset} after tokenization ({len(report.dropped)} "
+            f"dropped: the prompt alone is at least max_seq_len = {config.max_seq_len} tokens)")
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The order of training pairs in ``epoch``: a pure function of seed and epoch."""
     # modulo 2**64, torch's seed range: the same orders as ever for seeds below ~1.8e13
