@@ -9,6 +9,8 @@ not a batch size. An error names the file, or the ``--set`` argument as given, a
 
 from __future__ import annotations
 
+import copy
+import datetime
 import difflib
 import json
 import math
@@ -147,13 +149,19 @@ def check_finite(values: Any, where: str) -> None:
 def validate_settings(model: type[M], data: Any) -> M:
     """``model`` from settings as a file holds them: in pydantic's strict mode on JSON data, so
     ``true``, ``"4"`` and ``2.5`` are not integers and ``5`` is not text, while ``1`` is still a
-    float and strings still give enum values and paths. Objects only Python code can pass (a
-    ``Path``, a ``datetime``) are validated as Python."""
+    float and strings still give enum values and paths. TOML and YAML dates are their ISO text.
+    Objects only Python code can pass (a ``Path``, a ``SecretStr``) are validated as Python."""
     try:
-        text = json.dumps(data)
+        text = json.dumps(data, default=_date_text)
     except (TypeError, ValueError):
         return model.model_validate(data)
     return model.model_validate_json(text, strict=True)
+
+
+def _date_text(value: Any) -> str:
+    if isinstance(value, (datetime.date, datetime.time)):  # a file's date: the text it was written as
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not file data")
 
 
 def set_origin(overrides: dict[str, str], key: str) -> str | None:
@@ -248,7 +256,7 @@ def parse_value(text: str) -> Any:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key=value`` / ``table.key=value`` overrides to a copy of ``data``."""
-    data = json.loads(json.dumps(data))
+    data = copy.deepcopy(data)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():

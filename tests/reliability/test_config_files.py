@@ -165,3 +165,10 @@ def test_an_error_is_one_message_without_a_traceback(tmp_path: Path, small_datas
     errors = [line for line in result.stderr.splitlines() if "gradient norm is nan" in line]
     assert result.exit_code == 2 and errors == ["error: gradient norm is nan; the step was not applied"]
     assert "Traceback" not in result.stderr and "run failed" in result.stderr
+
+
+def test_a_date_in_a_file_is_its_text_and_types_stay_strict(tmp_path: Path) -> None:
+    config = load_config(yaml(tmp_path, "wandb: {run_name: 2024-01-01}\n"), ["seed=3"])
+    assert config.plugin_tables()["wandb"] == {"run_name": "2024-01-01"}  # no traceback from --set
+    with pytest.raises(ConfigError, match=r"field 'batch_size': Input should be a valid integer, got true"):
+        load_config(yaml(tmp_path, "batch_size: true\nwandb: {run_name: 2024-01-01}\n"))
