@@ -75,9 +75,19 @@ SetOption = Annotated[
 ]
 
 
-@app.command()
+def settings_help() -> str:
+    """Every top-level setting, for ``preftune run --help``."""
+    from .config import Config
+
+    return ("Settings (keys of the config file; --set key=value overrides one): "
+            + ", ".join(Config.model_fields) + ". Plugin options go in a table named after the "
+            "plugin, e.g. the local backend's dtype (--set local.dtype=bfloat16). docs/config.md "
+            "describes every key; preftune plugins lists what is installed.")
+
+
+@app.command(epilog=settings_help())
 def run(
-    config: Annotated[Path, typer.Argument(help="Config file (.toml, .yaml or .yml).")],
+    config: Annotated[Path, typer.Argument(help="Config file (.toml, .yaml, .yml or .json).")],
     set_: SetOption = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the newest checkpoint in log_path.")
@@ -119,7 +129,7 @@ def demo(
     data = {**DEMO_SETTINGS, "log_path": str(log_path), "dataset": str(demo_data("train")),
             "eval_dataset": str(demo_data("heldout")), "cache_dir": str(log_path / "cache")}
     with user_errors():
-        summary = run_training(make_config(apply_overrides(data, set_ or []), "demo"))
+        summary = run_training(make_config(apply_overrides(data, set_ or []), "demo", set_ or []))
     before, after = summary["initial_eval"], summary["final_eval"]
     typer.echo("held-out preference pairs, before -> after DPO:")
     for key in ("eval_accuracy", "eval_margin", "eval_loss"):

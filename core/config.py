@@ -2,22 +2,29 @@
 
 Top-level fields follow the Fireworks cookbook's DPO recipe Config. Options of a plugin live in a
 table named after it (``[wandb]``, ``[orpo]``) and are validated by the options model the plugin
-registered; any other unknown key is an error that lists the known ones.
+registered; any other unknown key is an error that lists the known ones and suggests the closest.
+Settings are validated as the data a file holds, strictly (:func:`validate_settings`): ``true`` is
+not a batch size. An error names the file, or the ``--set`` argument as given, and the key.
 """
 
 from __future__ import annotations
 
+import copy
+import datetime
 import difflib
 import json
 import math
 import tomllib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
+from .config_files import read_config_file
 from .errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class Config(BaseModel):
@@ -38,9 +45,9 @@ class Config(BaseModel):
     init_from: str | None = Field(
         None, description="Start from these weights: a checkpoint, HF model or PEFT adapter dir."
     )
-    dataset: str = Field(description="Training preference pairs, a JSONL file.")
+    dataset: str = Field(description="Training preference pairs, a JSONL file (plain or gzip).")
     eval_dataset: str | None = Field(
-        None, description="Held-out pairs (JSONL); default: split eval_fraction off dataset."
+        None, description="Held-out pairs (JSONL, plain or gzip); default: split eval_fraction off dataset."
     )
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="Share of dataset held out.")
     eval_interval: int = Field(0, ge=0, description="Evaluate every N steps; 0 = at start and end.")
@@ -66,7 +73,8 @@ class Config(BaseModel):
     max_grad_norm: float = Field(0.0, ge=0, description="Clip the gradient norm; 0 = no clipping.")
     lora_rank: int = Field(0, ge=0, description="LoRA rank; 0 = full fine-tune.")
     lora_alpha: float = Field(32.0, gt=0, description="LoRA alpha (scale = alpha / rank).")
-    seed: int = Field(0, description="Seeds the data split, the data order and initialization.")
+    seed: int = Field(0, ge=0, le=2**64 - 1,
+                      description="Seeds the data split, the data order and initialization (0 to 2**64-1).")
     # checkpoints
     checkpoint_interval: int = Field(0, ge=0, description="Checkpoint every N steps; 0 = off.")
     keep_checkpoints: int = Field(2, ge=1, description="Keep the newest N checkpoints.")
@@ -80,7 +88,13 @@ class Config(BaseModel):
     )
     backend: str = Field("local", description="Backend plugin (where training runs).")
     sinks: list[str] = Field(["console", "jsonl"], description="Sink plugins (metrics, weights).")
-    device: str = Field("auto", description="Local backend device: auto, cpu, cuda, cuda:N.")
+    device: str = Field("auto", description="Local backend device: auto, cpu, cuda, cuda:N, mps.")
+    # dotted key -> the --set argument that gave it, so errors found later still name it
+    _overrides: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    def origin(self, key: str) -> str | None:
+        """The ``--set`` argument that gave ``key`` (or a table holding it), if one did."""
+        return set_origin(self._overrides, key)
 
     def plugin_tables(self) -> dict[str, Any]:
         """The tables of the config that are not fields: plugin options."""
@@ -90,10 +104,11 @@ class Config(BaseModel):
         """Validate the ``[name]`` table with ``model`` (an empty table gives the defaults)."""
         table = self.plugin_tables().get(name, {})
         try:
-            options = model.model_validate(table)
+            options = validate_settings(model, table)
         except ValidationError as exc:
-            known = ", ".join(f.alias or n for n, f in model.model_fields.items())
-            raise ConfigError(f"{_describe(exc, prefix=f'{name}.')} (known [{name}] keys: {known})") from None
+            known = [f.alias or n for n, f in model.model_fields.items()]
+            problems = _describe(exc, self.origin, prefix=f"{name}.", known=known)
+            raise ConfigError(f"{problems} (known [{name}] keys: {', '.join(known)})") from None
         check_finite(options.model_dump(by_alias=True), f"{name}.")
         return options
 
@@ -103,9 +118,11 @@ class Config(BaseModel):
         for key, value in self.plugin_tables().items():
             model = registry.options_model(key)
             if model is None:
-                raise ConfigError(_unknown_key(key, registry))
+                raise ConfigError(_unknown_key(key, registry, self.origin(key)))
             if not isinstance(value, dict):
-                raise ConfigError(f"config key {key!r} must be a table of {key} options")
+                where = f"{self.origin(key)}: " if self.origin(key) else ""
+                raise ConfigError(f"{where}config key {key!r} must be a table of {key} options "
+                                  f"(--set {key}.<option>=value sets one)")
             validated[key] = self.options_for(key, model)
         return validated
 
@@ -129,61 +146,104 @@ def check_finite(values: Any, where: str) -> None:
         check_finite(value, f"{where}{key}." if isinstance(values, dict) else f"{where[:-1]}[{key}].")
 
 
-def _unknown_key(key: str, registry: Any) -> str:
+def validate_settings(model: type[M], data: Any) -> M:
+    """``model`` from settings as a file holds them: in pydantic's strict mode on JSON data, so
+    ``true``, ``"4"`` and ``2.5`` are not integers and ``5`` is not text, while ``1`` is still a
+    float and strings still give enum values and paths. TOML and YAML dates are their ISO text.
+    Objects only Python code can pass (a ``Path``, a ``SecretStr``) are validated as Python."""
+    try:
+        text = json.dumps(data, default=_date_text)
+    except (TypeError, ValueError):
+        return model.model_validate(data)
+    return model.model_validate_json(text, strict=True)
+
+
+def _date_text(value: Any) -> str:
+    if isinstance(value, (datetime.date, datetime.time)):  # a file's date: the text it was written as
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not file data")
+
+
+def set_origin(overrides: dict[str, str], key: str) -> str | None:
+    """The ``--set`` argument in ``overrides`` that gave dotted ``key`` or a table holding it."""
+    parts = key.split(".")
+    return next((overrides[k] for n in range(len(parts), 0, -1)
+                 if (k := ".".join(parts[:n])) in overrides), None)
+
+
+def _unknown_key(key: str, registry: Any, origin: str | None = None) -> str:
     fields = sorted(Config.model_fields)
-    tables = sorted(
-        c.name for c in registry.all() if c.options is not None
-    )
-    message = f"unknown config key {key!r}"
-    close = difflib.get_close_matches(key, fields + tables, n=1)
+    tables = {c.name: c.options for c in registry.all() if c.options is not None}
+    options = [f"{t}.{f.alias or n}" for t, model in tables.items() for n, f in model.model_fields.items()]
+    message = (f"{origin}: " if origin else "") + f"unknown config key {key!r}"
+    in_table = [o for o in options if o.split(".", 1)[1] == key]  # dtype -> local.dtype
+    close = in_table or difflib.get_close_matches(key, fields + sorted(tables) + options, n=1)
     if close:
-        message += f" (did you mean {close[0]!r}?)"
+        message += f" (did you mean {_spell(close[0], origin)}?)"
     message += f"; known keys: {', '.join(fields)}"
     if tables:
-        message += f"; plugin option tables: {', '.join(tables)}"
+        message += f"; plugin option tables: {', '.join(sorted(tables))}"
     return message
 
 
-def _describe(exc: ValidationError, prefix: str = "") -> str:
-    lines = []
+def _spell(key: str, origin: str | None) -> str:
+    """How to write ``key`` where the mistake was made: a ``--set`` or a config file."""
+    if origin is not None and origin.startswith("--set "):
+        return f"--set {key}={origin.partition('=')[2]}"
+    table, _, leaf = key.rpartition(".")
+    return f"{leaf!r} in the [{table}] table" if table else repr(key)
+
+
+def _describe(exc: ValidationError, origin_of: Callable[[str], str | None], prefix: str = "",
+              known: Sequence[str] = ()) -> str:
+    """One clause per problem: where it was given (the file or the --set), the key, what is wrong."""
+    clauses: dict[str | None, list[str]] = {}  # by origin, in order: a file is named once
     for err in exc.errors():
-        where = prefix + ".".join(str(p) for p in err["loc"])
+        key = prefix + ".".join(str(p) for p in err["loc"])
+        origin = origin_of(key)
         if err["type"] == "extra_forbidden":
-            lines.append(f"unknown key {where!r}")
+            close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+            hint = f" (did you mean {_spell(prefix + close[0], origin)}?)" if close else ""
+            clause = f"unknown key {key!r}{hint}"
         else:
-            lines.append(f"field {where!r}: {err['msg']}")
-    return "; ".join(lines)
+            clause = f"field {key!r}: {err['msg']}{_got(err)}{_quote_hint(err, origin)}"
+        clauses.setdefault(origin, []).append(clause)
+    return "; ".join((f"{origin}: " if origin else "") + "; ".join(items)
+                     for origin, items in clauses.items())
 
 
-def make_config(data: dict[str, Any], source: str = "config") -> Config:
-    """Build a :class:`Config`, turning validation errors into a :class:`ConfigError`."""
+def _got(err: Any) -> str:
+    """``, got <the value as written>`` for a wrong value (not for a missing one)."""
+    if err["type"] == "missing":
+        return ""
+    text = json.dumps(err["input"], default=str)
+    return f", got {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _quote_hint(err: Any, origin: str | None) -> str:
+    """--set reads values as TOML: text that looks like a number or a boolean needs quotes."""
+    if (err["type"] != "string_type" or not (origin or "").startswith("--set ")
+            or isinstance(err["input"], (dict, list))):
+        return ""
+    key, _, value = origin.removeprefix("--set ").partition("=")
+    return f" (--set reads the value as TOML; for text, quote it: --set '{key}=\"{value}\"')"
+
+
+def make_config(data: dict[str, Any], source: str = "config", overrides: Sequence[str] = ()) -> Config:
+    """Build a :class:`Config` from settings as files give them (see :func:`validate_settings`);
+    errors name ``source``, or the ``--set`` in ``overrides`` that gave the key."""
+    origins = override_origins(overrides)
     try:
-        return Config.model_validate(data)
+        config = validate_settings(Config, data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_describe(exc)}") from None
+        raise ConfigError(_describe(exc, lambda key: set_origin(origins, key) or source)) from None
+    config._overrides = origins
+    return config
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Parse a TOML (.toml) or YAML (.yaml/.yml) file into a dict. No code is executed."""
-    path = Path(path)
-    if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
-        raise ConfigError(f"{path}: config files must end in .toml, .yaml, .yml or .json")
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    try:
-        if path.suffix == ".toml":
-            data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a table of settings")
-    return data
+def override_origins(overrides: Sequence[str]) -> dict[str, str]:
+    """Each ``--set`` argument by the dotted key it sets."""
+    return {item.partition("=")[0].strip(): f"--set {item}" for item in overrides}
 
 
 def parse_value(text: str) -> Any:
@@ -196,7 +256,7 @@ def parse_value(text: str) -> Any:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key=value`` / ``table.key=value`` overrides to a copy of ``data``."""
-    data = json.loads(json.dumps(data))
+    data = copy.deepcopy(data)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -211,10 +271,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Read a config file (or nothing), apply overrides and validate the top-level fields."""
     data = read_config_file(path) if path is not None else {}
-    return make_config(apply_overrides(data, list(overrides)), source=str(path or "--set"))
+    return make_config(apply_overrides(data, list(overrides)), str(path or "--set"), overrides)
 
 
 def config_fields() -> dict[str, tuple[str, Any, str]]:

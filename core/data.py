@@ -9,9 +9,8 @@ conversation once; the result is exactly that of tokenizing each pair alone.
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, DataError, RecordError
+from .sources import read_records
 from .types import DatasetFormat, Message, PreferencePair, Source, TokenizedPair
 
 
@@ -54,39 +54,6 @@ def make_format(registry: Any, config: Any) -> DatasetFormat:
     if config.format != "auto":
         return registry.build("format", config.format, config)
     return AutoFormat({n: registry.build("format", n, config) for n in registry.names("format")})
-
-
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
-    """Yield ``(line_number, record, error)`` for each non-blank line of a JSONL file."""
-    try:
-        handle = open(path, encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read dataset {path}: {exc.strerror}") from None
-    with handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line, object_pairs_hook=unique_keys), None
-            except json.JSONDecodeError as exc:
-                yield number, None, f"malformed JSON: {exc.msg} at column {exc.colno}"
-            except DuplicateKey as exc:
-                yield number, None, str(exc)
-
-
-class DuplicateKey(ValueError):
-    """A JSON object names one key twice: parsers disagree on which value wins."""
-
-
-def unique_keys(items: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object's dict, refusing a key given twice (``json`` would keep the last silently,
-    which can swap chosen and rejected)."""
-    out: dict[str, Any] = {}
-    for key, value in items:
-        if key in out:
-            raise DuplicateKey(f"field {key!r}: given twice in one JSON object; which one is meant?")
-        out[key] = value
-    return out
 
 
 ROLES = ("system", "user", "assistant")  # what chat templates render; tool turns are not supported yet
@@ -129,26 +96,23 @@ class ParseResult:
 
 
 def parse_file(path: str | Path, fmt: DatasetFormat) -> ParseResult:
-    """Parse and check every line of a JSONL file, collecting all problems (not just the first)."""
+    """Parse and check every record of a dataset file (JSONL, or JSONL.gz), collecting all
+    problems (not just the first)."""
     result = ParseResult()
-    name = str(path)
-    for number, record, error in read_jsonl(path):
+    for where, record, error in read_records(path):
         result.records += 1
-        if error is None and not isinstance(record, dict):
-            error = f"expected a JSON object, got {type(record).__name__}"
-        if error is not None:
-            result.problems.append((name, number, "", error))
-            continue
         try:
+            if error is not None:
+                raise error
+            if not isinstance(record, dict):
+                raise RecordError("", f"expected a JSON object, got {type(record).__name__}")
             chosen_format = fmt.select(record) if isinstance(fmt, AutoFormat) else fmt
             pair = chosen_format.parse(record)
             check_pair(pair, getattr(chosen_format, "field_names", None))
         except RecordError as exc:
-            result.problems.append((name, number, exc.field, exc.message))
+            result.problems.append((where.file, where.line, exc.field, exc.message))
             continue
-        result.pairs.append(
-            PreferencePair(pair.prompt, pair.chosen, pair.rejected, Source(name, number))
-        )
+        result.pairs.append(PreferencePair(pair.prompt, pair.chosen, pair.rejected, where))
     return result
 
 
@@ -384,9 +348,19 @@ def split_eval(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]
     return sorted(perm[n_eval:]), sorted(perm[:n_eval])
 
 
+def no_training_pairs(config: Any, kept: int, held: int, report: Any) -> str:
+    """Why no pair is left to train on: the held-out split took them, or tokenization did."""
+    if held and not config.eval_dataset:
+        return (f"eval_fraction = {config.eval_fraction} holds out {held} of the {kept} pairs of "
+                f"{config.dataset}, leaving none to train on; lower eval_fraction, or set eval_dataset")
+    return (f"no training pairs left in {config.dataset} after tokenization ({len(report.dropped)} "
+            f"dropped: the prompt alone is at least max_seq_len = {config.max_seq_len} tokens)")
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The order of training pairs in ``epoch``: a pure function of seed and epoch."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1)
+    # modulo 2**64, torch's seed range: the same orders as ever for seeds below ~1.8e13
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch + 1) % 2**64)
     return torch.randperm(n, generator=generator).tolist()
 
 

@@ -14,7 +14,7 @@ import torch
 
 from . import checkpoint, hub, refcache, tokcache
 from .config import Config
-from .data import check_held_out, epoch_order, length_batches, make_format, split_eval
+from .data import check_held_out, epoch_order, length_batches, make_format, no_training_pairs, split_eval
 from .errors import ConfigError, TrainingError
 from .fileio import atomic_write_json, run_lock
 from .manager import PluginManager, Registry, get_registry
@@ -35,7 +35,7 @@ def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
         raise ConfigError(f"loss {config.loss!r} needs a reference, but reference is 'none'")
     for kind, name in [("backend", config.backend)] + [("sink", s) for s in config.sinks] + (
             [("reference", config.reference)] if config.reference != "auto" else []):
-        registry.get(kind, name)
+        registry.check(kind, name, config)  # exists, and can use these settings
     log_path = Path(config.log_path)
     log_path.mkdir(parents=True, exist_ok=True)
     with run_lock(log_path):  # a second run on this log_path stops here, naming the first
@@ -212,7 +212,7 @@ def prepare_data(config: Config, fmt: Any, tokenizer: Any) -> Data:
     else:
         train, held = split_eval(len(pairs), config.eval_fraction, config.seed)
     if not train:
-        raise ConfigError(f"no training pairs left in {config.dataset} after tokenization")
+        raise ConfigError(no_training_pairs(config, len(pairs), len(held), report))
     log(f"{len(train)} training pairs, {len(held)} held-out pairs")
     return Data(pairs, train, held, datasets, report, tokenized.sha256,
                 time.perf_counter() - start)

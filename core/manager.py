@@ -286,6 +286,15 @@ class Registry:
         owner = self._table_owner(name)
         return owner.options if owner is not None else None
 
+    def check(self, kind: str, name: str, config: Any) -> Component:
+        """The component, once its factory's optional ``check(config, options)`` accepted the
+        settings: a cheap look, before anything loads, at values the component cannot use."""
+        component = self.get(kind, name)
+        check = getattr(component.factory, "check", None)
+        if callable(check):
+            check(config, config.options_for(name, component.options) if component.options else None)
+        return component
+
     def build(self, kind: str, name: str, config: Any, *args: Any) -> Any:
         """Build the component ``name`` of ``kind`` with its validated options."""
         component = self.get(kind, name)

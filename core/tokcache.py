@@ -33,7 +33,8 @@ from .hub import tokenizer_identity
 from .refcache import data_hash, default_cache_dir
 from .types import Source, TokenizedPair
 
-FORMAT_VERSION = "4"  # 2: duplicate keys, 3: roles and control tokens, 4: identical after truncation
+FORMAT_VERSION = "5"  # 2: duplicate keys, 3: roles and control tokens, 4: identical after truncation,
+# 5: bytes (gzip, BOMs, lone surrogates, NaN refused)
 PROBE = TokenizedPair((1,), (2,), (3,), (1.0,), (1.0,))  # fingerprints data_hash's definition
 
 

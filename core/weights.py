@@ -27,6 +27,40 @@ def load_causal_lm(name: str, revision: str | None = None, dtype: Any = None) ->
         raise ConfigError(f"cannot load model {name!r}: {exc}") from None
 
 
+def load_model_config(name: str, revision: str | None = None) -> Any:
+    """The transformers config of the causal LM ``name``, no weights read: its structure and
+    context length, for checks made before anything loads. A name that can only be a path (not
+    a Hugging Face model id) must be an existing directory."""
+    if tiny.is_builtin(name):
+        check_builtin(name)
+        return tiny.tiny_config()
+    check_local_name(name)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name, revision=revision)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot load model {name!r}: not a local model directory, and from the "
+                          f"Hugging Face Hub: {reason}") from None
+
+
+def check_local_name(name: str) -> None:
+    """Refuse a model name that is neither an existing directory nor a possible hub id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = Path(name)
+    if path.is_dir():
+        return
+    if path.exists():
+        raise ConfigError(f"model {name!r} is a file; a local model is a directory "
+                          "(config.json and the weights)")
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ConfigError(f"model {name!r}: no such directory ({path.absolute()})") from None
+
+
 def check_builtin(name: str) -> None:
     """Refuse a ``builtin:`` name that is not a model preftune ships."""
     if name != tiny.TINY:

@@ -67,8 +67,8 @@ class ConsoleSink:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        if summary.get("status") != "completed":
-            self.write(f"run {summary.get('status', 'failed')}: {summary.get('error', '')}")
+        if summary.get("status") != "completed":  # the error itself reaches the caller: said once
+            self.write(f"run {summary.get('status', 'failed')}")
             return
         self.write(f"done: {fmt(summary, ('steps', 'tokens', 'train_s', 'tokens_per_s'))}")
         for key in ("initial_eval", "final_eval"):

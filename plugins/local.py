@@ -40,6 +40,7 @@ from preftune.backend_utils import (
     resolve_init,
     switch_symlink,
 )
+from preftune.plugins.local_checks import check_settings, resolve_device
 from preftune.plugins.local_engine import Engine, Plan, auto_chunk, calibrate, checkpoint_layers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -96,14 +97,6 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but CUDA is not available")
-    return torch.device(name)
-
-
 def set_threads(device: torch.device, requested: int, model: Any) -> None:
     """CPU threads for this process (see ``LocalOptions.threads``)."""
     if device.type != "cpu":
@@ -124,7 +117,10 @@ def make_optimizer(params: list[torch.nn.Parameter], config: Config) -> torch.op
 
 
 class LocalBackend:
-    """The policy in this process; see the module docstring."""
+    """The policy in this process; see the module docstring. The class is the registered
+    factory; :meth:`check` refuses settings it cannot use before anything loads."""
+
+    check = staticmethod(check_settings)
 
     def __init__(self, config: Config, options: LocalOptions, tokenizer: Any):
         self.config, self.options, self.tokenizer = config, options, tokenizer
@@ -307,10 +303,6 @@ class LocalBackend:
         free_memory()
 
 
-def _local(config: Config, options: LocalOptions, tokenizer: Any) -> LocalBackend:
-    return LocalBackend(config, options, tokenizer)
-
-
 @hookimpl
 def register_backends(register: Any) -> None:
-    register("local", _local, LocalOptions)
+    register("local", LocalBackend, LocalOptions)

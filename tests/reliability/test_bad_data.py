@@ -32,9 +32,9 @@ def test_a_key_given_twice_in_one_object_is_refused_not_last_one_wins(
     path = tmp_path / "dup.jsonl"
     path.write_text("\n".join([good, twice, nested]) + "\n")
     found = problems_of(path, registry)
-    assert [(line, message) for _, line, _, message in found] == [
-        (2, "field 'preferred_output': given twice in one JSON object; which one is meant?"),
-        (3, "field 'content': given twice in one JSON object; which one is meant?")]
+    assert [(line, field, message) for _, line, field, message in found] == [
+        (2, "preferred_output", "given twice in one JSON object; which one is meant?"),
+        (3, "content", "given twice in one JSON object; which one is meant?")]
 
 
 def test_unknown_roles_tool_calls_and_non_assistant_responses_are_refused(

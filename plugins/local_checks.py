@@ -1,0 +1,150 @@
+"""Settings the ``local`` backend cannot use, refused before anything loads.
+
+:func:`check_settings` is ``LocalBackend.check``: the run calls it before it creates the log
+directory or loads a tokenizer or weights. It reads only the model's config (its structure and
+context length); LoRA target modules are matched against the model built on the meta device,
+which holds no weights, by peft itself, so the check agrees with what training would do.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+from preftune import Config, ConfigError
+from preftune.backend_utils import load_model_config, resolve_init
+
+DEVICE_KINDS = {  # device type -> whether this machine has it
+    "cpu": lambda: True,
+    "cuda": torch.cuda.is_available,
+    "mps": lambda: torch.backends.mps.is_available(),
+}
+DEVICES = "auto, cpu, cuda, cuda:N, mps"
+T = TypeVar("T")
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def field_error(config: Config, key: str, message: str) -> ConfigError:
+    """An error naming ``key``, and the --set that gave it if one did."""
+    origin = config.origin(key)
+    return ConfigError((f"{origin}: " if origin else "") + f"field {key!r}: {message}")
+
+
+def check_settings(config: Config, options: Any) -> None:
+    """Refuse what the run could not use: the device, a model path that does not exist, a
+    ``max_seq_len`` beyond the model's context, LoRA target modules that match nothing."""
+    problem = device_problem(config.device)
+    if problem is not None:
+        raise field_error(config, "device", problem)
+    init = checked(config, "init_from", lambda: resolve_init(config.init_from) if config.init_from else None)
+    adapter = init is not None and init[0] == "adapter"  # loaded onto base_model, keeps its targets
+    if init is not None and not adapter:
+        name, structure = str(init[1]), checked(config, "init_from", lambda: load_model_config(str(init[1])))
+    else:
+        name = config.base_model
+        structure = checked(config, "base_model",
+                            lambda: load_model_config(config.base_model, config.base_model_revision))
+    check_context(config, name, structure)
+    if config.lora_rank > 0 and not adapter:
+        check_lora_targets(config, name, structure, options.lora_target_modules)
+
+
+def checked(config: Config, key: str, read: Callable[[], T]) -> T:
+    """``read()``, a ConfigError it raises naming ``key`` (and the --set that gave it)."""
+    try:
+        return read()
+    except ConfigError as exc:
+        raise field_error(config, key, str(exc)) from None
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device ``device`` names (``auto``: CUDA when there is one)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    problem = device_problem(name)
+    if problem is not None:
+        raise ConfigError(f"field 'device': {problem}")
+    return torch.device(name)
+
+
+def device_problem(name: str) -> str | None:
+    """Why ``name`` is not a device this machine can train on: not a device name at all (saying
+    what is allowed), or a device it does not have (saying what it has); None when it is fine."""
+    if name == "auto":
+        return None
+    kind, colon, index = name.partition(":")
+    if kind not in DEVICE_KINDS or (colon and (kind != "cuda" or not index.isdigit())):
+        return f"{name!r} is not a device the local backend can use; allowed: {DEVICES}"
+    if not DEVICE_KINDS[kind]():
+        return f"{name!r} asked for, but this machine has no {kind.upper()} device; use auto or cpu"
+    count = torch.cuda.device_count() if kind == "cuda" else 0
+    if colon and int(index) >= count:
+        return f"{name!r} asked for, but this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}"
+    return None
+
+
+def check_context(config: Config, name: str, structure: Any) -> None:
+    """``max_seq_len`` must fit the model's positions (when its config says how many)."""
+    text = structure.get_text_config() if hasattr(structure, "get_text_config") else structure
+    key = next((k for k in CONTEXT_KEYS if isinstance(getattr(text, k, None), int)), None)
+    if key is not None and config.max_seq_len > getattr(text, key):
+        limit = getattr(text, key)
+        raise field_error(config, "max_seq_len", f"{config.max_seq_len} is beyond the context of "
+                          f"model {name!r} ({key} = {limit}); allowed: 2 to {limit}")
+
+
+def check_lora_targets(config: Config, name: str, structure: Any, targets: str | list[str]) -> None:
+    """Every LoRA target must match a module of the model that LoRA can wrap, as peft matches
+    them (a string is a regex, each entry of a list a name or name suffix). peft alone ignores an
+    entry that matches nothing as long as another one matches."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(structure)
+        problem = target_problem(model, targets)
+        if problem is None:
+            try:  # whatever else peft refuses
+                get_peft_model(model, LoraConfig(r=1, target_modules=targets, task_type="CAUSAL_LM"))
+            except ValueError as exc:
+                problem = str(exc).splitlines()[0]
+    if problem is not None:
+        raise field_error(config, "local.lora_target_modules", (
+            f"{problem}; the layers of model {name!r} LoRA can target: {', '.join(targetable(model))} "
+            "(or 'all-linear'; a string is a regex matched against whole module names)"))
+
+
+def target_problem(model: Any, targets: str | list[str]) -> str | None:
+    """Which target matches no module, or a module LoRA cannot wrap (a whole decoder layer)."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    entries, kinds = [targets] if isinstance(targets, str) else list(targets), lora_layers()
+    for entry in entries:
+        if entry == "all-linear":
+            continue
+        config = LoraConfig(target_modules=entry if isinstance(targets, str) else [entry])
+        matched = [(n, m) for n, m in model.named_modules() if n and check_target_module_exists(config, n)]
+        if not matched:
+            return f"{entry!r} matches no module"
+        wrong = next(((n, m) for n, m in matched if not isinstance(m, kinds)), None)
+        if wrong is not None:
+            return f"{entry!r} matches {wrong[0]!r}, a {type(wrong[1]).__name__}, which LoRA cannot wrap"
+    return None
+
+
+def lora_layers() -> tuple[type, ...]:
+    """The layer types peft's LoRA wraps (transformers' Conv1D is GPT-2's linear layer)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D)
+
+
+def targetable(model: Any) -> list[str]:
+    """The short names of the layers LoRA can wrap (linear, embedding, convolution)."""
+    kinds = lora_layers()
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and isinstance(m, kinds)})
