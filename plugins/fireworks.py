@@ -100,23 +100,33 @@ class Jobs:
             self.file.unlink(missing_ok=True)
 
 
+def check_settings(config: Config, options: FireworksOptions) -> None:
+    """What the run cannot use, refused before anything loads."""
+    if config.lora_rank > 0 and not float(config.lora_alpha).is_integer():
+        raise ConfigError(f"lora_alpha = {config.lora_alpha}: the fireworks backend needs a whole number")
+    if config.init_from:
+        raise ConfigError("backend 'fireworks' does not take init_from; attach to a trainer "
+                          "job with [fireworks] job_id, or resume a run")
+    for key in ("base_url", "trainer_gateway_url"):
+        remote.check_url(getattr(options, key), f"fireworks.{key}")
+    if options.api_key("a Fireworks key; a 'tml-' key is a Tinker key").startswith("tml-"):
+        raise ConfigError(f"{options.api_key_env} holds a Tinker key ('tml-...'): the fireworks "
+                          "backend needs a Fireworks API key")
+    remote.import_sdk(SDK, "fireworks")
+
+
 class FireworksBackend(remote.TrainingClientBackend):
     """See the module docstring."""
 
+    check = staticmethod(check_settings)
+
     def __init__(self, config: Config, options: FireworksOptions, tokenizer: Any):
+        check_settings(config, options)
         self.fw = self.types = remote.import_sdk(SDK, "fireworks")
         trainer = remote.import_sdk(f"{SDK}.trainer", "fireworks")
         self.config, self.options, self.trainer_types = config, options, trainer
         self.alpha = config.lora_alpha
-        if config.lora_rank > 0 and not float(self.alpha).is_integer():
-            raise ConfigError(f"lora_alpha = {self.alpha}: the fireworks backend needs a whole number")
-        if config.init_from:
-            raise ConfigError("backend 'fireworks' does not take init_from; attach to a trainer "
-                              "job with [fireworks] job_id, or resume a run")
-        self.key = options.api_key("a Fireworks key; a 'tml-' key is a Tinker key")
-        if self.key.startswith("tml-"):
-            raise ConfigError(f"{options.api_key_env} holds a Tinker key ('tml-...'): the fireworks "
-                              "backend needs a Fireworks API key")
+        self.key = options.api_key("a Fireworks key")
         self.url = (options.base_url or os.environ.get("FIREWORKS_BASE_URL") or DEFAULT_URL).rstrip("/")
         self.gateway = (options.trainer_gateway_url or self.url).rstrip("/")
         fw = self.fw
@@ -267,10 +277,6 @@ class FireworksBackend(remote.TrainingClientBackend):
         self.jobs.delete_all()
 
 
-def _fireworks(config: Config, options: FireworksOptions, tokenizer: Any) -> FireworksBackend:
-    return FireworksBackend(config, options, tokenizer)
-
-
 @hookimpl
 def register_backends(register: Any) -> None:
-    register("fireworks", _fireworks, FireworksOptions)
+    register("fireworks", FireworksBackend, FireworksOptions)

@@ -271,12 +271,16 @@ class TrainingClientBackend:
                                     lambda out: dict(out.metrics or {}))
 
 
+def check_url(url: str | None, key: str) -> None:
+    """Refuse a setting ``key`` that is not an http(s) URL (``None``: the SDK's default)."""
+    parsed = urlparse(url or "http://default")
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(f"{key} = {url!r} is not an http(s) URL")
+
+
 def check_reachable(url: str, timeout: float) -> None:
     """Fail in seconds, not minutes, when nothing answers at ``url`` (the SDKs retry a refused
     connection for minutes). Any HTTP answer, even an error, counts as reachable."""
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ConfigError(f"base_url {url!r} is not an http(s) URL")
     try:
         urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout).close()
     except urllib.error.HTTPError:

@@ -29,16 +29,26 @@ class TinkerOptions(remote.RemoteOptions):
     train_unembed: bool = Field(True, description="Also adapt the output layer.")
 
 
+def check_settings(config: Config, options: TinkerOptions) -> None:
+    """What the run cannot use, refused before anything loads."""
+    if config.lora_rank <= 0:
+        raise ConfigError("backend 'tinker' trains LoRA adapters only: set lora_rank > 0 "
+                          "(lora_rank = 0 asks for a full fine-tune)")
+    if config.init_from:
+        raise ConfigError("backend 'tinker' does not take init_from; start from a Tinker "
+                          "checkpoint by resuming a run")
+    remote.check_url(options.base_url, "tinker.base_url")
+    options.api_key("a Tinker key starts with 'tml-'")
+    remote.import_sdk("tinker", "tinker")
+
+
 class TinkerBackend(remote.TrainingClientBackend):
     """See the module docstring."""
 
+    check = staticmethod(check_settings)
+
     def __init__(self, config: Config, options: TinkerOptions, tokenizer: Any):
-        if config.lora_rank <= 0:
-            raise ConfigError("backend 'tinker' trains LoRA adapters only: set lora_rank > 0 "
-                              "(lora_rank = 0 asks for a full fine-tune)")
-        if config.init_from:
-            raise ConfigError("backend 'tinker' does not take init_from; start from a Tinker "
-                              "checkpoint by resuming a run")
+        check_settings(config, options)
         self.tinker = self.types = remote.import_sdk("tinker", "tinker")
         self.config, self.options = config, options
         self.url = options.base_url or os.environ.get("TINKER_BASE_URL")
@@ -128,10 +138,6 @@ class TinkerBackend(remote.TrainingClientBackend):
             log(f"tinker: closing the session failed: {exc}")
 
 
-def _tinker(config: Config, options: TinkerOptions, tokenizer: Any) -> TinkerBackend:
-    return TinkerBackend(config, options, tokenizer)
-
-
 @hookimpl
 def register_backends(register: Any) -> None:
-    register("tinker", _tinker, TinkerOptions)
+    register("tinker", TinkerBackend, TinkerOptions)

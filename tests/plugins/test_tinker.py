@@ -52,9 +52,14 @@ def test_training_through_tinker_gives_the_local_backends_losses(
         assert not file.is_file() or key.encode() not in file.read_bytes(), file
 
 
-def test_tinker_refuses_a_full_fine_tune(make_config: Any, emulator: Any, tmp_path: Path) -> None:
+def test_settings_it_cannot_use_are_refused_before_anything_loads(
+        make_config: Any, emulator: Any, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="LoRA adapters only: set lora_rank > 0"):
         run(tinker_config(make_config, emulator, tmp_path, "full", lora_rank=0))
+    with pytest.raises(ConfigError, match="tinker.base_url = 'ftp://x' is not an http"):
+        run(tinker_config(make_config, emulator, tmp_path, "url", tinker={"base_url": "ftp://x"}))
+    assert not (tmp_path / "full").exists() and not (tmp_path / "url").exists()
+    assert emulator.emulator.requests == []
 
 
 def test_a_missing_key_names_its_variable(make_config: Any, emulator: Any, tmp_path: Path,
