@@ -6,12 +6,27 @@ are in :mod:`preftune.layout`. Users and loss, format or sink authors need none 
 
 from __future__ import annotations
 
+from typing import Any
+
 from .fileio import atomic_dir, atomic_torch_save, atomic_write_json, switch_symlink
 from .hub import load_tokenizer, model_identity, tokenizer_identity
 from .weights import files_hash, load_causal_lm, load_model_config, resolve_init, state_dict_hash
 
 __all__ = [
-    "atomic_dir", "atomic_torch_save", "atomic_write_json", "files_hash", "load_causal_lm",
+    "adamw", "atomic_dir", "atomic_torch_save", "atomic_write_json", "files_hash", "load_causal_lm",
     "load_model_config", "load_tokenizer", "model_identity", "resolve_init", "state_dict_hash",
     "switch_symlink", "tokenizer_identity",
 ]
+
+
+def adamw(params: list[Any], lr: float, betas: tuple[float, float], eps: float,
+          weight_decay: float) -> Any:
+    """``torch.optim.AdamW``, fused where torch has a fused kernel for the device (no per-step
+    temporary copies of the parameters)."""
+    import torch
+
+    kwargs = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, **kwargs)

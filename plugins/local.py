@@ -33,6 +33,7 @@ from preftune import (
     log,
 )
 from preftune.backend_utils import (
+    adamw,
     atomic_dir,
     files_hash,
     load_causal_lm,
@@ -107,13 +108,8 @@ def set_threads(device: torch.device, requested: int, model: Any) -> None:
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: Config) -> torch.optim.Optimizer:
-    """AdamW, fused where torch has a fused kernel for the device (no per-step temporaries)."""
-    kwargs = dict(lr=config.learning_rate, betas=(config.beta1, config.beta2), eps=config.eps,
-                  weight_decay=config.weight_decay)
-    try:
-        return torch.optim.AdamW(params, fused=True, **kwargs)
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(params, **kwargs)
+    return adamw(params, config.learning_rate, (config.beta1, config.beta2), config.eps,
+                 config.weight_decay)
 
 
 class LocalBackend:

@@ -151,3 +151,36 @@ def emulator(monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setenv("FIREWORKS_API_KEY", "fw-emulator-key")
     with Server() as server:
         yield server
+
+
+def _start_run(config: Path, *args: str) -> Any:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PREFTUNE_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    command = [str(Path(sys.executable).parent / "preftune"), "run", str(config), *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_rows(path: Path, count: int, proc: Any) -> None:
+    import time
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists() and len(path.read_text().splitlines()) >= count:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{path} never reached {count} rows")
+
+
+@pytest.fixture
+def start_run() -> Any:
+    """``start_run(config, *args)``: ``preftune run config *args`` as a subprocess (pipes)."""
+    return _start_run
+
+
+@pytest.fixture
+def wait_for_rows() -> Any:
+    """``wait_for_rows(path, count, proc)``: until ``path`` has ``count`` lines while ``proc`` runs."""
+    return _wait_for_rows

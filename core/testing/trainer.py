@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..backend_utils import adamw
 from ..weights import load_causal_lm
 
 
@@ -132,9 +133,4 @@ class Trainer:
 
 
 def _adamw(params: list[torch.nn.Parameter], adam: Adam) -> torch.optim.Optimizer:
-    kwargs = dict(lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps,
-                  weight_decay=adam.weight_decay)
-    try:
-        return torch.optim.AdamW(params, fused=True, **kwargs)
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(params, **kwargs)
+    return adamw(params, adam.learning_rate, (adam.beta1, adam.beta2), adam.eps, adam.weight_decay)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -130,21 +128,6 @@ def test_transient_faults_are_retried_and_change_nothing(make_config: Any, emula
     assert emulator.emulator.leftovers() == []
 
 
-def preftune_run(config: Path, *args: str) -> Any:
-    env = {**os.environ, "PREFTUNE_DISABLE_PLUGIN_AUTOLOAD": "1"}
-    command = [str(Path(sys.executable).parent / "preftune"), "run", str(config), *args]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_rows(path: Path, count: int, proc: Any) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if path.exists() and len(path.read_text().splitlines()) >= count:
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"{path} never reached {count} rows")
-
-
 def fireworks_file(config_file: Any, path: Path, data: Path, log: Path, cache: Path, url: str,
                    epochs: int) -> Path:
     config = config_file(path, data, log, cache, epochs=epochs)
@@ -154,19 +137,20 @@ def fireworks_file(config_file: Any, path: Path, data: Path, log: Path, cache: P
 
 
 def test_a_sigkilled_run_resumes_to_the_same_losses_and_its_jobs_are_deleted(
-        emulator: Any, tmp_path: Path, small_dataset: Any, config_file: Any) -> None:
+        emulator: Any, tmp_path: Path, small_dataset: Any, config_file: Any, start_run: Any,
+        wait_for_rows: Any) -> None:
     data = small_dataset(tmp_path / "d.jsonl")
     configs = {name: fireworks_file(config_file, tmp_path / f"{name}.toml", data, tmp_path / name,
                                     tmp_path / "c", emulator.url, epochs=3) for name in ("full", "killed")}
-    full = preftune_run(configs["full"])
+    full = start_run(configs["full"])
     assert full.wait(timeout=300) == 0, full.stderr.read()
-    killed = preftune_run(configs["killed"])
+    killed = start_run(configs["killed"])
     wait_for_rows(tmp_path / "killed" / "metrics.jsonl", 14, killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     orphans = emulator.emulator.leftovers()
     assert len(orphans) == 1 and orphans[0].startswith("trainer job preftune-policy-")
-    resumed = preftune_run(configs["killed"], "--resume")
+    resumed = start_run(configs["killed"], "--resume")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     stderr = resumed.stderr.read()
     assert "resumed from cross_job://" in stderr and "left by an interrupted run" in stderr
@@ -177,11 +161,11 @@ def test_a_sigkilled_run_resumes_to_the_same_losses_and_its_jobs_are_deleted(
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_or_ctrl_c_stops_the_run_and_deletes_its_jobs(
         emulator: Any, tmp_path: Path, small_dataset: Any, config_file: Any, signum: int,
-        code: int) -> None:
+        code: int, start_run: Any, wait_for_rows: Any) -> None:
     data = small_dataset(tmp_path / "d.jsonl")
     config = fireworks_file(config_file, tmp_path / "c.toml", data, tmp_path / "logs", tmp_path / "c",
                             emulator.url, epochs=20)
-    proc = preftune_run(config)
+    proc = start_run(config)
     wait_for_rows(tmp_path / "logs" / "metrics.jsonl", 2, proc)
     proc.send_signal(signum)
     assert proc.wait(timeout=60) == code

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -118,24 +116,9 @@ def test_a_slow_answer_past_the_timeout_is_a_clear_error(make_config: Any, emula
     assert [s["finished"] for s in emulator.emulator.sessions.values()] == ["errored"]
 
 
-def preftune_run(config: Path, *args: str, **kwargs: Any) -> Any:
-    env = {**os.environ, "PREFTUNE_DISABLE_PLUGIN_AUTOLOAD": "1"}
-    command = [str(Path(sys.executable).parent / "preftune"), "run", str(config), *args]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kwargs)
-
-
-def wait_for_rows(path: Path, count: int, proc: Any) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if path.exists() and len(path.read_text().splitlines()) >= count:
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"{path} never reached {count} rows")
-
-
 def test_a_sigkilled_tinker_run_resumes_to_the_same_losses(
-        emulator: Any, tmp_path: Path, small_dataset: Any, config_file: Any) -> None:
+        emulator: Any, tmp_path: Path, small_dataset: Any, config_file: Any, start_run: Any,
+        wait_for_rows: Any) -> None:
     data = small_dataset(tmp_path / "d.jsonl")
     configs = {}
     for name in ("full", "killed"):
@@ -143,25 +126,26 @@ def test_a_sigkilled_tinker_run_resumes_to_the_same_losses(
                                     epochs=3)
         with open(configs[name], "a") as f:
             f.write(f'backend = "tinker"\nlora_rank = 4\n[tinker]\nbase_url = "{emulator.url}"\n')
-    full = preftune_run(configs["full"])
+    full = start_run(configs["full"])
     assert full.wait(timeout=300) == 0, full.stderr.read()
-    killed = preftune_run(configs["killed"])
+    killed = start_run(configs["killed"])
     wait_for_rows(tmp_path / "killed" / "metrics.jsonl", 14, killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-    resumed = preftune_run(configs["killed"], "--resume")
+    resumed = start_run(configs["killed"], "--resume")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     assert "resumed from" in resumed.stderr.read()
     assert losses(tmp_path / "killed") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
 
 
 def test_sigterm_stops_a_tinker_run_and_marks_the_session_interrupted(
-        emulator: Any, tmp_path: Path, small_dataset: Any, config_file: Any) -> None:
+        emulator: Any, tmp_path: Path, small_dataset: Any, config_file: Any, start_run: Any,
+        wait_for_rows: Any) -> None:
     data = small_dataset(tmp_path / "d.jsonl")
     config = config_file(tmp_path / "c.toml", data, tmp_path / "logs", tmp_path / "c", epochs=20)
     with open(config, "a") as f:
         f.write(f'backend = "tinker"\nlora_rank = 4\n[tinker]\nbase_url = "{emulator.url}"\n')
-    proc = preftune_run(config)
+    proc = start_run(config)
     wait_for_rows(tmp_path / "logs" / "metrics.jsonl", 2, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143
