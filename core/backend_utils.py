@@ -6,12 +6,12 @@ are in :mod:`preftune.layout`. Users and loss, format or sink authors need none 
 
 from __future__ import annotations
 
-from .fileio import atomic_dir, atomic_torch_save, atomic_write_json, switch_symlink
+from .fileio import atomic_dir, atomic_torch_save, atomic_write_json, remove_stale, switch_symlink
 from .hub import load_tokenizer, model_identity, tokenizer_identity
 from .weights import files_hash, load_causal_lm, resolve_init, state_dict_hash
 
 __all__ = [
     "atomic_dir", "atomic_torch_save", "atomic_write_json", "files_hash", "load_causal_lm",
-    "load_tokenizer", "model_identity", "resolve_init", "state_dict_hash", "switch_symlink",
-    "tokenizer_identity",
+    "load_tokenizer", "model_identity", "remove_stale", "resolve_init", "state_dict_hash",
+    "switch_symlink", "tokenizer_identity",
 ]

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .errors import DiskError
 from .fileio import atomic_torch_save
 from .types import ForwardClient, PairLogps, TokenizedPair, TokenLogps, resolve
 
@@ -162,7 +163,11 @@ def load_or_compute(
     if cached is not None:
         return cached
     reference = compute(client, pairs, batches, token_logps, progress)
-    reference.save(cache_file, parts)
+    try:
+        reference.save(cache_file, parts)
+    except DiskError as exc:  # the cache only saves time: the numbers are here, the run goes on
+        log(f"reference log-probs: {exc}; not cached")
+        return reference
     log(f"reference log-probs: cached {len(pairs)} pairs in {cache_file}")
     return reference
 
