@@ -217,6 +217,11 @@ def report(
 
 def main() -> None:
     """Console-script entry point."""
+    import os
+    import sys
+
+    if not sys.stderr.isatty():  # no progress-bar redraws (\r, escapes) from libraries in a log
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     app()
 
 

@@ -117,7 +117,8 @@ def compute(client: ForwardClient, pairs: Sequence[TokenizedPair],
     counts = {s: torch.zeros(n) for s in SIDES}
     rows: dict[str, list[Tensor]] | None = {s: [torch.zeros(0)] * n for s in SIDES} \
         if token_logps else None
-    bar = tqdm(total=n, desc="reference log-probs", unit="pair", disable=not progress)
+    bar = tqdm(total=n, desc="reference log-probs", unit="pair",
+               disable=None if progress else True)  # None: only on a terminal
 
     def store(index: Sequence[int], out: PairLogps) -> None:
         at = torch.tensor(list(index), dtype=torch.long)
