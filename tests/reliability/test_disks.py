@@ -287,3 +287,40 @@ def test_files_and_directories_follow_the_umask(make_config: Any, tmp_path: Path
     assert any(n.startswith("cache/reference/") for n in names)
     modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in made}
     assert {n: m for n, m in modes.items() if m != (0o750 if (tmp_path / n).is_dir() else 0o640)} == {}
+
+
+def test_a_run_removes_what_killed_saves_left_everywhere_but_not_a_live_write(
+    make_config: Any, tmp_path: Path, capsys: Any
+) -> None:
+    log, cache = tmp_path / "logs", tmp_path / "cache"
+    snapshots = log / "deployments" / "preftune" / "snapshots"
+    dead = []
+    for parent, prefix, directory in [
+        (log, ".final.", True), (log / "checkpoints", ".step-00000003.", True),
+        (cache / "reference", ".x.pt.", False), (cache / "tokenized", ".x.pt.", False),
+        (snapshots, ".step-00000002.", True),
+    ]:
+        parent.mkdir(parents=True, exist_ok=True)
+        path, fd = locked_temp(parent, prefix, "" if directory else ".tmp", directory)
+        os.close(fd)  # as a SIGKILL would
+        dead.append(Path(path))
+    live, fd = locked_temp(cache / "reference", ".y.pt.", ".tmp")  # another run, still writing
+    try:
+        run(make_config(epochs=1, sinks=["jsonl", "weight_sync"]))
+        err = capsys.readouterr().err
+        assert not [p for p in dead if p.exists()] and Path(live).exists()
+        assert all(str(p) in err for p in dead) and live not in err
+        assert "removed what interrupted saves left behind" in err
+        assert "removed what interrupted publishes left behind" in err
+    finally:
+        os.close(fd)
+
+
+def test_the_command_line_says_an_os_error_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    (tmp_path / "taken").write_text("a file")
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "run"), "--out",
+                                      str(tmp_path / "taken" / "report")])
+    assert result.exit_code == 2
+    assert result.output == f"error: {tmp_path / 'taken' / 'report'}: Not a directory\n"
