@@ -7,7 +7,7 @@ errors below to write plugins. Backend authors also have :mod:`preftune.backend_
 
 from .config import Config, load_config
 from .data import tokenize_pair
-from .errors import ConfigError, DataError, PluginError, PreftuneError, RecordError, TrainingError
+from .errors import ConfigError, DataError, DiskError, PluginError, PreftuneError, RecordError, TrainingError
 from .hookspecs import hookimpl
 from .loop import run
 from .manager import get_plugin_manager, get_registry
@@ -32,7 +32,8 @@ from .types import (
 )
 
 __all__ = [
-    "AdamParams", "Backend", "Config", "ConfigError", "DataError", "DatasetFormat", "ForwardClient",
+    "AdamParams", "Backend", "Config", "ConfigError", "DataError", "DatasetFormat", "DiskError",
+    "ForwardClient",
     "Loss", "LossFn", "Message", "Metrics", "PairLogps", "PluginError", "PreferencePair",
     "PreftuneError", "PublishingBackend", "RecordError", "ReferenceProvider", "SinkError", "Source",
     "TokenLogps", "TokenizedPair", "TrainingError", "get_plugin_manager", "get_registry", "hookimpl",

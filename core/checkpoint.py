@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, PreftuneError
 from .fileio import atomic_dir
+from .messages import log
 
 STATE_FILE = "trainer_state.json"
 # Fields that do not change what is trained: a run may resume with other values for them.
@@ -45,11 +46,13 @@ def save(log_path: str | Path, step: int, backend: Any, state: dict[str, Any],
     path = root(log_path) / f"step-{step:08d}"
     with atomic_dir(path) as tmp:
         backend.save_state(str(Path(tmp) / "backend"))
-        torch.save({"python": random.getstate(), "torch": torch.get_rng_state()},
-                   Path(tmp) / "rng.pt")
+        with open(Path(tmp) / "rng.pt", "wb") as handle:  # a handle: torch keeps the OS's error
+            torch.save({"python": random.getstate(), "torch": torch.get_rng_state()}, handle)
         (Path(tmp) / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
     for old in complete(log_path)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = old.with_name(f".{old.name}.pruned")  # a kill mid-delete leaves a temporary name
+        old.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return path
 
 
@@ -60,16 +63,45 @@ def complete(log_path: str | Path) -> list[Path]:
     return sorted(p for p in root(log_path).glob("step-*") if (p / STATE_FILE).exists())
 
 
-def remove_partial(log_path: str | Path) -> None:
-    """Delete what a run killed while writing a checkpoint left behind."""
-    if root(log_path).is_dir():
-        for partial in root(log_path).glob(".step-*"):
-            shutil.rmtree(partial, ignore_errors=True)
+class Unreadable(PreftuneError):
+    """A checkpoint that cannot be read back (truncated or damaged, or a file missing)."""
+
+    def __init__(self, path: Path, error: BaseException | str):
+        why = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        super().__init__(f"checkpoint {path} is unreadable ({why})")
+
+
+def resume(log_path: str | Path, backend: Any, expect: dict[str, str]) -> dict[str, Any]:
+    """Restore the newest readable checkpoint of ``log_path``; its trainer state, or {} when there
+    is none. An unreadable one is skipped, and the log names it; when every one is unreadable,
+    a :class:`ConfigError` names each with its reason."""
+    found = sorted((p for p in root(log_path).glob("step-*") if p.is_dir()), reverse=True)
+    if not found:
+        log(f"resume: no checkpoint in {root(log_path)}; starting from step 0")
+        return {}
+    skipped = []
+    for path in found:
+        try:
+            state = restore(path, backend, expect)
+        except Unreadable as exc:
+            log(f"resume: skipping {exc}")
+            skipped.append(str(exc))
+            continue
+        log(f"resumed from {path} (step {state['step']})")
+        return state
+    raise ConfigError(f"cannot resume: no readable checkpoint in {root(log_path)}:\n"
+                      + "\n".join(skipped))
 
 
 def restore(path: Path, backend: Any, expect: dict[str, str]) -> dict[str, Any]:
-    """Load checkpoint ``path`` into ``backend``; refuse one made for other settings or data."""
-    state = json.loads((path / STATE_FILE).read_text())
+    """Load checkpoint ``path`` into ``backend``; refuse one made for other settings or data
+    (:class:`ConfigError`); :class:`Unreadable` when it cannot be read."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError(f"{STATE_FILE} holds no step")
+    except (OSError, ValueError) as exc:
+        raise Unreadable(path, exc) from exc
     for key, value in expect.items():
         if state.get(key) != value:
             what = "training settings" if key == "config_sha256" else "training data"
@@ -77,8 +109,13 @@ def restore(path: Path, backend: Any, expect: dict[str, str]) -> dict[str, Any]:
                 f"checkpoint {path} was written for different {what} ({key} differs); "
                 "resume with the settings and data it was made with, or use a new log_path"
             )
-    backend.load_state(str(path / "backend"))
-    rng = torch.load(path / "rng.pt", weights_only=True)
+    try:
+        rng = torch.load(path / "rng.pt", weights_only=True)
+        # last: a failure part-way leaves the backend half-loaded, and the next (older)
+        # checkpoint's load_state then sets all of it again
+        backend.load_state(str(path / "backend"))
+    except Exception as exc:
+        raise Unreadable(path, exc) from exc
     random.setstate(rng["python"])
     torch.set_rng_state(rng["torch"])
     return state

@@ -57,7 +57,8 @@ DEMO_SETTINGS: dict[str, Any] = {
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Print a :class:`PreftuneError` as one clear message and exit with status 2."""
+    """Print a :class:`PreftuneError`, or the machine's refusal (an ``OSError``: a full disk, no
+    permission, the network down), as one clear message and exit with status 2."""
     from .signals import Stopped
 
     try:
@@ -66,6 +67,10 @@ def user_errors() -> Iterator[None]:
         raise  # not an error: the command that ran says how to go on
     except PreftuneError as exc:
         typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
         raise typer.Exit(2) from None
 
 
@@ -222,6 +227,11 @@ def report(
 
 def main() -> None:
     """Console-script entry point."""
+    import os
+    import sys
+
+    if not sys.stderr.isatty():  # no progress-bar redraws (\r, escapes) from libraries in a log
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     app()
 
 

@@ -302,7 +302,7 @@ def tokenize_pairs(
     problems are a :class:`DataError` listing every line."""
     out, report, problems = [], TokenizeReport(), []
     pattern = control_tokens(tokenizer)
-    with tqdm(total=len(pairs), desc="tokenizing", unit="pair", disable=not progress) as bar:
+    with tqdm(total=len(pairs), desc="tokenizing", unit="pair", disable=None if progress else True) as bar:
         for start in range(0, len(pairs), PAIRS_PER_STEP):
             chunk = pairs[start : start + PAIRS_PER_STEP]
             for pair, (prompt, *fulls) in zip(chunk, render_pairs(tokenizer, chunk)):

@@ -38,6 +38,15 @@ class DataError(PreftuneError):
         super().__init__(count + ":\n" + "\n".join(shown))
 
 
+class DiskError(PreftuneError):
+    """A file or directory cannot be written or read: the path and the system's reason (a full
+    disk, no permission, a file where a directory should be)."""
+
+    def __init__(self, path: object, cause: str, verb: str = "write", what: str = ""):
+        self.path, self.cause, self.verb = str(path), cause, verb
+        super().__init__(f"cannot {verb} {what + ' ' if what else ''}{path}: {cause}")
+
+
 class TrainingError(PreftuneError):
     """Training cannot go on, e.g. the loss is NaN or infinite."""
 

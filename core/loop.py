@@ -16,7 +16,7 @@ from . import checkpoint, hub, refcache, tokcache
 from .config import Config
 from .data import check_held_out, epoch_order, length_batches, make_format, no_training_pairs, split_eval
 from .errors import ConfigError, TrainingError
-from .fileio import atomic_write_json, run_lock
+from .fileio import atomic_dir, atomic_write_json, ensure_dir, remove_stale, run_lock
 from .manager import PluginManager, Registry, get_registry
 from .messages import log
 from .signals import Stopped, StopSignals
@@ -36,14 +36,15 @@ def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
     for kind, name in [("backend", config.backend)] + [("sink", s) for s in config.sinks] + (
             [("reference", config.reference)] if config.reference != "auto" else []):
         registry.check(kind, name, config)  # exists, and can use these settings
-    log_path = Path(config.log_path)
-    log_path.mkdir(parents=True, exist_ok=True)
+    log_path = ensure_dir(config.log_path, "log_path")  # a file, unwritable: said before loading
+    ensure_dir(cache_dir(config), "cache_dir")
     with run_lock(log_path):  # a second run on this log_path stops here, naming the first
         return train(config, registry, loss, fmt, log_path)
 
 
 def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Path) -> dict[str, Any]:
     """The run itself, once its components are known to exist and ``log_path`` is ours."""
+    remove_interrupted_saves(log_path, cache_dir(config))
     resolved = config.redacted(registry)  # secrets masked: what logs and sinks may see
     atomic_write_json(log_path / "config.json", resolved)
     seed_everything(config.seed)
@@ -129,14 +130,12 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
                     raise Stopped(stop.signum, step, saved)  # None when checkpointing is off
 
         final_eval = evals[step] if step in evals else evaluate(step)
-        weights = log_path / "final"
-        remote = backend.save_weights(str(weights)) or {}  # a remote backend names its copy
-        tokenizer.save_pretrained(str(weights))
-        sinks.hook.preftune_checkpoint(step=step, path=str(weights))
+        weights, remote = save_final(backend, tokenizer, log_path / "final")
+        sinks.hook.preftune_checkpoint(step=step, path=weights)
         elapsed = time.perf_counter() - start
         summary = {"status": "completed", "steps": step, "tokens": tokens,
                    "train_s": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
-                   "weights": str(weights), "initial_eval": first_eval, "final_eval": final_eval,
+                   "weights": weights, "initial_eval": first_eval, "final_eval": final_eval,
                    "dropped_pairs": len(data.report.dropped),
                    "truncated_pairs": len(data.report.truncated),
                    "prepare_s": data.prepare_s, "reference_s": reference_s,
@@ -156,17 +155,33 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
 
 
 def resume_state(config: Config, backend: Any, hashes: dict[str, str]) -> dict[str, Any]:
-    """With ``resume``, restore the newest complete checkpoint; its trainer state, or {}."""
-    checkpoint.remove_partial(config.log_path)
-    if not config.resume:
-        return {}
-    found = checkpoint.complete(config.log_path)
-    if not found:
-        log(f"resume: no checkpoint in {checkpoint.root(config.log_path)}; starting from step 0")
-        return {}
-    state = checkpoint.restore(found[-1], backend, hashes)
-    log(f"resumed from {found[-1]} (step {state['step']})")
-    return state
+    """With ``resume``, restore the newest readable checkpoint; its trainer state, or {}."""
+    return checkpoint.resume(config.log_path, backend, hashes) if config.resume else {}
+
+
+def save_final(backend: Any, tokenizer: Any, path: Path) -> tuple[str, dict[str, Any]]:
+    """The final weights, the tokenizer and its chat template as one directory: written beside
+    ``path`` under a temporary name and renamed once, so a kill leaves no ``final/`` (or the
+    previous one), never weights without their tokenizer. Returns where they are, and what a
+    remote backend says names its copy on the service (for the summary)."""
+    with atomic_dir(path) as tmp:
+        remote = backend.save_weights(tmp) or {}
+        tokenizer.save_pretrained(tmp)
+    return str(path), remote
+
+
+def cache_dir(config: Config) -> Path:
+    return Path(config.cache_dir) if config.cache_dir else refcache.default_cache_dir()
+
+
+def remove_interrupted_saves(log_path: Path, cache: Path) -> None:
+    """Delete what saves cut short (a kill, a full disk) left: temporary checkpoint and ``final``
+    directories, and temporary cache files no live run is writing; say what went."""
+    removed = (remove_stale(log_path, [".final.*", ".*.tmp"])
+               + remove_stale(checkpoint.root(log_path), [".step-*"])
+               + [p for sub in ("reference", "tokenized") for p in remove_stale(cache / sub, [".*.tmp"])])
+    if removed:
+        log(f"removed what interrupted saves left behind: {', '.join(map(str, removed))}")
 
 
 @dataclass
@@ -242,8 +257,7 @@ def reference_logps(config: Config, provider: Any, tokenizer: Any, data: Data,
     parts = {**provider.identity(), **hub.tokenizer_identity(tokenizer),
              "max_seq_len": str(config.max_seq_len), "data_sha256": data.sha256}
     parts = {k: str(v) for k, v in parts.items()}
-    cache_dir = Path(config.cache_dir) if config.cache_dir else refcache.default_cache_dir()
-    cache_file = refcache.cache_file_for(cache_dir, config.base_model, data.datasets)
+    cache_file = refcache.cache_file_for(cache_dir(config), config.base_model, data.datasets)
     size = eval_batch_size(config)
     batches = length_batches(data.pairs, data.train, size) + data.eval_batches(size)
     return refcache.load_or_compute(cache_file, parts, provider, data.pairs, batches,

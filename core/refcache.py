@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .errors import DiskError
 from .fileio import atomic_torch_save
 from .types import ForwardClient, PairLogps, TokenizedPair, TokenLogps, resolve
 
@@ -119,7 +120,8 @@ def compute(client: ForwardClient, pairs: Sequence[TokenizedPair],
     counts = {s: torch.zeros(n) for s in SIDES}
     rows: dict[str, list[Tensor]] | None = {s: [torch.zeros(0)] * n for s in SIDES} \
         if token_logps else None
-    bar = tqdm(total=n, desc="reference log-probs", unit="pair", disable=not progress)
+    bar = tqdm(total=n, desc="reference log-probs", unit="pair",
+               disable=None if progress else True)  # None: only on a terminal
 
     def store(index: Sequence[int], out: PairLogps) -> None:
         at = torch.tensor(list(index), dtype=torch.long)
@@ -171,7 +173,11 @@ def load_or_compute(
     if cached is not None:
         return cached
     reference = compute(client, pairs, batches, token_logps, progress)
-    reference.save(cache_file, parts)
+    try:
+        reference.save(cache_file, parts)
+    except DiskError as exc:  # the cache only saves time: the numbers are here, the run goes on
+        log(f"reference log-probs: {exc}; not cached")
+        return reference
     log(f"reference log-probs: cached {len(pairs)} pairs in {cache_file}")
     return reference
 

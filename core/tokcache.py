@@ -28,6 +28,7 @@ import numpy
 import torch
 
 from .data import AutoFormat, TokenizeReport, load_pairs, tokenize_pairs
+from .errors import DiskError
 from .fileio import atomic_torch_save
 from .hub import tokenizer_identity
 from .refcache import data_hash, default_cache_dir
@@ -84,8 +85,8 @@ def load_or_build(cache_file: Path, parts: dict[str, str], build: Callable[[], T
         return built
     try:
         atomic_torch_save(pack(built, parts, datasets), cache_file)
-    except OSError as exc:  # the cache only saves time: the run goes on without it
-        log(f"tokenized data: cannot write cache {cache_file} ({exc.strerror}); not cached")
+    except DiskError as exc:  # the cache only saves time: the run goes on without it
+        log(f"tokenized data: {exc}; not cached")
         return built
     log(f"tokenized data: {len(built.pairs)} pairs in {seconds:.1f} s, cached in {cache_file}")
     return built

@@ -1,5 +1,5 @@
-"""The ``console`` sink: a progress bar over optimizer steps, a line every ``interval`` steps,
-each evaluation, and a summary at the end. Everything goes to stderr."""
+"""The ``console`` sink: a progress bar over optimizer steps (on a terminal only), a line every
+``interval`` steps, each evaluation, and a summary at the end. Everything goes to stderr."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ class ConsoleOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     interval: int = Field(10, ge=0, description="Print a metrics line every N steps; 0 = never.")
-    progress: bool = Field(True, description="Show a progress bar.")
+    progress: bool = Field(True, description="Show a progress bar when stderr is a terminal (never in "
+                           "a pipe or a file, where its redraws would be noise).")
 
 
 def fmt(metrics: dict[str, Any], keys: tuple[str, ...] | None = None) -> str:
@@ -44,7 +45,8 @@ class ConsoleSink:
     def preftune_run_start(self, config: Config, info: dict[str, Any], backend: Any) -> None:
         self.write(f"training {config.loss} on {config.base_model}: {fmt(info, INFO_KEYS)}")
         self.bar = tqdm(total=info["total_steps"], desc="train", unit="step", file=sys.stderr,
-                        disable=not self.options.progress, dynamic_ncols=True)
+                        disable=None if self.options.progress else True,  # None: only on a tty
+                        dynamic_ncols=True)
 
     @hookimpl
     def preftune_log_metrics(self, step: int, metrics: dict[str, float]) -> None:

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, TextIO
 
-from preftune import Config, hookimpl
+from preftune import Config, DiskError, hookimpl
 
 
 class JsonlSink:
@@ -18,11 +18,14 @@ class JsonlSink:
         self.resume_step = 0
 
     def _write(self, name: str, row: dict[str, Any]) -> None:
-        if name not in self.files:
-            self.files[name] = self._open(self.dir / name)
-        handle = self.files[name]
-        handle.write(json.dumps(row) + "\n")
-        handle.flush()
+        try:
+            if name not in self.files:
+                self.files[name] = self._open(self.dir / name)
+            handle = self.files[name]
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+        except OSError as exc:  # a full disk, say: name the file (a resume drops a cut-off line)
+            raise DiskError(self.dir / name, exc.strerror or str(exc)) from exc
 
     def _open(self, path: Path) -> TextIO:
         """A fresh file, or on resume the rows up to the checkpoint's step (a run killed after
@@ -57,7 +60,10 @@ class JsonlSink:
     @hookimpl
     def preftune_run_end(self, summary: dict[str, Any]) -> None:
         for handle in self.files.values():
-            handle.close()
+            try:
+                handle.close()
+            except OSError:
+                pass  # a line the disk refused was reported when it was written
         self.files.clear()
 
 

@@ -38,6 +38,7 @@ from preftune.backend_utils import (
     files_hash,
     load_causal_lm,
     model_identity,
+    remove_stale,
     resolve_init,
     switch_symlink,
 )
@@ -237,15 +238,18 @@ class LocalBackend:
                 raise TrainingError(f"weight {name!r} holds NaN or infinite values; not saved")
 
     def save_weights(self, path: str) -> None:
+        """Write the weights into ``path`` (the loop gives a temporary directory that becomes
+        ``final/`` with the tokenizer, in one rename)."""
         self.check_weights()
-        with atomic_dir(path) as tmp:
-            self.model.save_pretrained(tmp)
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
 
     def save_state(self, path: str) -> None:
         self.check_weights()
         Path(path).mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
-        torch.save(self.optimizer.state_dict(), Path(path) / "optimizer.pt")
+        with open(Path(path) / "optimizer.pt", "wb") as handle:  # a handle keeps the OS's error
+            torch.save(self.optimizer.state_dict(), handle)
 
     def load_state(self, path: str) -> None:
         from safetensors.torch import load_file
@@ -279,6 +283,9 @@ class LocalBackend:
             raise ConfigError("the local backend publishes to a directory: set [weight_sync] directory")
         self.check_weights()
         root = Path(directory)
+        removed = remove_stale(root / "snapshots", [".*"])  # interrupted publishes
+        if removed:
+            log(f"removed what interrupted publishes left behind: {', '.join(map(str, removed))}")
         with atomic_dir(root / "snapshots" / snapshot) as tmp:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
@@ -288,7 +295,7 @@ class LocalBackend:
                         "sha256": files_hash(Path(tmp)), "created": time.time()}
             (Path(tmp) / "manifest.json").write_text(json.dumps(manifest, indent=2))
         switch_symlink(root / "current", Path("snapshots") / snapshot)
-        snapshots = sorted((root / "snapshots").iterdir())
+        snapshots = sorted(p for p in (root / "snapshots").iterdir() if not p.name.startswith("."))
         for old in snapshots[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         return manifest

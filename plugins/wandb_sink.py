@@ -1,7 +1,13 @@
 """The ``wandb`` sink: every step's metrics and each evaluation, with the optimizer step as the
 x-axis; the resolved config with secrets masked; and the final summary. Nothing is logged for
 runs that do not list ``wandb`` in ``sinks``. ``mode = "offline"`` (or ``WANDB_MODE=offline``)
-needs no network or key; ``wandb sync`` uploads the run later."""
+needs no network or key; ``wandb sync`` uploads the run later.
+
+A server that cannot be reached never holds the run up: start-up waits ``init_timeout`` seconds
+(after W&B's own look-up of the user name, about 10 s at most), then the run goes on offline and
+says so (nothing is lost: ``wandb sync`` uploads it later); the end waits at most
+``finish_timeout`` seconds for uploads (what is left stays in the local files, for ``wandb
+sync``)."""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from preftune import Config, ConfigError, hookimpl
+from preftune import Config, ConfigError, hookimpl, log
 
 SUMMARY_KEYS = ("steps", "tokens", "tokens_per_s", "train_s", "dropped_pairs", "truncated_pairs")
 
@@ -28,6 +34,14 @@ class WandbOptions(BaseModel):
         None, description="online, offline or disabled; default $WANDB_MODE or online."
     )
     dir: str | None = Field(None, description="Where W&B writes its files; default log_path.")
+    init_timeout: float = Field(
+        30.0, gt=0, description="Seconds to wait for the W&B server at start; then the run goes on "
+        "offline and says so (`wandb sync` uploads it later)."
+    )
+    finish_timeout: float = Field(
+        120.0, ge=0, description="Seconds to wait at the end for uploads to finish; 0 = no limit. "
+        "What is not uploaded by then stays in the local files (`wandb sync`)."
+    )
 
 
 class WandbSink:
@@ -50,9 +64,18 @@ class WandbSink:
         run_id = id_file.read_text().strip() if resuming else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         o = self.options
-        self.run = wandb.init(project=o.project, entity=o.entity, name=o.run_name, tags=o.tags,
-                              mode=o.mode, dir=self.dir, config=info.get("config", {}), id=run_id,
-                              resume="allow" if resuming else None)
+        settings = wandb.Settings(init_timeout=o.init_timeout, finish_timeout=o.finish_timeout)
+        args = dict(project=o.project, entity=o.entity, name=o.run_name, tags=o.tags, dir=self.dir,
+                    config=info.get("config", {}), id=run_id, resume="allow" if resuming else None,
+                    settings=settings)
+        try:
+            self.run = wandb.init(mode=o.mode, **args)
+        except wandb.errors.CommError as exc:  # no server within init_timeout, or it refused us
+            reason = str(exc).splitlines()[0]
+            log(f"wandb: cannot start the run on the W&B server ({reason}); logging offline under "
+                f"{self.dir} instead: upload it later with `wandb sync`")
+            wandb.teardown()  # the service still holds the failed run's id, which we keep
+            self.run = wandb.init(mode="offline", **args)
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
 

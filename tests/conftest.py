@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -184,3 +188,16 @@ def start_run() -> Any:
 def wait_for_rows() -> Any:
     """``wait_for_rows(path, count, proc)``: until ``path`` has ``count`` lines while ``proc`` runs."""
     return _wait_for_rows
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """``preftune demo`` run once, as a user runs it in CI: a process with its output piped.
+    ``log_path``, ``returncode``, ``stdout`` and ``stderr``."""
+    log_path = tmp_path_factory.mktemp("demo") / "demo"
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
+           "PREFTUNE_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    done = subprocess.run([sys.executable, "-m", "preftune.cli", "demo", "--log-path", str(log_path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    return SimpleNamespace(log_path=log_path, returncode=done.returncode, stdout=done.stdout,
+                           stderr=done.stderr)

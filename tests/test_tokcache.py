@@ -230,4 +230,4 @@ def test_the_default_cache_dir_is_used_and_an_unwritable_cache_is_only_skipped(
     assert list((tmp_path / "cache" / "tokenized").glob("*.pt"))  # $PREFTUNE_CACHE_DIR (conftest)
     (tmp_path / "blocked").write_text("a file where the cache directory would be")
     run = Run(tmp_path, registry, dataset=str(data[0]), cache_dir=str(tmp_path / "blocked"))
-    assert run().pairs and "cannot write cache" in run.log
+    assert run().pairs and "; not cached" in run.log and "cannot write" in run.log
