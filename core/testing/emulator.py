@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import re
+import signal
 import sys
 import tempfile
 import threading
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     server = Server(Emulator(args.root, args.lora_alpha), args.port)
     print(f"preftune emulator on {server.url} (Ctrl-C to stop)", flush=True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         server.httpd.serve_forever()
     except KeyboardInterrupt:
