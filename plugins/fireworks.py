@@ -113,6 +113,11 @@ def check_settings(config: Config, options: FireworksOptions) -> None:
         raise ConfigError(f"{options.api_key_env} holds a Tinker key ('tml-...'): the fireworks "
                           "backend needs a Fireworks API key")
     remote.import_sdk(SDK, "fireworks")
+    remote.check_reachable(service_url(options), options.connect_timeout_s)
+
+
+def service_url(options: FireworksOptions) -> str:
+    return (options.base_url or os.environ.get("FIREWORKS_BASE_URL") or DEFAULT_URL).rstrip("/")
 
 
 class FireworksBackend(remote.TrainingClientBackend):
@@ -127,13 +132,12 @@ class FireworksBackend(remote.TrainingClientBackend):
         self.config, self.options, self.trainer_types = config, options, trainer
         self.alpha = config.lora_alpha
         self.key = options.api_key("a Fireworks key")
-        self.url = (options.base_url or os.environ.get("FIREWORKS_BASE_URL") or DEFAULT_URL).rstrip("/")
+        self.url = service_url(options)
         self.gateway = (options.trainer_gateway_url or self.url).rstrip("/")
         fw = self.fw
         self.service = remote.Service("fireworks", options, (
             fw.TrainingError, fw.TrainingAPIError, RuntimeError, ValueError, OSError),
             (fw.APIConnectionError, fw.APITimeoutError))
-        remote.check_reachable(self.url, options.connect_timeout_s)
         self.manager = trainer.TrainerJobManager(api_key=self.key, base_url=self.url,
                                                  trainer_gateway_url=self.gateway)
         self.jobs = Jobs(config.log_path, self.manager, self.service, options.connect_timeout_s * 3)

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from preftune import Config, ConfigError
+from preftune import Config, ConfigError, log
 from preftune.backend_utils import load_model_config, resolve_init
 
 DEVICE_KINDS = {  # device type -> whether this machine has it
@@ -87,11 +87,17 @@ def device_problem(name: str) -> str | None:
 
 
 def check_context(config: Config, name: str, structure: Any) -> None:
-    """``max_seq_len`` must fit the model's positions (when its config says how many)."""
+    """``max_seq_len`` must fit the model's positions (when its config says how many); the
+    default is lowered to the model's context, a value the user set is refused."""
     text = structure.get_text_config() if hasattr(structure, "get_text_config") else structure
     key = next((k for k in CONTEXT_KEYS if isinstance(getattr(text, k, None), int)), None)
     if key is not None and config.max_seq_len > getattr(text, key):
         limit = getattr(text, key)
+        if "max_seq_len" not in config.model_fields_set:  # the default, not the user's choice
+            log(f"max_seq_len: the default {config.max_seq_len} is beyond the context of model "
+                f"{name!r} ({key} = {limit}); using {limit}")
+            config.max_seq_len = limit
+            return
         raise field_error(config, "max_seq_len", f"{config.max_seq_len} is beyond the context of "
                           f"model {name!r} ({key} = {limit}); allowed: 2 to {limit}")
 

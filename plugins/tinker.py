@@ -40,6 +40,9 @@ def check_settings(config: Config, options: TinkerOptions) -> None:
     remote.check_url(options.base_url, "tinker.base_url")
     options.api_key("a Tinker key starts with 'tml-'")
     remote.import_sdk("tinker", "tinker")
+    url = options.base_url or os.environ.get("TINKER_BASE_URL")
+    if url:  # else the SDK's own; its first call is bounded like every other
+        remote.check_reachable(url, options.connect_timeout_s)
 
 
 class TinkerBackend(remote.TrainingClientBackend):
@@ -56,8 +59,6 @@ class TinkerBackend(remote.TrainingClientBackend):
         self.service = remote.Service("tinker", options, (errors,), (
             self.tinker.APIConnectionError, self.tinker.InternalServerError, self.tinker.RateLimitError))
         key = options.api_key("a Tinker key starts with 'tml-'")
-        if self.url:
-            remote.check_reachable(self.url, options.connect_timeout_s)
         self.sdk = self.tinker.ServiceClient(base_url=self.url, api_key=key,
                                              user_metadata={"client": "preftune"})
         try:

@@ -94,6 +94,7 @@ def test_no_server_is_a_clear_error_within_seconds(make_config: Any, emulator: A
         run(fireworks_config(make_config, emulator, tmp_path, "noserver",
                              fireworks={"base_url": url, "connect_timeout_s": 2}))
     assert time.monotonic() - start < 15
+    assert not (tmp_path / "noserver").exists()  # said before anything loads
 
 
 def test_a_job_that_never_becomes_ready_is_an_error_and_is_deleted(

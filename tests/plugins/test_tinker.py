@@ -83,6 +83,7 @@ def test_no_server_is_a_clear_error_within_seconds(make_config: Any, emulator: A
         run(tinker_config(make_config, emulator, tmp_path, "noserver",
                           tinker={"base_url": url, "connect_timeout_s": 2}))
     assert time.monotonic() - start < 15
+    assert not (tmp_path / "noserver").exists()  # said before anything loads
 
 
 def test_transient_faults_are_retried_and_change_nothing(make_config: Any, emulator: Any,

@@ -40,6 +40,15 @@ def test_max_seq_len_beyond_the_models_context_is_refused(make_config: Any, regi
     registry.check("backend", "local", make_config(max_seq_len=256))  # the whole context is fine
 
 
+def test_the_default_max_seq_len_is_lowered_to_the_models_context(tmp_path: Path, capsys: Any) -> None:
+    config_file = tmp_path / "c.toml"  # no max_seq_len: the default (4096) is more than tiny's 256
+    config_file.write_text('base_model = "builtin:tiny"\ndataset = "d.jsonl"\n')
+    config = load_config(config_file)
+    get_registry(get_plugin_manager(load_entrypoints=False)).check("backend", "local", config)
+    assert config.max_seq_len == 256
+    assert "the default 4096 is beyond the context of model 'builtin:tiny'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("targets, problem", [
     (["qproj"], r"'qproj' matches no module"),
     (["q_proj", "v_porj"], r"'v_porj' matches no module"),  # peft alone would ignore it
