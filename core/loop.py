@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, hub, refcache, tokcache
+from . import checkpoint, hub, refcache, tiny, tokcache
 from .config import Config
 from .data import check_held_out, epoch_order, length_batches, make_format, no_training_pairs, split_eval
 from .errors import ConfigError, TrainingError
@@ -21,7 +21,9 @@ from .manager import PluginManager, Registry, get_registry
 from .messages import log
 from .signals import Stopped, StopSignals
 from .sinks import open_sinks
+from .sources import check_readable
 from .types import AdamParams, Loss, Metrics, PairLogps, TokenizedPair, resolve
+from .weights import check_local_name
 
 
 def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
@@ -36,10 +38,21 @@ def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
     for kind, name in [("backend", config.backend)] + [("sink", s) for s in config.sinks] + (
             [("reference", config.reference)] if config.reference != "auto" else []):
         registry.check(kind, name, config)  # exists, and can use these settings
-    log_path = ensure_dir(config.log_path, "log_path")  # a file, unwritable: said before loading
-    ensure_dir(cache_dir(config), "cache_dir")
+    check_inputs(config)
+    ensure_dir(cache_dir(config), "cache_dir")  # a file, unwritable: said before loading
+    log_path = ensure_dir(config.log_path, "log_path")
     with run_lock(log_path):  # a second run on this log_path stops here, naming the first
         return train(config, registry, loss, fmt, log_path)
+
+
+def check_inputs(config: Config) -> None:
+    """The data files can be read and the tokenizer's name can be found: said before the log
+    directory is made (the model's name is its backend's to check)."""
+    check_readable(config.dataset, "dataset")
+    if config.eval_dataset:
+        check_readable(config.eval_dataset, "eval_dataset")
+    if config.tokenizer_model and not tiny.is_builtin(config.tokenizer_model):
+        check_local_name(config.tokenizer_model, "tokenizer_model")
 
 
 def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Path) -> dict[str, Any]:

@@ -43,6 +43,18 @@ LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a cheap test before walking a record
 
 
+def check_readable(path: str | Path, key: str) -> None:
+    """Refuse, before anything loads, a data file setting ``key`` that names no readable file."""
+    file = Path(path)
+    if file.is_dir():
+        raise ConfigError(f"{key} {path}: is a directory; a data set is a JSONL file")
+    try:
+        with open(file, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{key} {path}: {exc.strerror}") from None
+
+
 def read_records(path: str | Path) -> Iterator[tuple[Source, Any, RecordError | None]]:
     """Yield ``(where, record, error)`` for each non-blank line of a JSONL (or JSONL.gz) file."""
     name = str(path)

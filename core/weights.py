@@ -45,20 +45,20 @@ def load_model_config(name: str, revision: str | None = None) -> Any:
                           f"Hugging Face Hub: {reason}") from None
 
 
-def check_local_name(name: str) -> None:
-    """Refuse a model name that is neither an existing directory nor a possible hub id."""
+def check_local_name(name: str, what: str = "model") -> None:
+    """Refuse a model (or tokenizer) name that is neither an existing directory nor a possible
+    hub id."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     path = Path(name)
     if path.is_dir():
         return
     if path.exists():
-        raise ConfigError(f"model {name!r} is a file; a local model is a directory "
-                          "(config.json and the weights)")
+        raise ConfigError(f"{what} {name!r} is a file; a local {what} is a directory")
     try:
         validate_repo_id(name)
     except HFValidationError:
-        raise ConfigError(f"model {name!r}: no such directory ({path.absolute()})") from None
+        raise ConfigError(f"{what} {name!r}: no such directory ({path.absolute()})") from None
 
 
 def check_builtin(name: str) -> None:

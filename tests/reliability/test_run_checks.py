@@ -77,12 +77,16 @@ def test_lora_targets_that_match_pass_the_check(make_config: Any, registry: Any,
                                            r"'nobody/no-such-model': not a local model directory"),
     ("init_from", "./runs/nothing", r"field 'init_from': init_from './runs/nothing' is not a preftune "
                                     r"checkpoint"),
+    ("tokenizer_model", "/no/tokenizer", r"tokenizer_model '/no/tokenizer': no such directory"),
+    ("dataset", "/no/data.jsonl", r"dataset /no/data.jsonl: No such file or directory"),
+    ("dataset", "{dir}", r"dataset .*: is a directory; a data set is a JSONL file"),
+    ("eval_dataset", "/no/held.jsonl", r"eval_dataset /no/held.jsonl: No such file or directory"),
 ])
-def test_a_model_path_that_does_not_exist_is_refused_before_the_log_directory(
+def test_a_path_that_does_not_exist_is_refused_before_the_log_directory(
     make_config: Any, tmp_path: Path, key: str, value: str, pattern: str
 ) -> None:
     config = make_config()
-    refused(make_config(**{key: value.format(data=config.dataset)}), pattern)
+    refused(make_config(**{key: value.format(data=config.dataset, dir=tmp_path)}), pattern)
 
 
 def test_bad_values_given_with_set_name_the_set(tmp_path: Path, small_dataset: Any) -> None:
