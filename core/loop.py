@@ -73,6 +73,7 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
     stop = StopSignals().install()  # SIGTERM, Ctrl-C: stop at the next step boundary
     try:
         backend = registry.build("backend", config.backend, config, tokenizer)
+        stop.check(step=0)  # provisioning a remote trainer can take minutes: a signal ends it here
         reference, reference_s = None, time.perf_counter()
         if loss.needs_reference:
             name = resolve_reference(config, loss, backend)
@@ -82,6 +83,7 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
             finally:
                 close_quietly(provider)  # a frozen model is freed, a remote job deleted, now
         reference_s = time.perf_counter() - reference_s
+        stop.check(step=0)
         hashes = {"config_sha256": checkpoint.training_hash(config, set(registry.names("sink"))),
                   "data_sha256": data.sha256}
         state = resume_state(config, backend, hashes)

@@ -2,7 +2,8 @@
 
 The loop then writes a checkpoint (when checkpointing is on), every sink is ended and the backend
 closed as for any other end, and the command line prints how to resume and exits with 143
-(SIGTERM) or 130 (Ctrl-C). A second Ctrl-C stops at once.
+(SIGTERM) or 130 (Ctrl-C). A signal that comes while the backend starts or the reference pass
+runs ends the run when that phase is done. A second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ class StopSignals:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
         self.previous.clear()
+
+    def check(self, step: int) -> None:
+        """At a boundary before training (the backend built, the reference done): a signal
+        received so far stops the run here, with nothing to checkpoint."""
+        if self.signum is not None:
+            raise Stopped(self.signum, step, None)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None and signum == signal.SIGINT:

@@ -186,3 +186,20 @@ def test_sigterm_or_ctrl_c_stops_the_run_and_deletes_its_jobs(
     assert proc.wait(timeout=60) == code
     assert "--resume" in proc.stderr.read()
     assert emulator.emulator.jobs and emulator.emulator.leftovers() == []
+
+
+def test_sigterm_while_a_job_starts_ends_the_run_once_it_is_ready_and_deletes_it(
+        emulator: Any, tmp_path: Path, small_dataset: Any, config_file: Any, start_run: Any) -> None:
+    emulator.emulator.faults.delay[r"rlorTrainerJobs/preftune-policy-\w+$"] = 1.0  # a slow start
+    data = small_dataset(tmp_path / "d.jsonl")
+    config = fireworks_file(config_file, tmp_path / "c.toml", data, tmp_path / "logs", tmp_path / "c",
+                            emulator.url, epochs=20)
+    proc = start_run(config)
+    deadline = time.monotonic() + 60
+    while not paths(emulator, "POST", "rlorTrainerJobs") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    assert "stopped by SIGTERM after step 0" in proc.stderr.read()
+    assert not (tmp_path / "logs" / "metrics.jsonl").exists()
+    assert emulator.emulator.leftovers() == []
