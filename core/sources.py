@@ -127,12 +127,19 @@ def decode(line: bytes) -> tuple[str, RecordError | None]:
                                f"{exc.start + 1} of the line (save the file as UTF-8)")
 
 
+def json_position(text: str, exc: json.JSONDecodeError) -> str:
+    """Where in the line the JSON broke (json counts the line's own newline as a new line)."""
+    if exc.pos >= len(text.rstrip(JSON_SPACE)):
+        return "at the end of the line (is the record cut short?)"
+    return f"at column {exc.pos + 1}"
+
+
 def parse(text: str) -> tuple[Any, RecordError | None]:
     """One line's JSON value, or why it is not one faithful record."""
     try:
         record = json.loads(text, object_pairs_hook=unique_keys, parse_constant=refuse_constant)
     except json.JSONDecodeError as exc:
-        return None, RecordError("", f"malformed JSON: {exc.msg} at column {exc.colno}"
+        return None, RecordError("", f"malformed JSON: {exc.msg} {json_position(text, exc)}"
                                  + line_ending_hint(text, exc))
     except RecursionError:
         return None, RecordError("", "JSON nested too deeply to parse (arrays or objects "

@@ -97,3 +97,13 @@ def test_a_pair_identical_after_truncation_is_refused_not_trained(tokenizer: Any
     with pytest.raises(DataError, match=r"d\.jsonl:3: field 'rejected': chosen and rejected are "
                                         r"identical after truncation to max_seq_len=24"):
         tokenize_pairs(tokenizer, [pair], 24)
+
+
+def test_malformed_json_is_located_in_its_line(tmp_path: Path, registry: Any, pair_record: Any) -> None:
+    good = json.dumps(pair_record("q", "yes", "no"))
+    path = tmp_path / "cut.jsonl"
+    path.write_text("\n".join([good, good[:-1], '{"chosen" {}}', good]) + "\n")
+    found = [(line, message) for _, line, _, message in problems_of(path, registry)]
+    assert found == [
+        (2, "malformed JSON: Expecting ',' delimiter at the end of the line (is the record cut short?)"),
+        (3, "malformed JSON: Expecting ':' delimiter at column 11")]
