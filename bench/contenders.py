@@ -7,13 +7,13 @@ numbers are measured:
 ========== ======================================= ============================================
 contender  training time, tokens, losses            reference-pass time
 ========== ======================================= ============================================
-preftune   metrics.jsonl: last row's ``elapsed_s``  stderr lines, timestamped by the parent as they
-           (loop start to the last optimizer step),  arrive: from the first render of preftune's
-           summary ``tokens``, each row's ``loss``   "reference log-probs" progress bar to its
-                                                     "reference log-probs: cached N pairs" line. That
-                                                     span holds the reference model's load (the
+preftune   metrics.jsonl: last row's ``elapsed_s``  the summary's ``reference_s``: from building the
+           (loop start to the last optimizer step),  reference provider to closing it. That span
+           summary ``tokens``, each row's ``loss``   holds the reference model's load (the
                                                      ``separate`` provider loads a second copy on its
                                                      first forward), the forwards and the cache write.
+                                                     (Before the progress bar stopped drawing into
+                                                     pipes it was read from the bar's timestamps.)
 trl        ``on_train_begin`` to the last            ``DPOTrainer._precompute_ref_logps`` timed in
            ``on_step_end``; tokens counted by the    the process (forwards with the policy itself,
            collator; losses from ``on_log``          plus writing its Arrow cache).
@@ -132,7 +132,7 @@ def collect_preftune(job: Job, stdout: str, events: list[tuple[float, str]]) -> 
     problems = [f"{k}={summary[k]}" for k in ("dropped_pairs", "truncated_pairs") if summary.get(k)]
     return {"losses": [r["loss"] for r in rows], "train_s": rows[-1]["elapsed_s"] if rows else None,
             "tokens": summary.get("tokens"), "steps": summary.get("steps"),
-            "ref_s": preftune_ref_seconds(events), "problems": problems}
+            "ref_s": summary.get("reference_s", preftune_ref_seconds(events)), "problems": problems}
 
 
 def collect(job: Job, report: dict[str, Any], stdout: str,
