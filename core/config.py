@@ -14,6 +14,7 @@ import datetime
 import difflib
 import json
 import math
+import re
 import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -241,9 +242,17 @@ def make_config(data: dict[str, Any], source: str = "config", overrides: Sequenc
     return config
 
 
+SECRET_KEY = re.compile(r"(api_?key|token|secret|passw)(?!_env)", re.IGNORECASE)
+
+
 def override_origins(overrides: Sequence[str]) -> dict[str, str]:
-    """Each ``--set`` argument by the dotted key it sets."""
-    return {item.partition("=")[0].strip(): f"--set {item}" for item in overrides}
+    """Each ``--set`` argument by the dotted key it sets, as errors quote it: a value given to
+    a key that looks like a secret is never repeated."""
+    origins = {}
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        origins[key] = f"--set {key}=***" if SECRET_KEY.search(key) else f"--set {item}"
+    return origins
 
 
 def parse_value(text: str) -> Any:
@@ -252,6 +261,8 @@ def parse_value(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    except ValueError as exc:  # an integer of thousands of digits
+        raise ConfigError(f"--set value {text[:40]}...: a number too long to read ({exc})") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -54,6 +54,8 @@ def parse_toml(path: Path, text: str) -> Any:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(toml_error(path, text, str(exc))) from None
+    except ValueError as exc:  # an integer of thousands of digits
+        raise ConfigError(f"{path}: holds a number too long to read ({exc})") from None
 
 
 def toml_error(path: Path, text: str, message: str) -> str:
@@ -112,6 +114,8 @@ def parse_yaml(path: Path, text: str) -> Any:
         raise ConfigError(f"{where}: not valid YAML: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except ValueError as exc:  # an integer of thousands of digits
+        raise ConfigError(f"{path}: holds a number too long to read ({exc})") from None
 
 
 def parse_json(path: Path, text: str) -> Any:
@@ -122,6 +126,8 @@ def parse_json(path: Path, text: str) -> Any:
     except RecordError as exc:
         raise ConfigError(f"{path}: key {exc.field!r} is given twice in one object; "
                           "which value is meant?") from None
+    except ValueError as exc:  # an integer of thousands of digits
+        raise ConfigError(f"{path}: holds a number too long to read ({exc})") from None
 
 
 PARSERS = {".toml": parse_toml, ".yaml": parse_yaml, ".yml": parse_yaml, ".json": parse_json}

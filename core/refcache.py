@@ -67,8 +67,10 @@ class ReferenceLogps:
         """The reference :class:`PairLogps` of the pairs at ``index``, on the CPU."""
         at = torch.tensor(list(index), dtype=torch.long)
         tokens = None
-        if self.rows is not None:
-            tokens = TokenLogps(*(padded([self.rows[s][i] for i in index]) for s in SIDES))
+        if self.rows is not None:  # both sides as wide as the longest completion of either,
+            # as the backends lay out the policy's rows
+            table = padded([self.rows[s][i] for s in SIDES for i in index])
+            tokens = TokenLogps(table[: len(at)], table[len(at):])
         return PairLogps(self.sums["chosen"][at], self.sums["rejected"][at],
                          self.counts["chosen"][at], self.counts["rejected"][at], tokens)
 

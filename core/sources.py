@@ -146,6 +146,8 @@ def parse(text: str) -> tuple[Any, RecordError | None]:
                                  "inside each other about a thousand levels deep)")
     except RecordError as exc:
         return None, exc
+    except ValueError as exc:  # an integer of thousands of digits (Python refuses to convert it)
+        return None, RecordError("", f"holds a number too long to read ({exc})")
     if SURROGATE_ESCAPE.search(text):
         field = lone_surrogate(record)
         if field is not None:

@@ -26,11 +26,13 @@ from typing import Any
 from pydantic import Field
 
 from preftune import Config, ConfigError, TrainingError, hookimpl, log
+from preftune.backend_utils import atomic_write_json
 from preftune.plugins import remote
 
 SDK = "fireworks.training.sdk"
 DEFAULT_URL = "https://api.fireworks.ai"
 JOBS_FILE = "fireworks_jobs.json"
+GONE = ("JOB_STATE_DELETING", "JOB_STATE_DELETED", "JOB_STATE_ARCHIVED")
 
 
 class FireworksOptions(remote.RemoteOptions):
@@ -48,6 +50,8 @@ class FireworksOptions(remote.RemoteOptions):
     poll_interval_s: float = Field(5.0, gt=0, description="Seconds between job status polls.")
     hotload_timeout_s: float = Field(600.0, gt=0, description="Longest wait for a hot-load.")
     warmup_after_hotload: bool = Field(True, description="Send one request after each hot-load.")
+    train_unembed: bool = Field(False, description="LoRA: also adapt the output layer (the local "
+                                "backend's 'all-linear' does not).")
 
 
 class Jobs:
@@ -60,14 +64,18 @@ class Jobs:
         self.left = self._recorded()  # by a run on this log_path that was killed
 
     def _recorded(self) -> list[str]:
+        if not self.file.exists():
+            return []
         try:
-            return list(json.loads(self.file.read_text()))
-        except (OSError, ValueError):
+            return [str(job) for job in json.loads(self.file.read_text())]
+        except (OSError, ValueError, TypeError) as exc:
+            log(f"fireworks: cannot read {self.file} ({exc}); trainer jobs an interrupted run "
+                "left there are not deleted: check them in the Fireworks console")
             return []
 
     def _write(self) -> None:
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        self.file.write_text(json.dumps(self.left + self.created))
+        atomic_write_json(self.file, self.left + self.created)
 
     def new(self, role: str) -> str:
         job_id = f"preftune-{role}-{secrets.token_hex(4)}"
@@ -76,11 +84,17 @@ class Jobs:
         return job_id
 
     def delete(self, job_id: str) -> None:
-        try:
+        try:  # the SDK's delete only logs a failure: the job's state says whether it is gone
             self.service.run(f"deleting trainer job {job_id}", lambda: self.manager.delete(job_id),
                              self.bound)
+            job = self.service.run(f"checking trainer job {job_id}",
+                                   lambda: self.manager.try_get(job_id), self.bound)
         except Exception as exc:
             log(f"fireworks: could not delete trainer job {job_id} ({exc}); delete it by hand")
+            return
+        if job is not None and job.get("state") not in GONE:
+            log(f"fireworks: trainer job {job_id} is still {job.get('state')} after its deletion "
+                f"was asked for; it stays listed in {self.file.name}: delete it by hand")
             return
         for jobs in (self.created, self.left):
             if job_id in jobs:
@@ -134,10 +148,12 @@ class FireworksBackend(remote.TrainingClientBackend):
         self.key = options.api_key("a Fireworks key")
         self.url = service_url(options)
         self.gateway = (options.trainer_gateway_url or self.url).rstrip("/")
-        fw = self.fw
+        import httpx
+
+        fw = self.fw  # the SDK's own errors, its REST calls' (httpx) and the job states it raises
         self.service = remote.Service("fireworks", options, (
-            fw.TrainingError, fw.TrainingAPIError, RuntimeError, ValueError, OSError),
-            (fw.APIConnectionError, fw.APITimeoutError))
+            fw.TrainingError, fw.TrainingAPIError, httpx.HTTPError, RuntimeError, OSError),
+            (fw.APIConnectionError, fw.APITimeoutError, httpx.TransportError))
         self.manager = trainer.TrainerJobManager(api_key=self.key, base_url=self.url,
                                                  trainer_gateway_url=self.gateway)
         self.jobs = Jobs(config.log_path, self.manager, self.service, options.connect_timeout_s * 3)
@@ -151,7 +167,8 @@ class FireworksBackend(remote.TrainingClientBackend):
                                                       options.training_shape_id, options.job_id)
             self.client = self.service.run("creating the training client", lambda: (
                 self.sdk.create_training_client(config.base_model, lora_rank=config.lora_rank,
-                                                seed=config.seed, lora_alpha=int(self.alpha))))
+                                                seed=config.seed, lora_alpha=int(self.alpha),
+                                                train_unembed=options.train_unembed)))
         except BaseException:
             self.close("failed")
             raise

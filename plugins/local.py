@@ -43,7 +43,14 @@ from preftune.backend_utils import (
     switch_symlink,
 )
 from preftune.plugins.local_checks import check_settings, resolve_device
-from preftune.plugins.local_engine import Engine, Plan, auto_chunk, calibrate, checkpoint_layers
+from preftune.plugins.local_engine import (
+    Engine,
+    Plan,
+    auto_chunk,
+    calibrate,
+    checkpoint_layers,
+    vocab_size,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SMALL_MODEL = 20_000_000  # parameters: below this, threads = 0 means one CPU thread
@@ -64,7 +71,7 @@ class LocalOptions(BaseModel):
         "start); padded: one row per sequence; auto: shared where the model supports it."
     )
     threads: int = Field(
-        0, ge=0, description="CPU threads; 0 = 1 for models under 20M parameters (tiny models "
+        0, ge=0, le=1024, description="CPU threads; 0 = 1 for models under 20M parameters (tiny models "
         "lose far more to threads fighting other work than they gain), else torch's default."
     )
     logits_chunk: int = Field(
@@ -125,7 +132,7 @@ class LocalBackend:
         self.dtype = DTYPES[options.dtype]
         self.init = resolve_init(config.init_from) if config.init_from else None
         model = self._initial_model(trainable_adapter=config.lora_rank > 0)
-        vocab = model.get_input_embeddings().num_embeddings
+        vocab = vocab_size(model)
         if len(tokenizer) > vocab:
             raise ConfigError(
                 f"tokenizer {config.tokenizer_model or config.base_model!r} has {len(tokenizer)} "

@@ -111,7 +111,11 @@ def check_lora_targets(config: Config, name: str, structure: Any, targets: str |
 
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(structure)
+        try:
+            model = AutoModelForCausalLM.from_config(structure)
+        except (ValueError, KeyError) as exc:
+            raise field_error(config, "base_model", f"model {name!r} is not a causal language model "
+                              f"transformers can build ({str(exc).splitlines()[0]})") from None
         problem = target_problem(model, targets)
         if problem is None:
             try:  # whatever else peft refuses

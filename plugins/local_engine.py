@@ -155,13 +155,18 @@ def probe_pairs(vocab: int) -> list[TokenizedPair]:
     return [TokenizedPair(ids(p), ids(c), ids(r), (1.0,) * c, (1.0,) * r) for p, c, r in shapes]
 
 
+def vocab_size(model: Any) -> int:
+    """Rows of the input embeddings (under a LoRA wrapper when LoRA targets them)."""
+    embeddings = model.get_input_embeddings()
+    return int(getattr(embeddings, "base_layer", embeddings).num_embeddings)
+
+
 @torch.inference_mode()
 def calibrate(model: Any, device: torch.device, layout: str, chunk: int,
               max_seq_len: int) -> Plan:
     """Decide the layout and the output-layer path for ``model``, checked on probe pairs."""
     notes: list[str] = []
-    vocab = model.get_input_embeddings().num_embeddings
-    pairs = probe_pairs(min(vocab, 1000))
+    pairs = probe_pairs(min(vocab_size(model), 1000))
     padded = padded_layout(pairs).to(device)
     expected = target_logps(model, padded, Plan("padded", False, chunk, []))
     split_head = _close(target_logps(model, padded, Plan("padded", True, chunk, [])), expected,

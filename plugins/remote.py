@@ -13,11 +13,13 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -52,6 +54,9 @@ class RemoteOptions(BaseModel):
     retries: int = Field(3, ge=0, description="Retries of a call that is safe to repeat.")
 
     def api_key(self, prefix_hint: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):  # never echo: it may be a key
+            raise ConfigError("api_key_env must name an environment variable (letters, digits and _), "
+                              "not hold the key itself")
         key = os.environ.get(self.api_key_env, "").strip()
         if not key:
             raise ConfigError(f"set the environment variable {self.api_key_env} to your API key "
@@ -104,12 +109,23 @@ def custom_loss(pairs: Sequence[TokenizedPair], loss_fn: LossFn) -> tuple[Callab
     names: set[str] = set()
 
     def run(data: Any, logprobs_list: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        policy = pair_logps(pairs, logprobs_list, loss_fn.needs_token_logps)
-        loss, metrics = loss_fn(policy)
-        names.update(metrics)
-        return loss, {k: float(v) for k, v in metrics.items()}
+        try:
+            policy = pair_logps(pairs, logprobs_list, loss_fn.needs_token_logps)
+            loss, metrics = loss_fn(policy)
+            names.update(metrics)
+            return loss, {k: float(v) for k, v in metrics.items()}
+        except Exception as exc:  # marked, so that it is not taken for the service's error
+            raise LossFailed(exc) from exc
 
     return run, names
+
+
+class LossFailed(Exception):
+    """The run's loss raised inside the SDK's custom-loss callback; carries its exception."""
+
+    def __init__(self, original: Exception):
+        super().__init__(str(original))
+        self.original = original
 
 
 class RemoteError(TrainingError):
@@ -130,14 +146,20 @@ class Service:
         self.where = ""  # the service's ids for what this run created, named in its errors
 
     def run(self, what: str, call: Callable[[], T], timeout: float | None = None) -> T:
-        """``call()`` (an SDK call, which may block inside) in a worker thread, waiting at most
-        ``timeout`` (default ``timeout_s``) seconds; the SDK's errors become :class:`RemoteError`."""
+        """``call()`` (an SDK call, which may block inside) in a daemon thread, waiting at most
+        ``timeout`` (default ``timeout_s``) seconds; the SDK's errors become :class:`RemoteError`.
+        A call still running when its wait ends cannot keep the process from exiting."""
         timeout = timeout or self.options.timeout_s
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"preftune-{self.name}")
-        try:
-            return self._converted(what, lambda: pool.submit(call).result(timeout=timeout), timeout)
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+        future: Future[T] = Future()
+
+        def work() -> None:
+            try:
+                future.set_result(call())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        threading.Thread(target=work, name=f"preftune-{self.name}", daemon=True).start()
+        return self._converted(what, lambda: future.result(timeout=timeout), timeout)
 
     def wait(self, what: str, future: Any) -> Any:
         """The result of an SDK future, waiting at most ``timeout_s``."""
@@ -147,8 +169,11 @@ class Service:
     def _converted(self, what: str, call: Callable[[], T], timeout: float) -> T:
         try:
             return call()
+        except LossFailed as exc:  # the run's own loss, not the service: its error as it is
+            raise exc.original from None
         except (TimeoutError, FutureTimeout):
-            raise RemoteError(f"{self.name}: {what}: no result within {timeout:g} s",
+            where = f" ({self.where})" if self.where else ""
+            raise RemoteError(f"{self.name}: {what}: no result within {timeout:g} s{where}",
                               transient=True) from None
         except self.errors as exc:
             where = f" ({self.where})" if self.where else ""

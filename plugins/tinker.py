@@ -26,7 +26,8 @@ class TinkerOptions(remote.RemoteOptions):
     """Options of the ``[tinker]`` table."""
 
     api_key_env: str = Field("TINKER_API_KEY", description="Environment variable holding the key.")
-    train_unembed: bool = Field(True, description="Also adapt the output layer.")
+    train_unembed: bool = Field(False, description="Also adapt the output layer (the local backend's "
+                                "'all-linear' does not).")
 
 
 def check_settings(config: Config, options: TinkerOptions) -> None:
@@ -37,6 +38,9 @@ def check_settings(config: Config, options: TinkerOptions) -> None:
     if config.init_from:
         raise ConfigError("backend 'tinker' does not take init_from; start from a Tinker "
                           "checkpoint by resuming a run")
+    if "lora_alpha" in config.model_fields_set:
+        raise ConfigError(f"lora_alpha = {config.lora_alpha}: Tinker sets LoRA alpha itself; leave "
+                          "lora_alpha unset with backend 'tinker'")
     remote.check_url(options.base_url, "tinker.base_url")
     options.api_key("a Tinker key starts with 'tml-'")
     remote.import_sdk("tinker", "tinker")

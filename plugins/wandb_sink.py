@@ -76,6 +76,10 @@ class WandbSink:
                 f"{self.dir} instead: upload it later with `wandb sync`")
             wandb.teardown()  # the service still holds the failed run's id, which we keep
             self.run = wandb.init(mode="offline", **args)
+        except wandb.errors.Error as exc:  # no API key, a bad entity or project, ...
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"wandb: {reason} (log in with `wandb login` or set WANDB_API_KEY; "
+                              "or log without a server: [wandb] mode = 'offline')") from None
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
 

@@ -102,10 +102,11 @@ class TokenLoss:
             assert numbers.tokens is not None
             rows = numbers.tokens.chosen_BT
             torch.testing.assert_close(rows.sum(-1), numbers.chosen, atol=1e-3, rtol=1e-5)
-            assert rows.shape[1] == int(numbers.chosen_tokens.max())
+            widest = max(int(numbers.chosen_tokens.max()), int(numbers.rejected_tokens.max()))
+            assert rows.shape[1] == numbers.tokens.rejected_BT.shape[1] == widest
         TokenLoss.seen.append(policy.size)
         margin = (policy.tokens.chosen_BT - reference.tokens.chosen_BT).sum(-1) - (
-            policy.rejected - reference.rejected)
+            policy.tokens.rejected_BT - reference.tokens.rejected_BT).sum(-1)
         return -torch.nn.functional.logsigmoid(0.1 * margin).mean(), {}
 
 

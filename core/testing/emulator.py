@@ -36,7 +36,10 @@ from .exchange import Answer, Failed, Reply, Request
 class Faults:
     """Switches for fault injection; a test sets them and the emulator obeys them.
 
-    ``errors``: path pattern -> how many of the next matching requests answer 503.
+    ``errors``: path pattern -> how many of the next matching requests answer 503 (before doing
+    anything); ``errors_after``: the same, after the request was carried out (the client sends it
+    again, and the service answers it once: requests are deduplicated by their idempotency key).
+    ``pending``: how many times ``retrieve_future`` answers "try again" before each result.
     ``drops``: path pattern -> how many of the next matching requests get the connection closed
     with no answer. ``delay``: path pattern -> seconds to sleep before answering.
     ``never_ready``: trainer jobs stay in JOB_STATE_CREATING. ``die_after_steps``: the trainer
@@ -44,7 +47,9 @@ class Faults:
     """
 
     errors: dict[str, int] = field(default_factory=dict)
+    errors_after: dict[str, int] = field(default_factory=dict)
     drops: dict[str, int] = field(default_factory=dict)
+    pending: int = 0
     delay: dict[str, float] = field(default_factory=dict)
     never_ready: bool = False
     die_after_steps: int | None = None
@@ -78,6 +83,8 @@ class Emulator:
         self.models: dict[str, dict[str, Any]] = {}
         self.futures: dict[str, Answer] = {}
         self.saved: dict[str, dict[str, Any]] = {}
+        self.answered: dict[str, Answer] = {}  # by idempotency key
+        self.polls: dict[str, int] = {}  # try-again answers given, by future
         self.jobs: dict[str, dict[str, Any]] = {}
         self.deployments: dict[str, dict[str, Any]] = {}
         self.requests: list[Request] = []
@@ -99,6 +106,17 @@ class Emulator:
         if self.faults.take(self.faults.errors, request.path):
             return Answer(503, {"error": "injected fault: service unavailable"})
         self.check_key(request)
+        key = request.headers.get("x-idempotency-key")
+        if key and key in self.answered:  # a retry of a request already carried out
+            return self.answered[key]
+        answer = self.route(request)
+        if key and answer.status < 500:
+            self.answered[key] = answer
+        if self.faults.take(self.faults.errors_after, request.path):
+            return Answer(503, {"error": "injected fault: service unavailable (after the work)"})
+        return answer
+
+    def route(self, request: Request) -> Answer:
         for method, pattern, route in self.routes:
             match = pattern.match(request.path)
             if match and method == request.method:

@@ -78,7 +78,8 @@ def create_model(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, str
     with emu.lock:
         trainer = Trainer(job.get("base_model") or body["base_model"], 0 if base_only else rank,
                           float(lora.get("alpha") or emu.lora_alpha), int(lora.get("seed") or 0),
-                          forward_only=forward_only)
+                          forward_only=forward_only,
+                          train_unembed=bool(lora.get("train_unembed", True)))
     emu.models[model_id] = {"trainer": trainer, "steps": 0, "rank": rank, "base_only": base_only,
                             "base_model": body["base_model"], "session": body["session_id"],
                             "job": m.groupdict().get("job"), "alpha": trainer.lora_alpha}
@@ -184,7 +185,8 @@ def save_weights(emu: Emulator, req: Request, m: re.Match[str], kind: str = "wei
     path = name if model["job"] else f"tinker://{model_id}/{kind}/{name}"
     emu.saved[_saved_key(model["job"], path)] = {
         "model_id": model_id, "rank": model["rank"], "base_model": model["base_model"],
-        "alpha": model["alpha"], "dir": _state_dir(emu, model_id, kind, name), "kind": kind}
+        "alpha": model["alpha"], "dir": _state_dir(emu, model_id, kind, name), "kind": kind,
+        "train_unembed": model["trainer"].train_unembed}
     kind_type = "save_weights" if kind == "weights" else "save_weights_for_sampler"
     return emu.future(Answer(body={"type": kind_type, "path": path}))
 
@@ -211,7 +213,8 @@ def load_weights(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, str
     else:  # a new training client from saved state
         model_id = f"{body['session_id']}:train:{body['model_seq_id']}"
         with emu.lock:
-            trainer = Trainer(saved["base_model"], saved["rank"], saved["alpha"])
+            trainer = Trainer(saved["base_model"], saved["rank"], saved["alpha"],
+                              train_unembed=saved["train_unembed"])
         emu.models[model_id] = {"trainer": trainer, "steps": 0, "rank": saved["rank"],
                                 "base_only": False, "base_model": saved["base_model"],
                                 "session": body["session_id"], "job": m.groupdict().get("job"),
@@ -227,6 +230,9 @@ def retrieve_future(emu: Emulator, req: Request, m: re.Match[str]) -> Any:
     answer = emu.futures.get(request_id)
     if answer is None:
         raise Reply(404, f"unknown future {request_id!r}")
+    if emu.polls.get(request_id, 0) < emu.faults.pending:  # still queued, as a busy service says
+        emu.polls[request_id] = emu.polls.get(request_id, 0) + 1
+        return {"type": "try_again", "request_id": request_id, "queue_state": "active"}
     return answer
 
 

@@ -46,6 +46,7 @@ class Trainer:
     lora_alpha: float = 32.0
     seed: int = 0
     forward_only: bool = False
+    train_unembed: bool = True
     model: Any = field(init=False, repr=False)
     optimizer: Any = field(init=False, default=None, repr=False)
 
@@ -54,9 +55,13 @@ class Trainer:
         if self.lora_rank > 0:
             from peft import LoraConfig, get_peft_model
 
+            targets: str | list[str] = "all-linear"  # peft's: every linear layer but the output one
+            if self.train_unembed:
+                targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                                  if isinstance(module, torch.nn.Linear)})
             torch.manual_seed(self.seed)
             model = get_peft_model(model, LoraConfig(
-                r=self.lora_rank, lora_alpha=self.lora_alpha, target_modules="all-linear",
+                r=self.lora_rank, lora_alpha=self.lora_alpha, target_modules=targets,
                 lora_dropout=0.0, task_type="CAUSAL_LM"))
         self.model = model.eval()
         if self.forward_only:

@@ -137,8 +137,11 @@ def test_transient_faults_are_retried_and_change_nothing(make_config: Any, emula
     faults = emulator.emulator.faults
     faults.errors.update({"/api/v1/forward_backward": 1, "rlorTrainerJobs/[^/]+$": 1})
     faults.drops.update({"/api/v1/retrieve_future": 2, "/api/v1/optim_step": 1})
+    faults.errors_after.update({"/api/v1/forward_backward": 1, "/api/v1/optim_step": 1})
+    faults.pending = 2  # every result is "try again" twice first
     run(fireworks_config(make_config, emulator, tmp_path, "faulty", lora_rank=4, epochs=1))
     assert set(faults.errors.values()) == set(faults.drops.values()) == {0}
+    assert set(faults.errors_after.values()) == {0}
     assert losses(tmp_path / "faulty") == losses(tmp_path / "clean")
     assert emulator.emulator.leftovers() == []
 
