@@ -42,14 +42,16 @@ def root(log_path: str | Path) -> Path:
 
 def save(log_path: str | Path, step: int, backend: Any, state: dict[str, Any],
          keep: int) -> Path:
-    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep``."""
+    """Write checkpoint ``step`` atomically, then delete the older ones beyond ``keep`` (never
+    the one just written, nor one from a later step)."""
     path = root(log_path) / f"step-{step:08d}"
     with atomic_dir(path) as tmp:
         backend.save_state(str(Path(tmp) / "backend"))
         with open(Path(tmp) / "rng.pt", "wb") as handle:  # a handle: torch keeps the OS's error
             torch.save({"python": random.getstate(), "torch": torch.get_rng_state()}, handle)
         (Path(tmp) / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
-    for old in complete(log_path)[:-keep] if keep > 0 else []:
+    older = [p for p in complete(log_path) if p.name < path.name]
+    for old in older[: max(len(older) - (keep - 1), 0)] if keep > 0 else []:
         doomed = old.with_name(f".{old.name}.pruned")  # a kill mid-delete leaves a temporary name
         old.rename(doomed)
         shutil.rmtree(doomed, ignore_errors=True)
@@ -69,6 +71,14 @@ class Unreadable(PreftuneError):
     def __init__(self, path: Path, error: BaseException | str):
         why = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         super().__init__(f"checkpoint {path} is unreadable ({why})")
+
+
+def check_fresh(log_path: str | Path) -> None:
+    """A run that does not resume must not mix its checkpoints with an earlier run's."""
+    found = complete(log_path)
+    if found:
+        raise ConfigError(f"log_path {log_path} holds checkpoints of an earlier run (newest: "
+                          f"{found[-1].name}): continue it with --resume, or use a new log_path")
 
 
 def resume(log_path: str | Path, backend: Any, expect: dict[str, str]) -> dict[str, Any]:

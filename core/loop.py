@@ -39,6 +39,8 @@ def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
             [("reference", config.reference)] if config.reference != "auto" else []):
         registry.check(kind, name, config)  # exists, and can use these settings
     check_inputs(config)
+    if not config.resume:
+        checkpoint.check_fresh(config.log_path)
     ensure_dir(cache_dir(config), "cache_dir")  # a file, unwritable: said before loading
     log_path = ensure_dir(config.log_path, "log_path")
     with run_lock(log_path):  # a second run on this log_path stops here, naming the first

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from preftune import ConfigError, get_plugin_manager, hookimpl, run
+from preftune import ConfigError, checkpoint, get_plugin_manager, hookimpl, run
 
 TIMING = {"elapsed_s", "tokens_per_s"}
 
@@ -170,3 +170,29 @@ def test_warm_start_from_an_adapter_and_from_a_checkpoint(make_config: Any, tmp_
 def test_init_from_a_wrong_directory_is_a_clear_error(make_config: Any, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is not a preftune checkpoint"):
         run(make_config(init_from=str(tmp_path)))
+
+
+def test_a_fresh_run_does_not_mix_its_checkpoints_with_an_earlier_runs(make_config: Any) -> None:
+    run(make_config(checkpoint_interval=2, keep_checkpoints=1))
+    first = checkpoint.complete(make_config().log_path)
+    assert [p.name for p in first] == ["step-00000004"]
+    with pytest.raises(ConfigError, match=r"holds checkpoints of an earlier run \(newest: step-00000004\)"
+                                          r": continue it with --resume"):
+        run(make_config(checkpoint_interval=1, epochs=2))
+    assert checkpoint.complete(make_config().log_path) == first
+
+
+def test_pruning_never_deletes_the_checkpoint_just_written(make_config: Any, tmp_path: Path) -> None:
+    config = make_config(checkpoint_interval=2, keep_checkpoints=1)
+    later = checkpoint.root(config.log_path) / "step-00009999"  # e.g. a copy from another run
+    later.mkdir(parents=True)
+    (later / checkpoint.STATE_FILE).write_text('{"step": 9999}')
+    with pytest.raises(ConfigError):
+        run(config)  # refused: a fresh run on it
+    path = checkpoint.save(config.log_path, 2, _Saver(), {}, keep=1)
+    assert path.exists() and later.exists()
+
+
+class _Saver:
+    def save_state(self, path: str) -> None:
+        Path(path).mkdir(parents=True)
