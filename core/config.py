@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from .config_files import read_config_file
 from .errors import ConfigError
@@ -92,6 +92,14 @@ class Config(BaseModel):
     device: str = Field("auto", description="Local backend device: auto, cpu, cuda, cuda:N, mps.")
     # dotted key -> the --set argument that gave it, so errors found later still name it
     _overrides: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @field_validator("log_path", "cache_dir", "base_model", "base_model_revision", "tokenizer_model",
+                     "init_from", "dataset", "eval_dataset")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty (leave the key out for its default)")
+        return value
 
     def origin(self, key: str) -> str | None:
         """The ``--set`` argument that gave ``key`` (or a table holding it), if one did."""
@@ -207,7 +215,8 @@ def _describe(exc: ValidationError, origin_of: Callable[[str], str | None], pref
             hint = f" (did you mean {_spell(prefix + close[0], origin)}?)" if close else ""
             clause = f"unknown key {key!r}{hint}"
         else:
-            clause = f"field {key!r}: {err['msg']}{_got(err)}{_quote_hint(err, origin)}"
+            message = err["msg"].removeprefix("Value error, ")
+            clause = f"field {key!r}: {message}{_got(err)}{_quote_hint(err, origin)}"
         clauses.setdefault(origin, []).append(clause)
     return "; ".join((f"{origin}: " if origin else "") + "; ".join(items)
                      for origin, items in clauses.items())

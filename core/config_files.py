@@ -88,13 +88,13 @@ class ConfigLoader(yaml.SafeLoader):
                 continue
             if first is not None:
                 where = f"on line {line}" if first == line else f"lines {first} and {line}"
-                raise DuplicateYamlKey(f"key {key!r} is given twice ({where}); which value is meant?",
+                raise RefusedYaml(f"key {key!r} is given twice ({where}); which value is meant?",
                                        key_node.start_mark)
             seen[key] = line
         return super().construct_mapping(node, deep)
 
 
-class DuplicateYamlKey(yaml.MarkedYAMLError):
+class RefusedYaml(yaml.MarkedYAMLError):
     def __init__(self, problem: str, mark: Any):
         super().__init__(problem=problem, problem_mark=mark)
 
@@ -103,10 +103,31 @@ YAML12_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-
 ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", YAML12_FLOAT, list("-+0123456789."))
 
 
+MAX_VALUES = 100_000  # a config holds dozens; aliases of aliases (a "YAML bomb") hold billions
+
+
+def expanded_size(value: Any, memo: dict[int, int]) -> int:
+    """How many values ``value`` holds once every alias is written out (shared parts counted
+    once per use, computed once each)."""
+    if id(value) in memo:
+        return memo[id(value)]
+    parts = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    memo[id(value)] = size = 1 + sum(expanded_size(part, memo) for part in parts)
+    return size
+
+
 def parse_yaml(path: Path, text: str) -> Any:
+    data = _load_yaml(path, text)
+    if expanded_size(data, {}) > MAX_VALUES:
+        raise ConfigError(f"{path}: its aliases (*name) expand to more than {MAX_VALUES:,} values; "
+                          "a config is far smaller: write the values out")
+    return data
+
+
+def _load_yaml(path: Path, text: str) -> Any:
     try:
         return yaml.load(text, Loader=ConfigLoader) or {}
-    except DuplicateYamlKey as exc:
+    except RefusedYaml as exc:
         raise ConfigError(f"{path}:{exc.problem_mark.line + 1}: {exc.problem}") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark

@@ -172,3 +172,14 @@ def test_a_date_in_a_file_is_its_text_and_types_stay_strict(tmp_path: Path) -> N
     assert config.plugin_tables()["wandb"] == {"run_name": "2024-01-01"}  # no traceback from --set
     with pytest.raises(ConfigError, match=r"field 'batch_size': Input should be a valid integer, got true"):
         load_config(yaml(tmp_path, "batch_size: true\nwandb: {run_name: 2024-01-01}\n"))
+
+
+def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
+    lines = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for level in "bcdefghi":  # each level nine times the last: 9**9 values written out
+        previous = chr(ord(level) - 1)
+        lines.append(f"{level}: &{level} [" + ", ".join([f"*{previous}"] * 9) + "]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("base_model: builtin:tiny\ndataset: d.jsonl\n" + "\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=r"bomb\.yaml: its aliases \(\*name\) expand to more than"):
+        load_config(path)

@@ -71,3 +71,10 @@ def test_validate_refuses_a_file_whose_every_pair_is_too_long_as_run_does(
     assert "no pair fits max_seq_len=16" in result.output
     ok = runner.invoke(app, ["validate", str(path), "--tokenizer", "builtin:tiny"])
     assert ok.exit_code == 0 and "2 records, 2 ok, 0 bad" in ok.output
+
+
+@pytest.mark.parametrize("key", ["log_path", "dataset", "eval_dataset", "base_model", "cache_dir"])
+def test_an_empty_path_or_name_is_refused_not_read_as_here(key: str) -> None:
+    settings = ["base_model=builtin:tiny", "dataset=d.jsonl", f'{key}=" "']
+    with pytest.raises(ConfigError, match=rf"--set {key}=\" \": field '{key}': must not be empty"):
+        load_config(None, settings)
