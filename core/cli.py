@@ -140,7 +140,8 @@ def demo(
     for key in ("eval_accuracy", "eval_margin", "eval_loss"):
         typer.echo(f"  {key[5:]:<10} {before[key]:8.3f} -> {after[key]:8.3f}")
     typer.echo(f"weights: {summary['weights']}   metrics: {log_path / 'metrics.jsonl'}")
-    typer.echo(f"report: {write_report([log_path])}")
+    with user_errors():
+        typer.echo(f"report: {write_report([log_path])}")
 
 
 @app.command()

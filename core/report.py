@@ -43,14 +43,25 @@ class Run:
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a metrics file; a line that is not one (cut short by a killed run,
+    or damaged) is skipped."""
     rows = []
     if path.exists():
-        for line in path.read_text().splitlines():
+        for line in read_text(path).splitlines():
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a killed run
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
     return rows
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as exc:
+        raise PreftuneError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def load_run(path: str | Path) -> Run:
@@ -59,7 +70,11 @@ def load_run(path: str | Path) -> Run:
     if not train and not evals:
         raise PreftuneError(f"{path}: no metrics.jsonl or eval.jsonl (was the jsonl sink on?)")
     config_file = path / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    try:
+        config = json.loads(read_text(config_file)) if config_file.exists() else {}
+    except ValueError:
+        config = {}  # damaged: the report goes on without the run's settings
+    config = config if isinstance(config, dict) else {}
     return Run(path.resolve().name, path, train, evals, config)
 
 

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from preftune import run
 from preftune.cli import app
+from preftune.report import load_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -48,3 +49,12 @@ def test_report_compares_runs(make_config: Any, tmp_path: Path) -> None:
 def test_report_of_a_directory_without_metrics_is_a_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "no metrics.jsonl" in result.output
+
+
+def test_damaged_metrics_and_config_files_do_not_stop_the_report(tmp_path: Path) -> None:
+    run_dir = tmp_path / "damaged"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_bytes(b'[1]\n{"step": 1, "loss": 0.6}\n\xff\xfe\n{"step": 2')
+    (run_dir / "config.json").write_text('{"beta":')
+    run = load_run(run_dir)
+    assert [row["step"] for row in run.train] == [1] and run.config == {}
