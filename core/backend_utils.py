@@ -10,11 +10,18 @@ from typing import Any
 
 from .fileio import atomic_dir, atomic_torch_save, atomic_write_json, remove_stale, switch_symlink
 from .hub import load_tokenizer, model_identity, tokenizer_identity
-from .weights import files_hash, load_causal_lm, load_model_config, resolve_init, state_dict_hash
+from .weights import (
+    files_hash,
+    load_causal_lm,
+    load_model_config,
+    model_context,
+    resolve_init,
+    state_dict_hash,
+)
 
 __all__ = [
     "adamw", "atomic_dir", "atomic_torch_save", "atomic_write_json", "files_hash", "load_causal_lm",
-    "load_model_config", "load_tokenizer", "model_identity", "remove_stale", "resolve_init",
+    "load_model_config", "load_tokenizer", "model_context", "model_identity", "remove_stale", "resolve_init",
     "state_dict_hash",
     "switch_symlink", "tokenizer_identity",
 ]

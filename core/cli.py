@@ -174,7 +174,9 @@ def validate(
     tokenizer: Annotated[
         str | None, typer.Option(help="Also tokenize with this tokenizer (id, path, builtin:tiny).")
     ] = None,
-    max_seq_len: Annotated[int, typer.Option(help="With --tokenizer: the length limit.")] = 4096,
+    max_seq_len: Annotated[int | None, typer.Option(
+        min=2, help="With --tokenizer: the length limit (default as run's: 4096, or the model's "
+        "context when --tokenizer names a model with a shorter one).")] = None,
 ) -> None:
     """Check every line of a dataset; print each bad line with its reason. Exit 1 if any."""
     from .config import make_config
@@ -193,6 +195,7 @@ def validate(
             from .errors import DataError
             from .hub import load_tokenizer
 
+            max_seq_len = max_seq_len or default_max_seq_len(tokenizer)
             try:
                 kept, report = tokenize_pairs(load_tokenizer(tokenizer), result.pairs, max_seq_len)
                 notes = report.lines(max_seq_len)
@@ -210,6 +213,20 @@ def validate(
     typer.echo(f"{data}: {result.records} records, {result.records - bad} ok, {bad} bad")
     if problems:
         raise typer.Exit(1)
+
+
+def default_max_seq_len(name: str) -> int:
+    """``run``'s default: 4096, lowered to the context of the model called ``name`` if any."""
+    from .config import Config
+    from .errors import ConfigError
+    from .weights import load_model_config, model_context
+
+    default = int(Config.model_fields["max_seq_len"].default)
+    try:
+        context = model_context(load_model_config(name))
+    except ConfigError:  # a tokenizer that is not also a model
+        return default
+    return min(default, context[1]) if context else default
 
 
 @app.command()

@@ -109,3 +109,13 @@ def files_hash(directory: Path) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def model_context(structure: Any) -> tuple[str, int] | None:
+    """The longest sequence a model config says it takes: ``(key, length)``, or None."""
+    text = structure.get_text_config() if hasattr(structure, "get_text_config") else structure
+    key = next((k for k in CONTEXT_KEYS if isinstance(getattr(text, k, None), int)), None)
+    return (key, int(getattr(text, key))) if key is not None else None

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import torch
 
 from preftune import Config, ConfigError, log
-from preftune.backend_utils import load_model_config, resolve_init
+from preftune.backend_utils import load_model_config, model_context, resolve_init
 
 DEVICE_KINDS = {  # device type -> whether this machine has it
     "cpu": lambda: True,
@@ -24,7 +24,6 @@ DEVICE_KINDS = {  # device type -> whether this machine has it
 }
 DEVICES = "auto, cpu, cuda, cuda:N, mps"
 T = TypeVar("T")
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
 def field_error(config: Config, key: str, message: str) -> ConfigError:
@@ -89,10 +88,9 @@ def device_problem(name: str) -> str | None:
 def check_context(config: Config, name: str, structure: Any) -> None:
     """``max_seq_len`` must fit the model's positions (when its config says how many); the
     default is lowered to the model's context, a value the user set is refused."""
-    text = structure.get_text_config() if hasattr(structure, "get_text_config") else structure
-    key = next((k for k in CONTEXT_KEYS if isinstance(getattr(text, k, None), int)), None)
-    if key is not None and config.max_seq_len > getattr(text, key):
-        limit = getattr(text, key)
+    context = model_context(structure)
+    if context is not None and config.max_seq_len > context[1]:
+        key, limit = context
         if "max_seq_len" not in config.model_fields_set:  # the default, not the user's choice
             log(f"max_seq_len: the default {config.max_seq_len} is beyond the context of model "
                 f"{name!r} ({key} = {limit}); using {limit}")
