@@ -29,10 +29,16 @@ NOT_TRAINING = {"log_path", "cache_dir", "resume", "sinks", "checkpoint_interval
                 "keep_checkpoints", "eval_interval", "device"}
 
 
-def training_hash(config: Any, ignore_tables: set[str]) -> str:
-    """sha256 of every setting that changes the trajectory of training."""
+def training_hash(config: Any, ignore_tables: set[str], ignore_keys: set[str] = frozenset()) -> str:
+    """sha256 of every setting that changes the trajectory of training: not the tables of
+    ``ignore_tables`` (sinks), nor the ``table.key`` options of ``ignore_keys`` (how long to wait
+    for a service, how often to retry), which a resumed run may change."""
     data = config.model_dump(mode="json")
     kept = {k: v for k, v in data.items() if k not in NOT_TRAINING | ignore_tables}
+    for dotted in ignore_keys:
+        table, _, key = dotted.partition(".")
+        if isinstance(kept.get(table), dict):
+            kept[table] = {k: v for k, v in kept[table].items() if k != key}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 

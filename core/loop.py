@@ -86,7 +86,8 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
                 close_quietly(provider)  # a frozen model is freed, a remote job deleted, now
         reference_s = time.perf_counter() - reference_s
         stop.check(step=0)
-        hashes = {"config_sha256": checkpoint.training_hash(config, set(registry.names("sink"))),
+        hashes = {"config_sha256": checkpoint.training_hash(config, set(registry.names("sink")),
+                                                            registry.operational_keys()),
                   "data_sha256": data.sha256}
         state = resume_state(config, backend, hashes)
         info = {**data.info(config), "resume_step": state.get("step", 0), "config": resolved}

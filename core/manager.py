@@ -278,6 +278,13 @@ class Registry:
             )
         return message
 
+    def operational_keys(self) -> set[str]:
+        """``table.key`` of every option marked ``json_schema_extra={"operational": True}``: how a
+        component runs (timeouts, retries), not what it computes; a resumed run may change it."""
+        return {f"{c.name}.{info.alias or name}" for c in self.all() if c.options is not None
+                for name, info in c.options.model_fields.items()
+                if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("operational")}
+
     def all(self) -> list[Component]:
         return [c for kind in KINDS for c in sorted(self.components[kind].values(), key=_name)]
 

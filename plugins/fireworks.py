@@ -46,9 +46,12 @@ class FireworksOptions(remote.RemoteOptions):
     job_id: str | None = Field(None, description="Use this existing policy trainer job (never deleted).")
     reference_job_id: str | None = Field(None, description="Use this existing reference job.")
     region: str | None = Field(None, description="Region of the jobs this run creates.")
-    trainer_timeout_s: float = Field(3600.0, gt=0, description="Longest wait for a job to be ready.")
-    poll_interval_s: float = Field(5.0, gt=0, description="Seconds between job status polls.")
-    hotload_timeout_s: float = Field(600.0, gt=0, description="Longest wait for a hot-load.")
+    trainer_timeout_s: float = Field(3600.0, gt=0, description="Longest wait for a job to be ready.",
+                                     json_schema_extra=remote.OPERATIONAL)
+    poll_interval_s: float = Field(5.0, gt=0, description="Seconds between job status polls.",
+                                     json_schema_extra=remote.OPERATIONAL)
+    hotload_timeout_s: float = Field(600.0, gt=0, description="Longest wait for a hot-load.",
+                                     json_schema_extra=remote.OPERATIONAL)
     warmup_after_hotload: bool = Field(True, description="Send one request after each hot-load.")
     train_unembed: bool = Field(False, description="LoRA: also adapt the output layer (the local "
                                 "backend's 'all-linear' does not).")

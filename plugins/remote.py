@@ -41,6 +41,7 @@ from preftune import (
 
 T = TypeVar("T")
 STATE_FILE = "remote.json"
+OPERATIONAL = {"operational": True}  # how long to wait, how often to retry: a resume may change it
 
 
 class RemoteOptions(BaseModel):
@@ -49,9 +50,12 @@ class RemoteOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     base_url: str | None = Field(None, description="The service's URL (default: the SDK's own).")
     api_key_env: str = Field(description="Environment variable that holds the API key.")
-    timeout_s: float = Field(600.0, gt=0, description="Longest wait for one call's result.")
-    connect_timeout_s: float = Field(10.0, gt=0, description="Longest wait to reach the service.")
-    retries: int = Field(3, ge=0, description="Retries of a call that is safe to repeat.")
+    timeout_s: float = Field(600.0, gt=0, description="Longest wait for one call's result.",
+                             json_schema_extra=OPERATIONAL)
+    connect_timeout_s: float = Field(10.0, gt=0, description="Longest wait to reach the service.",
+                                     json_schema_extra=OPERATIONAL)
+    retries: int = Field(3, ge=0, description="Retries of a call that is safe to repeat.",
+                         json_schema_extra=OPERATIONAL)
 
     def api_key(self, prefix_hint: str) -> str:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):  # never echo: it may be a key

@@ -140,7 +140,7 @@ class TinkerBackend(remote.TrainingClientBackend):
         try:
             sdk.close(CLOSE_STATUS.get(status, "errored")).result(timeout=self.options.connect_timeout_s)
         except Exception as exc:  # the run's own outcome matters more than a failed goodbye
-            log(f"tinker: closing the session failed: {exc}")
+            log(f"tinker: closing the session failed: {type(exc).__name__}: {exc}")
 
 
 @hookimpl

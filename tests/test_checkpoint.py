@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from preftune import ConfigError, checkpoint, get_plugin_manager, hookimpl, run
+from preftune import Config, ConfigError, checkpoint, get_plugin_manager, hookimpl, run
 
 TIMING = {"elapsed_s", "tokens_per_s"}
 
@@ -196,3 +196,14 @@ def test_pruning_never_deletes_the_checkpoint_just_written(make_config: Any, tmp
 class _Saver:
     def save_state(self, path: str) -> None:
         Path(path).mkdir(parents=True)
+
+
+def test_waiting_and_retry_settings_may_change_on_resume_the_training_ones_not(registry: Any) -> None:
+    def digest(**settings: Any) -> str:
+        config = Config(base_model="builtin:tiny", dataset="d.jsonl", backend="tinker", **settings)
+        return checkpoint.training_hash(config, set(registry.names("sink")), registry.operational_keys())
+
+    base = digest(tinker={"timeout_s": 30})
+    assert digest(tinker={"timeout_s": 90, "retries": 5, "connect_timeout_s": 3}) == base
+    assert digest(tinker={"timeout_s": 30, "train_unembed": True}) != base
+    assert "fireworks.poll_interval_s" in registry.operational_keys()
