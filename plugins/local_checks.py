@@ -85,6 +85,18 @@ def device_problem(name: str) -> str | None:
     return None
 
 
+def rope_scaling(structure: Any) -> str | None:
+    """How the model scales RoPE beyond its base context (``rope_scaling``), if it does."""
+    text = structure.get_text_config() if hasattr(structure, "get_text_config") else structure
+    for attribute in ("rope_scaling", "rope_parameters"):
+        value = getattr(text, attribute, None)
+        if isinstance(value, dict):
+            kind = value.get("rope_type") or value.get("type")
+            if kind not in (None, "default") and value.get("factor", 1) != 1:
+                return f"{kind}, factor {value['factor']}"
+    return None
+
+
 def check_context(config: Config, name: str, structure: Any) -> None:
     """``max_seq_len`` must fit the model's positions (when its config says how many); the
     default is lowered to the model's context, a value the user set is refused."""
@@ -95,6 +107,11 @@ def check_context(config: Config, name: str, structure: Any) -> None:
             log(f"max_seq_len: the default {config.max_seq_len} is beyond the context of model "
                 f"{name!r} ({key} = {limit}); using {limit}")
             config.max_seq_len = limit
+            return
+        scaling = rope_scaling(structure)
+        if scaling:  # a scaled RoPE reaches past max_position_embeddings, by rules of its own
+            log(f"max_seq_len: {config.max_seq_len} is beyond {key} = {limit} of model {name!r}, "
+                f"which scales its positions ({scaling}); make sure the model takes it")
             return
         raise field_error(config, "max_seq_len", f"{config.max_seq_len} is beyond the context of "
                           f"model {name!r} ({key} = {limit}); allowed: 2 to {limit}")
