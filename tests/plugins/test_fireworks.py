@@ -82,21 +82,6 @@ def test_a_tinker_key_or_no_key_is_a_clear_error(make_config: Any, emulator: Any
     assert emulator.emulator.requests == []
 
 
-def test_no_server_is_a_clear_error_within_seconds(make_config: Any, emulator: Any,
-                                                   tmp_path: Path) -> None:
-    import socket
-
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{s.getsockname()[1]}"
-    start = time.monotonic()
-    with pytest.raises(TrainingError, match=f"cannot reach the service at {url}"):
-        run(fireworks_config(make_config, emulator, tmp_path, "noserver",
-                             fireworks={"base_url": url, "connect_timeout_s": 2}))
-    assert time.monotonic() - start < 15
-    assert not (tmp_path / "noserver").exists()  # said before anything loads
-
-
 def test_a_job_that_never_becomes_ready_is_an_error_and_is_deleted(
         make_config: Any, emulator: Any, tmp_path: Path) -> None:
     emulator.emulator.faults.never_ready = True

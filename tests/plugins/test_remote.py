@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -97,3 +98,22 @@ def test_only_repeatable_calls_are_retried(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(remote.RemoteError, match="svc: optim_step failed: connection reset"):
         service.call("optim_step", submit)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("backend", ["tinker", "fireworks"])
+def test_no_server_is_a_clear_error_within_seconds_before_anything_loads(
+        make_config: Any, emulator: Any, tmp_path: Path, backend: str) -> None:
+    import socket
+    import time
+
+    from preftune import TrainingError, run
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    start = time.monotonic()
+    with pytest.raises(TrainingError, match=f"cannot reach the service at {url}"):
+        run(make_config(backend=backend, lora_rank=4, log_path=str(tmp_path / "noserver"),
+                        **{backend: {"base_url": url, "connect_timeout_s": 2}}))
+    assert time.monotonic() - start < 15
+    assert not (tmp_path / "noserver").exists()
