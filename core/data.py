@@ -327,16 +327,31 @@ def tokenize_pairs(
     return out, report
 
 
+def content(pair: TokenizedPair) -> tuple[tuple[int, ...], ...]:
+    """What makes two pairs the same pair, whatever the files or formats they came from."""
+    return pair.prompt, pair.chosen, pair.rejected
+
+
 def check_held_out(pairs: Sequence[TokenizedPair], train: Sequence[int], held: Sequence[int]) -> None:
     """Refuse held-out pairs that are also training pairs (same tokens, whatever the files or
     formats): accuracy on them would measure memory, not preference."""
-    seen = {(p.prompt, p.chosen, p.rejected): p.source for p in (pairs[i] for i in train)}
-    shared = [(pairs[i].source, seen[key]) for i in held
-              if (key := (pairs[i].prompt, pairs[i].chosen, pairs[i].rejected)) in seen]
+    seen = {content(p): p.source for p in (pairs[i] for i in train)}
+    shared = [(pairs[i].source, seen[key]) for i in held if (key := content(pairs[i])) in seen]
     if shared:
         where = "; ".join(f"{a} = {b}" for a, b in shared[:5]) + (" ..." if len(shared) > 5 else "")
         raise ConfigError(f"eval_dataset shares {len(shared)} of its {len(held)} pairs with dataset "
                           f"(held-out = training): {where}")
+
+
+def keep_repeats_in_train(pairs: Sequence[TokenizedPair], train: list[int],
+                          held: list[int]) -> tuple[list[int], list[int], int]:
+    """A pair the data set holds more than once, split to both sides, is trained on and not held
+    out (accuracy on it would measure memory). Returns train, held-out and how many moved."""
+    seen = {content(pairs[i]) for i in train}
+    repeats = [i for i in held if content(pairs[i]) in seen]
+    if not repeats:
+        return train, held, 0
+    return sorted(train + repeats), [i for i in held if i not in set(repeats)], len(repeats)
 
 
 def split_eval(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -14,7 +14,15 @@ import torch
 
 from . import checkpoint, hub, refcache, tiny, tokcache
 from .config import Config
-from .data import check_held_out, epoch_order, length_batches, make_format, no_training_pairs, split_eval
+from .data import (
+    check_held_out,
+    epoch_order,
+    keep_repeats_in_train,
+    length_batches,
+    make_format,
+    no_training_pairs,
+    split_eval,
+)
 from .errors import ConfigError, TrainingError
 from .fileio import atomic_dir, atomic_write_json, ensure_dir, remove_stale, run_lock
 from .manager import PluginManager, Registry, get_registry
@@ -244,6 +252,10 @@ def prepare_data(config: Config, fmt: Any, tokenizer: Any) -> Data:
         check_held_out(pairs, train, held)
     else:
         train, held = split_eval(len(pairs), config.eval_fraction, config.seed)
+        train, held, moved = keep_repeats_in_train(pairs, train, held)
+        if moved:
+            log(f"{moved} held-out pair(s) repeat training pairs of {config.dataset}: trained on, "
+                "not held out")
     if not train:
         raise ConfigError(no_training_pairs(config, len(pairs), len(held), report))
     log(f"{len(train)} training pairs, {len(held)} held-out pairs")

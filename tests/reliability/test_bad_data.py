@@ -107,3 +107,20 @@ def test_malformed_json_is_located_in_its_line(tmp_path: Path, registry: Any, pa
     assert found == [
         (2, "malformed JSON: Expecting ',' delimiter at the end of the line (is the record cut short?)"),
         (3, "malformed JSON: Expecting ':' delimiter at column 11")]
+
+
+def test_a_pair_repeated_in_the_dataset_is_never_both_trained_on_and_held_out(
+        make_config: Any, tmp_path: Path, pair_record: Any, write_jsonl: Any, capsys: Any) -> None:
+    from preftune.data import content
+    from preftune.hub import load_tokenizer
+    from preftune.loop import prepare_data
+
+    repeated = pair_record("Tell me more.", "Sure, gladly.", "No.")
+    others = [pair_record(f"Question {i}?", f"Answer {i}.", "No.") for i in range(12)]
+    data = write_jsonl(tmp_path / "dup.jsonl", [repeated] * 7 + others)
+    config = make_config(dataset=str(data), eval_fraction=0.3)
+    registry = preftune.get_registry(preftune.get_plugin_manager(load_entrypoints=False))
+    prepared = prepare_data(config, make_format(registry, config), load_tokenizer("builtin:tiny"))
+    trained = {content(prepared.pairs[i]) for i in prepared.train}
+    assert not [i for i in prepared.eval if content(prepared.pairs[i]) in trained]
+    assert "repeat training pairs" in capsys.readouterr().err
