@@ -72,6 +72,9 @@ def user_errors() -> Iterator[None]:
         where = f"{exc.filename}: " if exc.filename else ""
         typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:  # before training starts, or a second Ctrl-C: nothing to resume
+        typer.echo("interrupted (Ctrl-C); nothing was trained past the last checkpoint", err=True)
+        raise typer.Exit(130) from None
 
 
 SetOption = Annotated[

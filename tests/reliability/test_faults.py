@@ -114,3 +114,21 @@ def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint_and_the_resume_comm
     assert f"after step {step}; checkpoint {saved}" in err
     assert f"resume with: preftune run {config} --set seed=3 --resume" in err
     assert not (tmp_path / "logs" / "final").exists()
+
+
+def test_ctrl_c_before_training_starts_is_one_line_and_exit_130(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import preftune.loop
+    from preftune.cli import app
+
+    def interrupted(config: Any, pm: Any = None) -> Any:
+        raise KeyboardInterrupt  # as Ctrl-C while tokenizing, or a second Ctrl-C
+
+    monkeypatch.setattr(preftune.loop, "run", interrupted)
+    config = tmp_path / "c.toml"
+    config.write_text('base_model = "builtin:tiny"\ndataset = "d.jsonl"\n')
+    result = CliRunner().invoke(app, ["run", str(config)])
+    assert result.exit_code == 130
+    assert result.output.strip() == "interrupted (Ctrl-C); nothing was trained past the last checkpoint"
