@@ -34,8 +34,8 @@ from .hub import tokenizer_identity
 from .refcache import data_hash, default_cache_dir
 from .types import Source, TokenizedPair
 
-FORMAT_VERSION = "5"  # 2: duplicate keys, 3: roles and control tokens, 4: identical after truncation,
-# 5: bytes (gzip, BOMs, lone surrogates, NaN refused)
+FORMAT_VERSION = "6"  # 2: duplicate keys, 3: roles and control tokens, 4: identical after truncation,
+# 5: bytes (gzip, BOMs, lone surrogates, NaN refused), 6: reasoning text beside content refused
 PROBE = TokenizedPair((1,), (2,), (3,), (1.0,), (1.0,))  # fingerprints data_hash's definition
 
 

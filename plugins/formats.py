@@ -20,6 +20,8 @@ from typing import Any
 
 from preftune import Config, Message, PreferencePair, RecordError, hookimpl
 
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+
 
 def parse_messages(value: Any, field: str) -> tuple[Message, ...]:
     """A list of ``{"role", "content"}`` objects as Messages; content may be text parts."""
@@ -35,6 +37,11 @@ def parse_messages(value: Any, field: str) -> tuple[Message, ...]:
             if item.get(key):
                 raise RecordError(f"{where}.{key}", "tool calls are not supported yet; the chat "
                                   "template would drop them from what is trained")
+        for key in REASONING_KEYS:  # text that chat templates render, which a Message cannot hold
+            if item.get(key):
+                raise RecordError(f"{where}.{key}", "reasoning text beside content is not read yet "
+                                  "(it would be dropped from what is trained): put it in content, "
+                                  "or remove it")
         if not isinstance(role, str) or not role:
             raise RecordError(f"{where}.role", "missing or not a string")
         if isinstance(content, list):  # OpenAI-style [{"type": "text", "text": ...}]

@@ -124,3 +124,21 @@ def test_a_pair_repeated_in_the_dataset_is_never_both_trained_on_and_held_out(
     trained = {content(prepared.pairs[i]) for i in prepared.train}
     assert not [i for i in prepared.eval if content(prepared.pairs[i]) in trained]
     assert "repeat training pairs" in capsys.readouterr().err
+
+
+def test_reasoning_text_beside_content_is_refused_not_dropped(tmp_path: Path, registry: Any,
+                                                              write_jsonl: Any) -> None:
+    user = {"role": "user", "content": "q"}
+    think = {"role": "assistant", "content": "Yes.", "reasoning_content": "First, consider..."}
+    records = [{"chosen": {"messages": [user, think]},
+                "rejected": {"messages": [user, {"role": "assistant", "content": "No."}]}},
+               {"input": [user], "preferred_output": [{"role": "assistant", "content": "Yes.",
+                                                       "thinking": "hmm", "name": "bot"}],
+                "non_preferred_output": "No."},
+               {"input": [user], "preferred_output": [{"role": "assistant", "content": "Yes.",
+                                                       "reasoning_content": ""}],
+                "non_preferred_output": "No."}]
+    found = problems_of(write_jsonl(tmp_path / "think.jsonl", records), registry)
+    assert [(line, field) for _, line, field, _ in found] == [
+        (1, "chosen.messages[1].reasoning_content"), (2, "preferred_output[0].thinking")]
+    assert "reasoning text beside content is not read yet" in found[0][3]
