@@ -225,7 +225,8 @@ class Pending(Generic[T]):
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
+    """An SDK error in one line (the rest of httpx's is a link to a page about the status)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text if len(text) < 500 else text[:500] + "..."
 
 

@@ -191,3 +191,12 @@ def test_sigterm_while_a_job_starts_ends_the_run_once_it_is_ready_and_deletes_it
     assert "stopped by SIGTERM after step 0" in proc.stderr.read()
     assert not (tmp_path / "logs" / "metrics.jsonl").exists()
     assert emulator.emulator.leftovers() == []
+
+
+def test_a_key_the_service_refuses_is_one_clear_error(make_config: Any, emulator: Any,
+                                                      tmp_path: Path) -> None:
+    emulator.emulator.api_keys = ("fw-the-right-key",)
+    with pytest.raises(TrainingError, match=r"did not become ready: .*401 Unauthorized") as info:
+        run(fireworks_config(make_config, emulator, tmp_path, "refused"))
+    assert "\n" not in str(info.value)
+    assert emulator.emulator.leftovers() == []
