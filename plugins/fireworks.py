@@ -143,7 +143,6 @@ class FireworksBackend(remote.TrainingClientBackend):
     check = staticmethod(check_settings)
 
     def __init__(self, config: Config, options: FireworksOptions, tokenizer: Any):
-        check_settings(config, options)
         self.fw = self.types = remote.import_sdk(SDK, "fireworks")
         trainer = remote.import_sdk(f"{SDK}.trainer", "fireworks")
         self.config, self.options, self.trainer_types = config, options, trainer
@@ -164,7 +163,6 @@ class FireworksBackend(remote.TrainingClientBackend):
             self.jobs.delete_left()
         self.clients: list[Any] = []  # service clients to close
         self.syncer: Any = None
-        self.saves = 0
         try:
             self.policy_job, self.sdk = self._trainer("policy", config.lora_rank, False,
                                                       options.training_shape_id, options.job_id)
@@ -233,13 +231,8 @@ class FireworksBackend(remote.TrainingClientBackend):
 
         return remote.ReferenceClient(self, client, on_close=release)
 
-    def _name(self, kind: str) -> str:
-        """A checkpoint name the trainer accepts (one lowercase DNS label)."""
-        self.saves += 1
-        return f"preftune-{kind}-{secrets.token_hex(3)}-{self.saves}"
-
     def save_state(self, path: str) -> None:
-        name = self._name("state")
+        name = self.checkpoint_name("state")
         saved = self.service.call("save_state", lambda: self.client.save_state(name), repeatable=True)
         remote.write_state(path, {"backend": "fireworks", "job": self.policy_job, "state": saved.path,
                                   "base_model": self.config.base_model})
@@ -259,7 +252,7 @@ class FireworksBackend(remote.TrainingClientBackend):
             self.client.save_weights_for_sampler_ext(name)))
 
     def save_weights(self, path: str) -> dict[str, Any]:
-        saved = self._save_sampler(self._name("final"))
+        saved = self._save_sampler(self.checkpoint_name("final"))
         remote.write_state(path, {"backend": "fireworks", "job": self.policy_job,
                                   "snapshot": saved.snapshot_name, "path": saved.path,
                                   "base_model": self.config.base_model,

@@ -14,6 +14,7 @@ import importlib
 import json
 import os
 import re
+import secrets
 import threading
 import time
 import urllib.error
@@ -267,6 +268,13 @@ class TrainingClientBackend:
     service: Service
     client: Any
     stepped = False
+    saves = 0
+
+    def checkpoint_name(self, kind: str) -> str:
+        """A fresh name for something the service saves, as both services accept one (a
+        lowercase DNS label)."""
+        self.saves += 1
+        return f"preftune-{kind}-{secrets.token_hex(3)}-{self.saves}"
 
     def datum(self, tokens: list[int], targets: list[int], weights: list[float]) -> Any:
         return self.types.Datum(model_input=self.types.ModelInput.from_ints(tokens),

@@ -55,7 +55,6 @@ class TinkerBackend(remote.TrainingClientBackend):
     check = staticmethod(check_settings)
 
     def __init__(self, config: Config, options: TinkerOptions, tokenizer: Any):
-        check_settings(config, options)
         self.tinker = self.types = remote.import_sdk("tinker", "tinker")
         self.config, self.options = config, options
         self.url = options.base_url or os.environ.get("TINKER_BASE_URL")
@@ -72,7 +71,6 @@ class TinkerBackend(remote.TrainingClientBackend):
             raise
         self.service.where = f"session {self.client.holder.get_session_id()}"
         self.stepped = False
-        self.saves = 0
 
     def _new_adapter(self, what: str) -> Any:
         create = self.sdk.create_lora_training_client
@@ -96,12 +94,8 @@ class TinkerBackend(remote.TrainingClientBackend):
             return remote.ReferenceClient(self, self.client, policy=True)
         return remote.ReferenceClient(self, self._new_adapter("creating the reference adapter"))
 
-    def _name(self, kind: str) -> str:
-        self.saves += 1
-        return f"preftune-{kind}-{int(time.time())}-{self.saves}"
-
     def save_state(self, path: str) -> None:
-        name = self._name("state")
+        name = self.checkpoint_name("state")
         saved = self.service.call("save_state", lambda: self.client.save_state(name), repeatable=True)
         remote.write_state(path, {"backend": "tinker", "state": saved.path,
                                   "base_model": self.config.base_model})
@@ -115,7 +109,7 @@ class TinkerBackend(remote.TrainingClientBackend):
         log(f"tinker: resumed from {state['state']}")
 
     def save_weights(self, path: str) -> dict[str, Any]:
-        name = self._name("weights")
+        name = self.checkpoint_name("weights")
         saved = self.service.call("save_weights_for_sampler",
                                   lambda: self.client.save_weights_for_sampler(name), repeatable=True)
         remote.write_state(path, {"backend": "tinker", "sampler_weights": saved.path,

@@ -201,3 +201,28 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
                           capture_output=True, text=True, env=env, timeout=600)
     return SimpleNamespace(log_path=log_path, returncode=done.returncode, stdout=done.stdout,
                            stderr=done.stderr)
+
+
+def _kill_then_resume(configs: dict[str, Path], killed_log: Path, rows: int,
+                      between: Any = None) -> str:
+    """Run ``configs["full"]`` to the end; run ``configs["killed"]``, SIGKILL it once its
+    metrics.jsonl has ``rows`` rows, call ``between()``, resume it; returns the resume's stderr."""
+    import signal
+
+    full = _start_run(configs["full"])
+    assert full.wait(timeout=300) == 0, full.stderr.read()
+    killed = _start_run(configs["killed"])
+    _wait_for_rows(killed_log / "metrics.jsonl", rows, killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    if between is not None:
+        between()
+    resumed = _start_run(configs["killed"], "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    return str(resumed.stderr.read())
+
+
+@pytest.fixture
+def kill_then_resume() -> Any:
+    """``kill_then_resume(configs, killed_log, rows, between=None)``: see ``_kill_then_resume``."""
+    return _kill_then_resume

@@ -140,22 +140,17 @@ def fireworks_file(config_file: Any, path: Path, data: Path, log: Path, cache: P
 
 
 def test_a_sigkilled_run_resumes_to_the_same_losses_and_its_jobs_are_deleted(
-        emulator: Any, tmp_path: Path, small_dataset: Any, config_file: Any, start_run: Any,
-        wait_for_rows: Any) -> None:
+        emulator: Any, tmp_path: Path, small_dataset: Any, config_file: Any,
+        kill_then_resume: Any) -> None:
     data = small_dataset(tmp_path / "d.jsonl")
     configs = {name: fireworks_file(config_file, tmp_path / f"{name}.toml", data, tmp_path / name,
                                     tmp_path / "c", emulator.url, epochs=3) for name in ("full", "killed")}
-    full = start_run(configs["full"])
-    assert full.wait(timeout=300) == 0, full.stderr.read()
-    killed = start_run(configs["killed"])
-    wait_for_rows(tmp_path / "killed" / "metrics.jsonl", 14, killed)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    orphans = emulator.emulator.leftovers()
-    assert len(orphans) == 1 and orphans[0].startswith("trainer job preftune-policy-")
-    resumed = start_run(configs["killed"], "--resume")
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
-    stderr = resumed.stderr.read()
+
+    def one_orphan() -> None:
+        orphans = emulator.emulator.leftovers()
+        assert len(orphans) == 1 and orphans[0].startswith("trainer job preftune-policy-")
+
+    stderr = kill_then_resume(configs, tmp_path / "killed", 14, one_orphan)
     assert "resumed from cross_job://" in stderr and "left by an interrupted run" in stderr
     assert losses(tmp_path / "killed") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
     assert emulator.emulator.leftovers() == []

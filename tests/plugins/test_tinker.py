@@ -108,8 +108,8 @@ def test_a_slow_answer_past_the_timeout_is_a_clear_error(make_config: Any, emula
 
 
 def test_a_sigkilled_tinker_run_resumes_to_the_same_losses(
-        emulator: Any, tmp_path: Path, small_dataset: Any, config_file: Any, start_run: Any,
-        wait_for_rows: Any) -> None:
+        emulator: Any, tmp_path: Path, small_dataset: Any, config_file: Any,
+        kill_then_resume: Any) -> None:
     data = small_dataset(tmp_path / "d.jsonl")
     configs = {}
     for name in ("full", "killed"):
@@ -117,15 +117,7 @@ def test_a_sigkilled_tinker_run_resumes_to_the_same_losses(
                                     epochs=3)
         with open(configs[name], "a") as f:
             f.write(f'backend = "tinker"\nlora_rank = 4\n[tinker]\nbase_url = "{emulator.url}"\n')
-    full = start_run(configs["full"])
-    assert full.wait(timeout=300) == 0, full.stderr.read()
-    killed = start_run(configs["killed"])
-    wait_for_rows(tmp_path / "killed" / "metrics.jsonl", 14, killed)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    resumed = start_run(configs["killed"], "--resume")
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
-    assert "resumed from" in resumed.stderr.read()
+    assert "resumed from" in kill_then_resume(configs, tmp_path / "killed", 14)
     assert losses(tmp_path / "killed") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
 
 
