@@ -64,6 +64,7 @@ class Jobs:
         self.file = Path(log_path) / JOBS_FILE
         self.manager, self.service, self.bound = manager, service, bound
         self.created: list[str] = []
+        self.confirmed: set[str] = set()  # jobs the service said it created
         self.left = self._recorded()  # by a run on this log_path that was killed
 
     def _recorded(self) -> list[str]:
@@ -86,6 +87,22 @@ class Jobs:
         self._write()
         return job_id
 
+    def confirm(self, job_id: str) -> None:
+        """The service said it created ``job_id``: from now on a failed deletion is advice."""
+        self.confirmed.add(job_id)
+
+    def settle(self, job_id: str, error: remote.RemoteError) -> None:
+        """After asking for ``job_id`` failed: forget it if the service refused (it was never
+        made); else it stays listed (its answer may have been lost) and deleting it is tried."""
+        if error.refused:
+            self._forget(job_id)
+
+    def _forget(self, job_id: str) -> None:
+        for jobs in (self.created, self.left):
+            if job_id in jobs:
+                jobs.remove(job_id)
+        self._write()
+
     def delete(self, job_id: str) -> None:
         try:  # the SDK's delete only logs a failure: the job's state says whether it is gone
             self.service.run(f"deleting trainer job {job_id}", lambda: self.manager.delete(job_id),
@@ -93,16 +110,18 @@ class Jobs:
             job = self.service.run(f"checking trainer job {job_id}",
                                    lambda: self.manager.try_get(job_id), self.bound)
         except Exception as exc:
-            log(f"fireworks: could not delete trainer job {job_id} ({exc}); delete it by hand")
+            if job_id in self.confirmed or job_id in self.left:
+                log(f"fireworks: could not delete trainer job {job_id} ({exc}); delete it by hand")
+            else:
+                log(f"fireworks: could not check whether trainer job {job_id} was created ({exc}); "
+                    f"it stays listed in {self.file.name}, and the next run on this log_path "
+                    "deletes it if it exists")
             return
         if job is not None and job.get("state") not in GONE:
             log(f"fireworks: trainer job {job_id} is still {job.get('state')} after its deletion "
                 f"was asked for; it stays listed in {self.file.name}: delete it by hand")
             return
-        for jobs in (self.created, self.left):
-            if job_id in jobs:
-                jobs.remove(job_id)
-        self._write()
+        self._forget(job_id)
 
     def delete_left(self) -> None:
         for job_id in list(self.left):
@@ -156,6 +175,7 @@ class FireworksBackend(remote.TrainingClientBackend):
         self.service = remote.Service("fireworks", options, (
             fw.TrainingError, fw.TrainingAPIError, httpx.HTTPError, RuntimeError, OSError),
             (fw.APIConnectionError, fw.APITimeoutError, httpx.TransportError))
+        self.service.where = f"service {self.url}"  # until the policy's job has an id
         self.manager = trainer.TrainerJobManager(api_key=self.key, base_url=self.url,
                                                  trainer_gateway_url=self.gateway)
         self.jobs = Jobs(config.log_path, self.manager, self.service, options.connect_timeout_s * 3)
@@ -180,20 +200,12 @@ class FireworksBackend(remote.TrainingClientBackend):
         """A ready trainer job (created, or ``existing``) and a service client on its URL."""
         opts = self.options
         wait = dict(poll_interval_s=opts.poll_interval_s, timeout_s=opts.trainer_timeout_s)
-        if existing:
-            job_id = existing
-            ready = lambda: self.manager.wait_for_existing(existing, **wait)  # noqa: E731
-        else:
-            job_id = self.jobs.new(role)
-            job = self.trainer_types.TrainerJobConfig(
-                base_model=self.config.base_model, lora_rank=lora_rank, forward_only=forward_only,
-                max_context_length=self.config.max_seq_len, learning_rate=self.config.learning_rate,
-                training_shape_ref=shape, region=opts.region, requested_job_id=job_id,
-                display_name=f"preftune {role}")
-            ready = lambda: self.manager.create_and_wait(job, **wait)  # noqa: E731
+        job_id = existing or self._create(role, lora_rank, forward_only, shape)
         log(f"fireworks: waiting for {role} trainer job {job_id}")
+        ready = self.manager.wait_for_existing if existing else self.manager.wait_for_ready
         try:
-            endpoint = self.service.run(f"waiting for {role} trainer job {job_id}", ready,
+            endpoint = self.service.run(f"waiting for {role} trainer job {job_id}",
+                                        lambda: ready(job_id, **wait),
                                         opts.trainer_timeout_s + opts.connect_timeout_s)
         except remote.RemoteError as exc:
             raise TrainingError(f"fireworks: {role} trainer job {job_id} did not become ready: "
@@ -203,6 +215,22 @@ class FireworksBackend(remote.TrainingClientBackend):
                                            max_retries=opts.retries)))
         self.clients.append(client)
         return job_id, client
+
+    def _create(self, role: str, lora_rank: int, forward_only: bool, shape: str | None) -> str:
+        """Ask the service for a new trainer job; its id, once the service confirms it."""
+        job_id = self.jobs.new(role)  # listed before it is asked for: a kill may come meanwhile
+        job = self.trainer_types.TrainerJobConfig(
+            base_model=self.config.base_model, lora_rank=lora_rank, forward_only=forward_only,
+            max_context_length=self.config.max_seq_len, learning_rate=self.config.learning_rate,
+            training_shape_ref=shape, region=self.options.region, requested_job_id=job_id,
+            display_name=f"preftune {role}")
+        try:
+            self.service.run(f"creating {role} trainer job {job_id}", lambda: self.manager.create(job))
+        except remote.RemoteError as exc:
+            self.jobs.settle(job_id, exc)
+            raise
+        self.jobs.confirm(job_id)
+        return job_id
 
     def identity(self) -> dict[str, str]:
         return {"backend": "fireworks", "service": self.url, "base_model": self.config.base_model}

@@ -136,9 +136,15 @@ class LossFailed(Exception):
 class RemoteError(TrainingError):
     """A call to the service failed; ``transient`` when repeating it may succeed."""
 
-    def __init__(self, message: str, transient: bool):
+    def __init__(self, message: str, transient: bool, status: int | None = None):
         super().__init__(message)
-        self.transient = transient
+        self.transient, self.status = transient, status
+
+    @property
+    def refused(self) -> bool:
+        """The service answered that it will not do this (a 4xx other than timeout, conflict
+        and rate limit): nothing was done."""
+        return self.status is not None and 400 <= self.status < 500 and self.status not in (408, 409, 429)
 
 
 class Service:
@@ -182,8 +188,8 @@ class Service:
                               transient=True) from None
         except self.errors as exc:
             where = f" ({self.where})" if self.where else ""
-            raise RemoteError(f"{self.name}: {what} failed{where}: {_describe(exc)}",
-                              transient=isinstance(exc, self.transient)) from None
+            raise RemoteError(f"{self.name}: {what} failed{where}: {describe(exc)}",
+                              transient=isinstance(exc, self.transient), status=http_status(exc)) from None
 
     def call(self, what: str, submit: Callable[[], Any], repeatable: bool = False) -> Any:
         """Submit and wait; a repeatable call is retried with backoff on a transient error.
@@ -225,9 +231,16 @@ class Pending(Generic[T]):
         return self.convert(value)
 
 
-def _describe(exc: BaseException) -> str:
-    """An SDK error in one line (the rest of httpx's is a link to a page about the status)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status of the answer an SDK error reports, if it reports one."""
+    status = getattr(getattr(exc, "response", None), "status_code", None) or getattr(exc, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def describe(exc: BaseException) -> str:
+    """An SDK error in one line (the rest of httpx's is a link to a page about the status); one
+    without a message by its type."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else f"{type(exc).__name__} (no message)"
     return text if len(text) < 500 else text[:500] + "..."
 
 
@@ -316,17 +329,24 @@ def check_url(url: str | None, key: str) -> None:
         raise ConfigError(f"{key} = {url!r} is not an http(s) URL")
 
 
-def check_reachable(url: str, timeout: float) -> None:
+def check_reachable(url: str, timeout: float, probe: str = "", service: str = "") -> None:
     """Fail in seconds, not minutes, when nothing answers at ``url`` (the SDKs retry a refused
-    connection for minutes). Any HTTP answer, even an error, counts as reachable."""
+    connection for minutes). Any HTTP answer, even an error, counts as reachable, except that
+    ``url + probe`` (an endpoint every ``service`` has) answered "no such page" or with a web
+    page: an ordinary web server, where an SDK would retry until its timeout."""
+    target = url.rstrip("/") + probe
     try:
-        urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        with urllib.request.urlopen(urllib.request.Request(target, method="GET"), timeout=timeout) as answer:
+            status, kind = answer.status, answer.headers.get_content_type()
+    except urllib.error.HTTPError as exc:
+        status, kind = exc.code, exc.headers.get_content_type() if exc.headers else ""
+    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise TrainingError(f"cannot reach the service at {url}: {reason} "
                             f"(waited at most {timeout:g} s)") from None
+    if probe and (status in (404, 405, 501) or kind == "text/html"):
+        raise TrainingError(f"the server at {url} is not a {service} service: GET {probe} answered "
+                            f"{status} ({kind or 'no content type'}); check its base_url")
 
 
 def write_state(path: str, state: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from pydantic import Field
 from preftune import Config, ConfigError, hookimpl, log
 from preftune.plugins import remote
 
+HEALTH = "/api/v1/healthz"  # the SDK's health check (resources/service.py)
 CLOSE_STATUS = {"completed": "success", "stopped": "interrupted"}  # anything else: errored
 
 
@@ -46,7 +47,7 @@ def check_settings(config: Config, options: TinkerOptions) -> None:
     remote.import_sdk("tinker", "tinker")
     url = options.base_url or os.environ.get("TINKER_BASE_URL")
     if url:  # else the SDK's own; its first call is bounded like every other
-        remote.check_reachable(url, options.connect_timeout_s)
+        remote.check_reachable(url, options.connect_timeout_s, HEALTH, "Tinker")
 
 
 class TinkerBackend(remote.TrainingClientBackend):
@@ -62,6 +63,7 @@ class TinkerBackend(remote.TrainingClientBackend):
         self.service = remote.Service("tinker", options, (errors,), (
             self.tinker.APIConnectionError, self.tinker.InternalServerError, self.tinker.RateLimitError))
         key = options.api_key("a Tinker key starts with 'tml-'")
+        self.service.where = f"service {self.url or 'default'}"  # until the session has an id
         self.sdk = self.tinker.ServiceClient(base_url=self.url, api_key=key,
                                              user_metadata={"client": "preftune"})
         try:
@@ -131,10 +133,16 @@ class TinkerBackend(remote.TrainingClientBackend):
         sdk, self.sdk = self.sdk, None
         if sdk is None:
             return
+        # in a daemon thread, bounded like the calls it cleans up after: the SDK's close blocks
+        # while one of its calls is still stuck (a server that answers HTML, say)
+        bound = self.options.connect_timeout_s
         try:
-            sdk.close(CLOSE_STATUS.get(status, "errored")).result(timeout=self.options.connect_timeout_s)
-        except Exception as exc:  # the run's own outcome matters more than a failed goodbye
-            log(f"tinker: closing the session failed: {type(exc).__name__}: {exc}")
+            self.service.run("closing the session", lambda: (
+                sdk.close(CLOSE_STATUS.get(status, "errored")).result(timeout=bound)), bound)
+        except remote.RemoteError as exc:  # the run's own outcome matters more than a failed goodbye
+            log(f"{exc}; the service ends the session itself when its heartbeats stop")
+        except Exception as exc:
+            log(f"tinker: closing the session failed: {remote.describe(exc)}")
 
 
 @hookimpl
