@@ -139,16 +139,28 @@ def test_the_output_layer_under_autocast_takes_its_log_softmax_in_float32() -> N
     torch.testing.assert_close(token_logps(logits, targets), exact, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("compute", [torch.bfloat16, torch.float16])
-def test_calibration_keeps_the_shared_layout_under_autocast(compute: torch.dtype) -> None:
-    model = tiny_model().eval()
+def wider_qwen3() -> Any:
+    """A Qwen3 wide enough that float16 rounding differs between the layouts (by ~4e-4 on the CPU)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, attn_implementation="sdpa")).eval()
+
+
+@pytest.mark.parametrize("build, compute", [(tiny_model, torch.bfloat16), (tiny_model, torch.float16),
+                                            (wider_qwen3, torch.float16)])
+def test_calibration_keeps_the_shared_layout_under_autocast(build: Any, compute: torch.dtype) -> None:
+    """The start-up check runs under training's autocast and allows its dtype's rounding (the
+    float32 weights' tolerance would send the wider model to the padded layout)."""
+    model = build()
     plan = calibrate(model, torch.device("cpu"), "auto", 64, 128, compute)
     assert plan.layout == "shared" and plan.split_head and not plan.notes
-    # the check runs under autocast: its numbers are not float32's, so float32's tolerance would fail
     from preftune.layout import padded_layout
     from preftune.plugins.local_engine import Plan, probe_pairs, vocab_size
 
-    with torch.inference_mode():
+    with torch.inference_mode():  # the check's numbers are the autocast ones, not float32's
         layout = padded_layout(probe_pairs(min(vocab_size(model), 1000)))
         exact = target_logps(model, layout, Plan("padded", True, 64, []))
         with torch.autocast("cpu", dtype=compute):
