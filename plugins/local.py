@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from preftune import (
     AdamParams,
@@ -33,7 +33,6 @@ from preftune import (
     log,
 )
 from preftune.backend_utils import (
-    adamw,
     atomic_dir,
     files_hash,
     load_causal_lm,
@@ -51,8 +50,19 @@ from preftune.plugins.local_engine import (
     checkpoint_layers,
     vocab_size,
 )
+from preftune.plugins.local_precision import (
+    DTYPE_NAMES,
+    Stepper,
+    StepResult,
+    all_finite,
+    first_bad,
+    keep_masters,
+    make_optimizer,
+    make_scaler,
+    replaced_dtype,
+    resolve_precision,
+)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SMALL_MODEL = 20_000_000  # parameters: below this, threads = 0 means one CPU thread
 
 
@@ -60,9 +70,12 @@ class LocalOptions(BaseModel):
     """Options of the ``[local]`` table."""
 
     model_config = ConfigDict(extra="forbid")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Weights dtype (log-probs are always computed in float32)."
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16-true", "fp16-mixed"] = Field(
+        "auto", description="fp32; bf16-mixed / fp16-mixed: float32 masters of what trains, the "
+        "forward under autocast, frozen weights in the low dtype; bf16-true: all bfloat16 "
+        "(Kahan-compensated updates); auto: bf16-mixed on a CUDA GPU with bfloat16, else fp32."
     )
+    dtype: Any = Field(None, exclude=True, description="Removed: replaced by precision.")
     lora_target_modules: str | list[str] = Field(
         "all-linear", description="peft target_modules for LoRA."
     )
@@ -81,6 +94,13 @@ class LocalOptions(BaseModel):
         False, description="Recompute each layer's activations in the backward pass instead of "
         "keeping them: much less memory, about a third more compute."
     )
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype_replaced(cls, value: Any) -> Any:
+        if value is not None:
+            raise ValueError(replaced_dtype(value))
+        return value
 
 
 class FrozenClient:
@@ -115,11 +135,6 @@ def set_threads(device: torch.device, requested: int, model: Any) -> None:
     torch.set_num_threads(requested or 1)
 
 
-def make_optimizer(params: list[torch.nn.Parameter], config: Config) -> torch.optim.Optimizer:
-    return adamw(params, config.learning_rate, (config.beta1, config.beta2), config.eps,
-                 config.weight_decay)
-
-
 class LocalBackend:
     """The policy in this process; see the module docstring. The class is the registered
     factory; :meth:`check` refuses settings it cannot use before anything loads."""
@@ -129,7 +144,9 @@ class LocalBackend:
     def __init__(self, config: Config, options: LocalOptions, tokenizer: Any):
         self.config, self.options, self.tokenizer = config, options, tokenizer
         self.device = resolve_device(config.device)
-        self.dtype = DTYPES[options.dtype]
+        self.precision = resolve_precision(options.precision, self.device)
+        log(f"local backend: precision {self.precision.name}"
+            + (" (auto)" if options.precision == "auto" else ""))
         self.init = resolve_init(config.init_from) if config.init_from else None
         model = self._initial_model(trainable_adapter=config.lora_rank > 0)
         vocab = vocab_size(model)
@@ -140,7 +157,7 @@ class LocalBackend:
             )
         self._identity = model_identity(config.base_model, config.base_model_revision,
                                         None if self.init else model)
-        self._identity["dtype"] = options.dtype  # reference log-probs depend on it
+        self._identity["dtype"] = DTYPE_NAMES[self.precision.compute]  # reference log-probs depend on it
         if self.init:
             self._identity.update(init_from=str(self.init[1]), init_sha256=files_hash(self.init[1]))
         if config.lora_rank > 0 and not hasattr(model, "disable_adapter"):
@@ -148,17 +165,21 @@ class LocalBackend:
         set_threads(self.device, options.threads, model)
         self.model = model.to(self.device).eval()  # eval: no dropout; gradients still flow
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.params, config)
+        keep_masters(self.params, self.precision.master)
+        self.optimizer = make_optimizer(self.params, config.learning_rate, (config.beta1, config.beta2),
+                                        config.eps, config.weight_decay, self.precision)
+        self.stepper = Stepper(self.params, self.optimizer, make_scaler(self.precision, self.device))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.plan = self._plan(self.model)
         if options.activation_checkpointing and not checkpoint_layers(self.model):
             raise ConfigError("[local] activation_checkpointing: no stack of decoder layers found")
-        self.engine = Engine(self.model, self.device, self.pad_id, self.plan)
+        self.engine = Engine(self.model, self.device, self.pad_id, self.plan, compute=self.precision.compute)
 
     def _plan(self, model: Any) -> Plan:
         """How this model computes log-probs (checked once); each fallback is said once."""
         chunk = auto_chunk(model, self.options.logits_chunk)
-        plan = calibrate(model, self.device, self.options.layout, chunk, self.config.max_seq_len)
+        plan = calibrate(model, self.device, self.options.layout, chunk, self.config.max_seq_len,
+                         self.precision.compute)
         for note in plan.notes:
             log(f"local backend: {note}")
         if self.options.layout == "shared" and plan.layout != "shared":
@@ -166,13 +187,16 @@ class LocalBackend:
                               + plan.notes[-1])
         return plan
 
-    def _initial_model(self, trainable_adapter: bool) -> Any:
+    def _initial_model(self, trainable_adapter: bool, trains: bool | None = None) -> Any:
         """The weights training starts from: ``init_from`` if set, else the base model. A warm
-        start adapter stays a trainable adapter for LoRA, and is merged otherwise."""
+        start adapter stays a trainable adapter for LoRA, and is merged otherwise. Loaded in the
+        precision's master dtype when all of it ``trains`` (default: a full fine-tune), else in
+        its frozen dtype (a LoRA base, a reference)."""
         cfg = self.config
+        dtype = self.precision.load_dtype(cfg.lora_rank == 0 if trains is None else trains)
         if self.init is not None and self.init[0] == "model":
-            return load_causal_lm(str(self.init[1]), None, self.dtype)
-        base = load_causal_lm(cfg.base_model, cfg.base_model_revision, self.dtype)
+            return load_causal_lm(str(self.init[1]), None, dtype)
+        base = load_causal_lm(cfg.base_model, cfg.base_model_revision, dtype)
         if self.init is None:
             return base
         from peft import PeftModel
@@ -210,39 +234,39 @@ class LocalBackend:
             if self.init is not None and self.init[0] == "adapter":
                 raise ConfigError("with init_from an adapter, the LoRA base is not the initial "
                                   "policy: use reference = 'separate'")
-            engine = Engine(self.model, self.device, self.pad_id, self.plan, disable_adapter=True)
+            engine = Engine(self.model, self.device, self.pad_id, self.plan, disable_adapter=True,
+                            compute=self.precision.compute)
             return FrozenClient(engine, owned=False)
-        reference = self._initial_model(trainable_adapter=False)
+        reference = self._initial_model(trainable_adapter=False, trains=False)
         reference.requires_grad_(False)
-        engine = Engine(reference.to(self.device).eval(), self.device, self.pad_id, self.plan)
+        engine = Engine(reference.to(self.device).eval(), self.device, self.pad_id, self.plan,
+                        compute=self.precision.compute)
         return FrozenClient(engine, owned=True)
 
     def forward_backward(self, pairs: Sequence[TokenizedPair], loss_fn: LossFn) -> Metrics:
         policy = self.engine(pairs, loss_fn.needs_token_logps)
         loss, metrics = loss_fn(policy)
-        loss.backward()
+        self.stepper.backward(loss)  # scaled under fp16-mixed
         return metrics
 
-    def optim_step(self, params: AdamParams) -> Metrics:
-        max_norm = params.max_grad_norm if params.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        norm = float(grad_norm)  # host sync: a non-finite gradient must not be applied
-        if not torch.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingError(f"gradient norm is {norm}; the step was not applied")
-        for group in self.optimizer.param_groups:
-            group.update(lr=params.learning_rate, betas=(params.beta1, params.beta2),
-                         eps=params.eps, weight_decay=params.weight_decay)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": norm}
+    def optim_step(self, params: AdamParams) -> StepResult:
+        """Apply the accumulated gradient; no host sync. A non-finite gradient norm is never
+        applied, and resolving the result (the loop's one sync) raises it as a TrainingError;
+        under fp16-mixed an overflow is the scaler's: the step is skipped (``step_skipped``)."""
+        return self.stepper.step(params)
+
+    def summary(self) -> dict[str, Any]:
+        """What the run's summary shows of this backend: its precision, and under fp16-mixed
+        how many steps the loss scaler skipped (one host sync)."""
+        skipped = {"skipped_steps": int(self.stepper.skipped)} if self.stepper.scaler else {}
+        return {"precision": self.precision.name, **skipped}
 
     def check_weights(self) -> None:
         """Refuse to write weights that hold a NaN or an infinity (they would load, and serve
-        garbage); names the first bad parameter."""
-        for name, param in self.model.named_parameters():
-            if not torch.isfinite(param).all():
-                raise TrainingError(f"weight {name!r} holds NaN or infinite values; not saved")
+        garbage); names the first bad parameter (looked for only when there is one)."""
+        if not all_finite([p.detach() for p in self.model.parameters()]):
+            name = first_bad((n, p.detach()) for n, p in self.model.named_parameters())
+            raise TrainingError(f"weight {name!r} holds NaN or infinite values; not saved")
 
     def save_weights(self, path: str) -> None:
         """Write the weights into ``path`` (the loop gives a temporary directory that becomes
@@ -257,6 +281,9 @@ class LocalBackend:
         self.model.save_pretrained(path)
         with open(Path(path) / "optimizer.pt", "wb") as handle:  # a handle keeps the OS's error
             torch.save(self.optimizer.state_dict(), handle)
+        if self.stepper.scaler is not None:  # fp16-mixed: the loss scale and its growth tracker
+            with open(Path(path) / "scaler.pt", "wb") as handle:
+                torch.save(self.stepper.state_dict(), handle)
 
     def load_state(self, path: str) -> None:
         from safetensors.torch import load_file
@@ -280,6 +307,11 @@ class LocalBackend:
         optimizer = torch.load(Path(path) / "optimizer.pt", map_location=self.device,
                                weights_only=True)
         self.optimizer.load_state_dict(optimizer)
+        if self.stepper.scaler is not None:
+            if not (Path(path) / "scaler.pt").exists():
+                raise ConfigError(f"state {path} lacks scaler.pt (the fp16-mixed loss scale)")
+            self.stepper.load_state_dict(torch.load(Path(path) / "scaler.pt", map_location=self.device,
+                                                    weights_only=True))
 
     def publish_weights(self, snapshot: str, step: int, deployment_id: str,
                         directory: str | None, keep: int) -> dict[str, Any]:

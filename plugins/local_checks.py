@@ -16,6 +16,7 @@ import torch
 
 from preftune import Config, ConfigError, log
 from preftune.backend_utils import load_model_config, model_context, resolve_init
+from preftune.plugins.local_precision import precision_problem
 
 DEVICE_KINDS = {  # device type -> whether this machine has it
     "cpu": lambda: True,
@@ -33,11 +34,15 @@ def field_error(config: Config, key: str, message: str) -> ConfigError:
 
 
 def check_settings(config: Config, options: Any) -> None:
-    """Refuse what the run could not use: the device, a model path that does not exist, a
-    ``max_seq_len`` beyond the model's context, LoRA target modules that match nothing."""
+    """Refuse what the run could not use: the device, a precision it lacks (bfloat16 on an old
+    GPU), a model path that does not exist, a ``max_seq_len`` beyond the model's context, LoRA
+    target modules that match nothing."""
     problem = device_problem(config.device)
     if problem is not None:
         raise field_error(config, "device", problem)
+    problem = precision_problem(options.precision, resolve_device(config.device))
+    if problem is not None:
+        raise field_error(config, "local.precision", problem)
     init = checked(config, "init_from", lambda: resolve_init(config.init_from) if config.init_from else None)
     adapter = init is not None and init[0] == "adapter"  # loaded onto base_model, keeps its targets
     if init is not None and not adapter:

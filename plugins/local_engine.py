@@ -17,6 +17,7 @@ model's own logits; a model that ignores custom masks or position ids gets the p
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,19 +46,22 @@ class Engine:
     """Per-sequence log-probs of pairs under one model (with or without gradients)."""
 
     def __init__(self, model: Any, device: torch.device, pad_id: int, plan: Plan,
-                 disable_adapter: bool = False):
+                 disable_adapter: bool = False, compute: torch.dtype = torch.float32):
         self.model, self.device, self.pad_id, self.plan = model, device, pad_id, plan
-        self.disable_adapter = disable_adapter
+        self.disable_adapter, self.compute = disable_adapter, compute
 
     def __call__(self, pairs: Sequence[TokenizedPair], token_logps: bool = False) -> PairLogps:
         make = shared_layout if self.plan.layout == "shared" else padded_layout
         layout = make(pairs, self.pad_id).to(self.device)
-        if self.disable_adapter:
-            with self.model.disable_adapter():
-                logps_N = target_logps(self.model, layout, self.plan)
-        else:
+        adapter_off = self.model.disable_adapter() if self.disable_adapter else nullcontext()
+        with adapter_off, autocast(self.device, self.compute):  # the forward only, never the loss
             logps_N = target_logps(self.model, layout, self.plan)
         return layout.reduce(logps_N, token_logps)
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager[Any]:
+    """``torch.autocast`` to ``dtype`` on ``device`` (mixed precision); nothing for float32."""
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
 def parts(model: Any) -> tuple[Any, Any]:
@@ -91,9 +95,10 @@ def target_logps(model: Any, layout: Layout, plan: Plan) -> Tensor:
 
 
 def token_logps(logits_NV: Tensor, targets_N: Tensor) -> Tensor:
-    """log softmax(logits)[target] of each row, in float32."""
-    logits_NV = logits_NV.float()
-    return logits_NV.gather(-1, targets_N[:, None])[:, 0] - torch.logsumexp(logits_NV, -1)
+    """log softmax(logits)[target] of each row, in float32 (outside any autocast)."""
+    with torch.autocast(logits_NV.device.type, enabled=False):
+        logits_NV = logits_NV.float()
+        return logits_NV.gather(-1, targets_N[:, None])[:, 0] - torch.logsumexp(logits_NV, -1)
 
 
 def chunked_logps(head: Callable[[Tensor], Tensor], hidden_NH: Tensor, targets_N: Tensor,
@@ -163,14 +168,26 @@ def vocab_size(model: Any) -> int:
 
 @torch.inference_mode()
 def calibrate(model: Any, device: torch.device, layout: str, chunk: int,
-              max_seq_len: int) -> Plan:
-    """Decide the layout and the output-layer path for ``model``, checked on probe pairs."""
+              max_seq_len: int, compute: torch.dtype = torch.float32) -> Plan:
+    """Decide the layout and the output-layer path for ``model``, checked on probe pairs under
+    the autocast of training (``compute``: the dtype whose rounding the comparison allows)."""
+    with autocast(device, compute):
+        return _calibrate(model, device, layout, chunk, max_seq_len, _compute_dtype(model, compute))
+
+
+def _compute_dtype(model: Any, compute: torch.dtype) -> torch.dtype:
+    """What the model computes in: the autocast dtype, or the weights' own when they are lower."""
+    return compute if compute != torch.float32 else model.dtype
+
+
+def _calibrate(model: Any, device: torch.device, layout: str, chunk: int, max_seq_len: int,
+               compute: torch.dtype) -> Plan:
     notes: list[str] = []
     pairs = probe_pairs(min(vocab_size(model), 1000))
     padded = padded_layout(pairs).to(device)
     expected = target_logps(model, padded, Plan("padded", False, chunk, []))
     split_head = _close(target_logps(model, padded, Plan("padded", True, chunk, [])), expected,
-                        model.dtype)
+                        compute)
     if not split_head:
         notes.append("the model's logits are not its output layer applied to its hidden states; "
                      "computing full logits (more memory)")
@@ -180,7 +197,7 @@ def calibrate(model: Any, device: torch.device, layout: str, chunk: int,
     if why is None:
         shared = Plan("shared", split_head, chunk, [])
         if not _close(target_logps(model, shared_layout(pairs).to(device), shared), expected,
-                      model.dtype):
+                      compute):
             why = "its log-probs with a custom 4D mask and position ids differ from the plain ones"
     if why is None:
         return Plan("shared", split_head, chunk, notes)
@@ -203,7 +220,7 @@ def shared_unsupported(model: Any, max_seq_len: int) -> str | None:
 
 
 def _close(a: Tensor, b: Tensor, dtype: torch.dtype) -> bool:
-    """Equal up to rounding in the model's dtype (a wrong mask or position changes a trained
-    model's log-probs by far more)."""
+    """Equal up to rounding in the dtype the model computes in (a wrong mask or position changes
+    a trained model's log-probs by far more)."""
     atol = 1e-4 if dtype in (torch.float32, torch.float64) else 1e-1
     return bool(torch.allclose(a.float(), b.float(), atol=atol, rtol=0))
