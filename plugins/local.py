@@ -36,6 +36,7 @@ from preftune.backend_utils import (
     adamw,
     atomic_dir,
     files_hash,
+    files_identity,
     load_causal_lm,
     model_identity,
     remove_stale,
@@ -142,7 +143,8 @@ class LocalBackend:
                                         None if self.init else model)
         self._identity["dtype"] = options.dtype  # reference log-probs depend on it
         if self.init:
-            self._identity.update(init_from=str(self.init[1]), init_sha256=files_hash(self.init[1]))
+            self._identity.update(init_from=str(self.init[1]),
+                                  init_files_sha256=files_identity(self.init[1]))
         if config.lora_rank > 0 and not hasattr(model, "disable_adapter"):
             model = self._add_lora(model)
         set_threads(self.device, options.threads, model)
