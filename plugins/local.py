@@ -3,8 +3,8 @@
 It exposes the verbs of the training SDKs' clients (forward, forward_backward with a custom loss,
 optim_step with Adam params, save/load state, save weights), so remote backends slot in beside it.
 How log-probs are computed (the prompt shared by chosen and rejected, the output layer only on
-completion positions, in chunks) is in ``local_engine``. Dropout is disabled (the model stays in
-eval mode) so policy and reference log-probs agree.
+completion positions, in chunks) is in ``local_engine``. The model stays in eval mode so policy
+and reference log-probs agree; only LoRA dropout, in training steps, is on (``local_lora``).
 """
 
 from __future__ import annotations
@@ -52,6 +52,14 @@ from preftune.plugins.local_engine import (
     checkpoint_layers,
     vocab_size,
 )
+from preftune.plugins.local_lora import (
+    MERGED,
+    check_mergeable,
+    export_merged,
+    lora_dropout_on,
+    save_merged,
+    set_lora_dropout,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SMALL_MODEL = 20_000_000  # parameters: below this, threads = 0 means one CPU thread
@@ -81,6 +89,14 @@ class LocalOptions(BaseModel):
     activation_checkpointing: bool = Field(
         False, description="Recompute each layer's activations in the backward pass instead of "
         "keeping them: much less memory, about a third more compute."
+    )
+    lora_dropout: float = Field(
+        0.0, ge=0, lt=1, description="LoRA: dropout on the adapter's input in training steps "
+        "(peft's lora_dropout); evaluation and the reference pass run without it."
+    )
+    merge_lora: bool = Field(
+        False, description="LoRA: final/merged/ also holds the model with the adapter merged, a "
+        "plain Hugging Face model directory."
     )
 
 
@@ -148,7 +164,10 @@ class LocalBackend:
         if config.lora_rank > 0 and not hasattr(model, "disable_adapter"):
             model = self._add_lora(model)
         set_threads(self.device, options.threads, model)
-        self.model = model.to(self.device).eval()  # eval: no dropout; gradients still flow
+        self.model = model.to(self.device).eval()  # eval: no dropout but LoRA's in training steps
+        self.lora_dropouts = set_lora_dropout(self.model, options.lora_dropout)
+        if options.merge_lora:
+            check_mergeable(self.model)  # before training, not after it
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, config)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -189,7 +208,7 @@ class LocalBackend:
         lora = LoraConfig(
             r=self.config.lora_rank, lora_alpha=self.config.lora_alpha,
             target_modules=self.options.lora_target_modules,
-            lora_dropout=0.0, task_type="CAUSAL_LM",  # dropout is off everywhere (eval mode)
+            lora_dropout=self.options.lora_dropout, task_type="CAUSAL_LM",
         )
         return get_peft_model(model, lora)
 
@@ -220,9 +239,10 @@ class LocalBackend:
         return FrozenClient(engine, owned=True)
 
     def forward_backward(self, pairs: Sequence[TokenizedPair], loss_fn: LossFn) -> Metrics:
-        policy = self.engine(pairs, loss_fn.needs_token_logps)
-        loss, metrics = loss_fn(policy)
-        loss.backward()
+        with lora_dropout_on(self.lora_dropouts):  # the backward too: checkpointing recomputes
+            policy = self.engine(pairs, loss_fn.needs_token_logps)
+            loss, metrics = loss_fn(policy)
+            loss.backward()
         return metrics
 
     def optim_step(self, params: AdamParams) -> Metrics:
@@ -248,10 +268,19 @@ class LocalBackend:
 
     def save_weights(self, path: str) -> None:
         """Write the weights into ``path`` (the loop gives a temporary directory that becomes
-        ``final/`` with the tokenizer, in one rename)."""
+        ``final/`` with the tokenizer, in one rename); with ``merge_lora``, also the merged model
+        and the tokenizer into ``path/merged``."""
         self.check_weights()
         Path(path).mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
+        if self.options.merge_lora:
+            save_merged(self.model, self.tokenizer, Path(path) / MERGED)
+
+    @staticmethod
+    def export(config: Config, options: LocalOptions, final: Path, out: str) -> None:
+        """``preftune export --merge``: the finished run's adapter (``final``) merged into its
+        base model, loaded in the run's dtype, written to ``out``."""
+        export_merged(config, final, out, DTYPES[options.dtype])
 
     def save_state(self, path: str) -> None:
         self.check_weights()
