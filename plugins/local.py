@@ -96,7 +96,8 @@ class LocalOptions(BaseModel):
     )
     merge_lora: bool = Field(
         False, description="LoRA: final/merged/ also holds the model with the adapter merged, a "
-        "plain Hugging Face model directory."
+        "plain Hugging Face model directory.",
+        json_schema_extra={"operational": True},  # what is written at the end, not what is trained
     )
 
 

@@ -229,3 +229,25 @@ def test_checkpoints_hold_the_cuda_generators_for_dropout_on_a_gpu() -> None:
     drawn = torch.rand(8, device="cuda")
     set_rng_state(state)
     assert torch.equal(torch.rand(8, device="cuda"), drawn)
+
+
+def test_merge_lora_may_change_on_resume(registry: Any) -> None:
+    """It says what is written at the end, not what is trained: not in the training hash."""
+    assert "local.merge_lora" in registry.operational_keys()
+    assert "local.lora_dropout" not in registry.operational_keys()
+
+
+def test_export_merges_onto_the_model_the_adapter_was_trained_on(tmp_path: Path, tokenizer: Any) -> None:
+    from preftune.plugins.local_lora import base_of
+
+    def config(**settings: Any) -> Config:
+        return Config(base_model="builtin:tiny", base_model_revision="v1", dataset="d", lora_rank=4,
+                      **settings)
+
+    tiny_model().save_pretrained(tmp_path / "sft")
+    backend(tokenizer).save_weights(str(tmp_path / "adapter"))
+    assert base_of(config()) == ("builtin:tiny", "v1")
+    assert base_of(config(init_from=str(tmp_path / "sft"))) == (str(tmp_path / "sft"), None)
+    assert base_of(config(init_from=str(tmp_path / "adapter"))) == ("builtin:tiny", "v1")
+    with pytest.raises(ConfigError, match="the run's init_from: init_from .* is not a preftune"):
+        base_of(config(init_from=str(tmp_path)))
