@@ -12,6 +12,7 @@ from .fileio import atomic_dir, atomic_torch_save, atomic_write_json, remove_sta
 from .hub import load_tokenizer, model_identity, tokenizer_identity
 from .weights import (
     files_hash,
+    files_identity,
     load_causal_lm,
     load_model_config,
     model_context,
@@ -20,10 +21,9 @@ from .weights import (
 )
 
 __all__ = [
-    "adamw", "atomic_dir", "atomic_torch_save", "atomic_write_json", "files_hash", "load_causal_lm",
-    "load_model_config", "load_tokenizer", "model_context", "model_identity", "remove_stale", "resolve_init",
-    "state_dict_hash",
-    "switch_symlink", "tokenizer_identity",
+    "adamw", "atomic_dir", "atomic_torch_save", "atomic_write_json", "files_hash", "files_identity",
+    "load_causal_lm", "load_model_config", "load_tokenizer", "model_context", "model_identity",
+    "remove_stale", "resolve_init", "state_dict_hash", "switch_symlink", "tokenizer_identity",
 ]
 
 

@@ -54,7 +54,7 @@ def save(log_path: str | Path, step: int, backend: Any, state: dict[str, Any],
     with atomic_dir(path) as tmp:
         backend.save_state(str(Path(tmp) / "backend"))
         with open(Path(tmp) / "rng.pt", "wb") as handle:  # a handle: torch keeps the OS's error
-            torch.save({"python": random.getstate(), "torch": torch.get_rng_state()}, handle)
+            torch.save(rng_state(), handle)
         (Path(tmp) / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
     older = [p for p in complete(log_path) if p.name < path.name]
     for old in older[: max(len(older) - (keep - 1), 0)] if keep > 0 else []:
@@ -132,6 +132,24 @@ def restore(path: Path, backend: Any, expect: dict[str, str]) -> dict[str, Any]:
         backend.load_state(str(path / "backend"))
     except Exception as exc:
         raise Unreadable(path, exc) from exc
-    random.setstate(rng["python"])
-    torch.set_rng_state(rng["torch"])
+    set_rng_state(rng)
     return state
+
+
+def rng_state() -> dict[str, Any]:
+    """The random number generators' states: Python's, torch's CPU one, and each CUDA device's
+    when CUDA is in use (dropout on a GPU draws from the device's generator)."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved (a checkpoint without CUDA states leaves them be; a
+    machine with fewer devices restores those it has)."""
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        for index, device_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, index)

@@ -1,4 +1,4 @@
-"""The ``preftune`` command: run, demo, plugins, validate."""
+"""The ``preftune`` command: run, demo, plugins, validate, report, export."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def settings_help() -> str:
 
     return ("Settings (keys of the config file; --set key=value overrides one): "
             + ", ".join(Config.model_fields) + ". Plugin options go in a table named after the "
-            "plugin, e.g. the local backend's dtype (--set local.dtype=bfloat16). docs/config.md "
+            "plugin, e.g. the local backend's precision (--set local.precision=bf16-mixed). docs/config.md "
             "describes every key; preftune plugins lists what is installed.")
 
 
@@ -244,6 +244,26 @@ def report(
         path = write_report(log_paths, out)
         typer.echo(format_table(summary_table([load_run(p) for p in log_paths])))
     typer.echo(f"report: {path}")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run's log_path.")],
+    out: Annotated[Path, typer.Argument(help="Directory to write (must not exist, or be empty).")],
+    merge: Annotated[
+        bool, typer.Option("--merge", help="Merge the LoRA adapter into its base model.")
+    ] = False,
+) -> None:
+    """Write a finished LoRA run's adapter merged into its base model as a plain Hugging Face
+    model directory (config, safetensors, tokenizer, chat template)."""
+    from .export import export_run
+    from .manager import get_registry
+
+    if not merge:  # the one export there is: final/ itself already is the adapter
+        typer.echo("error: export needs --merge (final/ itself is the adapter, to copy as it is)", err=True)
+        raise typer.Exit(2)
+    with user_errors():
+        typer.echo(f"merged model: {export_run(run_dir, out, get_registry())}")
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from . import tiny
 from .errors import ConfigError
-from .weights import check_builtin, files_hash, state_dict_hash
+from .weights import check_builtin, files_identity, state_dict_hash
 
 
 def load_tokenizer(name: str, revision: str | None = None) -> Any:
@@ -32,12 +32,14 @@ def load_tokenizer(name: str, revision: str | None = None) -> Any:
 
 
 def model_identity(name: str, revision: str | None = None, model: Any = None) -> dict[str, str]:
-    """What ``name`` is: a local path or builtin gets a weights hash, a hub id its revision."""
+    """What ``name`` is: the builtin model a hash of its weights, a local directory the identity
+    of its files (:func:`files_identity`: config, names, sizes, times and safetensors headers,
+    never the weights' bytes), a hub id its revision."""
     if tiny.is_builtin(name):
         return {"model": name, "weights_sha256": state_dict_hash(model or tiny.tiny_model())}
     path = Path(name)
     if path.is_dir():
-        return {"model": str(path.resolve()), "weights_sha256": files_hash(path)}
+        return {"model": str(path.resolve()), "files_sha256": files_identity(path)}
     commit = getattr(getattr(model, "config", None), "_commit_hash", None)
     return {"model": name, "revision": commit or revision or "main"}
 

@@ -1,4 +1,4 @@
-"""Loading causal LMs by name and hashing their weights.
+"""Loading causal LMs by name, and identifying and hashing their weights.
 
 A name is a Hugging Face model id, a local directory, or ``builtin:tiny`` (the embedded model).
 """
@@ -98,17 +98,56 @@ def _u8() -> Any:
     return torch.uint8
 
 
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")
+CONFIG_FILES = ("config.json", "adapter_config.json", "*.safetensors.index.json")
+HEADER_LIMIT = 100 << 20  # bytes: safetensors refuses longer headers too
+
+
+def model_files(directory: Path) -> list[Path]:
+    """The weight and config files of a model (or adapter) directory, sorted by name."""
+    patterns = WEIGHT_FILES + CONFIG_FILES
+    return sorted({f for pattern in patterns for f in Path(directory).glob(pattern) if f.is_file()})
+
+
 def files_hash(directory: Path) -> str:
-    """sha256 over the weight and config files of a model directory."""
+    """sha256 over the names and bytes of the weight and config files of a model directory: an
+    integrity hash of what is there (it reads every byte; :func:`files_identity` does not)."""
     digest = hashlib.sha256()
-    patterns = ("*.safetensors", "*.bin", "*.pt", "config.json", "adapter_config.json")
-    files = sorted({f for pattern in patterns for f in directory.glob(pattern)})
-    for file in files:
+    for file in model_files(directory):
         digest.update(file.name.encode())
         with open(file, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def files_identity(directory: Path) -> str:
+    """sha256 that says which weights a model (or adapter) directory holds, without reading
+    them: the config files' content, and each weight file's name, size, modification time (ns)
+    and, for safetensors, its JSON header (tensor names, dtypes, shapes, offsets). Rewriting a
+    weight file gives it a new modification time, so the identity changes; a copy that keeps
+    the times, sizes and headers of other values (``cp -p`` of a same-shaped model) does not.
+    Costs a few kilobytes of reads where :func:`files_hash` reads every weight."""
+    digest = hashlib.sha256()
+    for file in model_files(directory):
+        digest.update(file.name.encode() + b"\0")
+        if file.suffix == ".json":
+            digest.update(file.read_bytes())
+            continue
+        stat = file.stat()
+        digest.update(f"{stat.st_size} {stat.st_mtime_ns}\0".encode())
+        if file.suffix == ".safetensors":
+            digest.update(safetensors_header(file))
+    return digest.hexdigest()
+
+
+def safetensors_header(file: Path) -> bytes:
+    """The length prefix and JSON header at the start of a safetensors file (what it holds and
+    where); a file too short for its prefix gives what there is."""
+    with open(file, "rb") as handle:
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
+        return prefix + handle.read(min(length, HEADER_LIMIT))
 
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")

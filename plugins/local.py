@@ -3,8 +3,8 @@
 It exposes the verbs of the training SDKs' clients (forward, forward_backward with a custom loss,
 optim_step with Adam params, save/load state, save weights), so remote backends slot in beside it.
 How log-probs are computed (the prompt shared by chosen and rejected, the output layer only on
-completion positions, in chunks) is in ``local_engine``. Dropout is disabled (the model stays in
-eval mode) so policy and reference log-probs agree.
+completion positions, in chunks) is in ``local_engine``. The model stays in eval mode so policy
+and reference log-probs agree; only LoRA dropout, in training steps, is on (``local_lora``).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from preftune import (
 from preftune.backend_utils import (
     atomic_dir,
     files_hash,
+    files_identity,
     load_causal_lm,
     model_identity,
     remove_stale,
@@ -49,6 +50,14 @@ from preftune.plugins.local_engine import (
     calibrate,
     checkpoint_layers,
     vocab_size,
+)
+from preftune.plugins.local_lora import (
+    MERGED,
+    check_mergeable,
+    export_merged,
+    lora_dropout_on,
+    save_merged,
+    set_lora_dropout,
 )
 from preftune.plugins.local_precision import (
     DTYPE_NAMES,
@@ -93,6 +102,15 @@ class LocalOptions(BaseModel):
     activation_checkpointing: bool = Field(
         False, description="Recompute each layer's activations in the backward pass instead of "
         "keeping them: much less memory, about a third more compute."
+    )
+    lora_dropout: float = Field(
+        0.0, ge=0, lt=1, description="LoRA: dropout on the adapter's input in training steps "
+        "(peft's lora_dropout); evaluation and the reference pass run without it."
+    )
+    merge_lora: bool = Field(
+        False, description="LoRA: final/merged/ also holds the model with the adapter merged, a "
+        "plain Hugging Face model directory.",
+        json_schema_extra={"operational": True},  # what is written at the end, not what is trained
     )
 
     @field_validator("dtype")
@@ -159,11 +177,15 @@ class LocalBackend:
                                         None if self.init else model)
         self._identity["dtype"] = DTYPE_NAMES[self.precision.compute]  # reference log-probs depend on it
         if self.init:
-            self._identity.update(init_from=str(self.init[1]), init_sha256=files_hash(self.init[1]))
+            self._identity.update(init_from=str(self.init[1]),
+                                  init_files_sha256=files_identity(self.init[1]))
         if config.lora_rank > 0 and not hasattr(model, "disable_adapter"):
             model = self._add_lora(model)
         set_threads(self.device, options.threads, model)
-        self.model = model.to(self.device).eval()  # eval: no dropout; gradients still flow
+        self.model = model.to(self.device).eval()  # eval: no dropout but LoRA's in training steps
+        self.lora_dropouts = set_lora_dropout(self.model, options.lora_dropout)
+        if options.merge_lora:
+            check_mergeable(self.model)  # before training, not after it
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         keep_masters(self.params, self.precision.master)
         self.optimizer = make_optimizer(self.params, config.learning_rate, (config.beta1, config.beta2),
@@ -211,7 +233,7 @@ class LocalBackend:
         lora = LoraConfig(
             r=self.config.lora_rank, lora_alpha=self.config.lora_alpha,
             target_modules=self.options.lora_target_modules,
-            lora_dropout=0.0, task_type="CAUSAL_LM",  # dropout is off everywhere (eval mode)
+            lora_dropout=self.options.lora_dropout, task_type="CAUSAL_LM",
         )
         return get_peft_model(model, lora)
 
@@ -244,9 +266,10 @@ class LocalBackend:
         return FrozenClient(engine, owned=True)
 
     def forward_backward(self, pairs: Sequence[TokenizedPair], loss_fn: LossFn) -> Metrics:
-        policy = self.engine(pairs, loss_fn.needs_token_logps)
-        loss, metrics = loss_fn(policy)
-        self.stepper.backward(loss)  # scaled under fp16-mixed
+        with lora_dropout_on(self.lora_dropouts):  # the backward too: checkpointing recomputes
+            policy = self.engine(pairs, loss_fn.needs_token_logps)
+            loss, metrics = loss_fn(policy)
+            self.stepper.backward(loss)  # scaled under fp16-mixed
         return metrics
 
     def optim_step(self, params: AdamParams) -> StepResult:
@@ -270,10 +293,21 @@ class LocalBackend:
 
     def save_weights(self, path: str) -> None:
         """Write the weights into ``path`` (the loop gives a temporary directory that becomes
-        ``final/`` with the tokenizer, in one rename)."""
+        ``final/`` with the tokenizer, in one rename); with ``merge_lora``, also the merged model
+        and the tokenizer into ``path/merged``."""
         self.check_weights()
         Path(path).mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
+        if self.options.merge_lora:
+            save_merged(self.model, self.tokenizer, Path(path) / MERGED)
+
+    @staticmethod
+    def export(config: Config, options: LocalOptions, final: Path, out: str) -> None:
+        """``preftune export --merge``: the finished run's adapter (``final``) merged into its
+        base model, loaded in the dtype the run stored it in (its precision's frozen dtype on this
+        machine), written to ``out``."""
+        device = torch.device("cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu")
+        export_merged(config, final, out, resolve_precision(options.precision, device).frozen)
 
     def save_state(self, path: str) -> None:
         self.check_weights()

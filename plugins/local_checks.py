@@ -35,14 +35,15 @@ def field_error(config: Config, key: str, message: str) -> ConfigError:
 
 def check_settings(config: Config, options: Any) -> None:
     """Refuse what the run could not use: the device, a precision it lacks (bfloat16 on an old
-    GPU), a model path that does not exist, a ``max_seq_len`` beyond the model's context, LoRA
-    target modules that match nothing."""
+    GPU), LoRA options without LoRA, a model path that does not exist, a ``max_seq_len`` beyond
+    the model's context, LoRA target modules that match nothing."""
     problem = device_problem(config.device)
     if problem is not None:
         raise field_error(config, "device", problem)
     problem = precision_problem(options.precision, resolve_device(config.device))
     if problem is not None:
         raise field_error(config, "local.precision", problem)
+    check_lora_options(config, options)
     init = checked(config, "init_from", lambda: resolve_init(config.init_from) if config.init_from else None)
     adapter = init is not None and init[0] == "adapter"  # loaded onto base_model, keeps its targets
     if init is not None and not adapter:
@@ -54,6 +55,24 @@ def check_settings(config: Config, options: Any) -> None:
     check_context(config, name, structure)
     if config.lora_rank > 0 and not adapter:
         check_lora_targets(config, name, structure, options.lora_target_modules)
+
+
+LORA_ONLY = {  # [local] option -> why it needs lora_rank > 0
+    "lora_dropout": "is dropout on a LoRA adapter's input (a full fine-tune trains without dropout)",
+    "merge_lora": "merges a LoRA adapter into its base model (a full fine-tune's final/ already is "
+                  "the whole model)",
+}
+
+
+def check_lora_options(config: Config, options: Any) -> None:
+    """The LoRA options of ``[local]`` are refused, naming them, on a run without LoRA."""
+    if config.lora_rank > 0 or options is None:
+        return
+    for key, why in LORA_ONLY.items():
+        value = getattr(options, key)
+        if value:
+            raise field_error(config, f"local.{key}", f"{value!r} {why}, but lora_rank is 0; "
+                              "set lora_rank > 0 or leave it out")
 
 
 def checked(config: Config, key: str, read: Callable[[], T]) -> T:

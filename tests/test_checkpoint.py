@@ -151,7 +151,7 @@ def test_warm_start_from_a_model_dir_uses_it_as_policy_and_reference(
                                                        abs=1e-3)
     assert summary["status"] == "completed"
     err = capsys.readouterr().err
-    assert "stale" in err and "init_sha256" in err  # the cache key includes the warm start
+    assert "stale" in err and "init_files_sha256" in err  # the cache key includes the warm start
 
 
 def test_warm_start_from_an_adapter_and_from_a_checkpoint(make_config: Any, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from preftune.cli import app
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["demo"], ["plugins"], ["validate"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["demo"], ["plugins"], ["validate"], ["export"]])
 def test_help_on_everything(command: list[str]) -> None:
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0
@@ -106,3 +106,72 @@ def test_console_script_is_installed() -> None:
     exe = Path(sys.executable).parent / "preftune"
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True)
     assert "demo" in out.stdout and "validate" in out.stdout
+
+
+def test_export_merge_of_a_finished_lora_run_is_its_merged_final(make_config: Any, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from preftune import run
+
+    config = make_config(lora_rank=4, learning_rate=2e-2, epochs=1, local={"merge_lora": True})
+    run(config)
+    log_path, out = Path(config.log_path), tmp_path / "exported"
+    result = runner.invoke(app, ["export", str(log_path), str(out), "--merge"])
+    assert result.exit_code == 0, result.output
+    assert f"merged model: {out}" in result.output
+    merged = log_path / "final" / "merged"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in merged.iterdir())
+    exported = load_file(str(out / "model.safetensors"))
+    expected = load_file(str(merged / "model.safetensors"))
+    assert exported.keys() == expected.keys()
+    assert all(torch.equal(exported[k], expected[k]) for k in expected)
+    assert AutoTokenizer.from_pretrained(out).chat_template
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".exported")]  # no temporary left
+    # the output exists now; a run whose base model is gone
+    again = runner.invoke(app, ["export", str(log_path), str(out), "--merge"])
+    assert again.exit_code == 2 and f"error: output directory {out} exists and is not empty" in again.output
+    saved = json.loads((log_path / "config.json").read_text())
+    (log_path / "config.json").write_text(json.dumps({**saved, "base_model": str(tmp_path / "gone")}))
+    gone = runner.invoke(app, ["export", str(log_path), str(tmp_path / "other"), "--merge"])
+    assert gone.exit_code == 2 and "error: the run's base model: " in gone.output
+    assert f"{tmp_path / 'gone'}" in gone.output and len(gone.output.strip().splitlines()) == 1
+    assert not (tmp_path / "other").exists()
+
+
+def fake_run(path: Path, final_files: dict[str, str] | None) -> Path:
+    """A run directory as a run leaves it: config.json, and final/ holding ``final_files``."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"base_model": "builtin:tiny", "dataset": "d.jsonl"}))
+    if final_files is not None:
+        (path / "final").mkdir()
+        for name, text in final_files.items():
+            (path / "final" / name).write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("case", ["no config", "no final", "full fine-tune", "no --merge", "out is a file"])
+def test_export_bad_inputs_are_one_line_errors(tmp_path: Path, case: str) -> None:
+    run_dir = tmp_path / "run"
+    out = tmp_path / "out"
+    args = ["export", str(run_dir), str(out), "--merge"]
+    expected = {
+        "no config": f"error: {run_dir} is not a preftune run directory: it has no config.json",
+        "no final": f"error: {run_dir / 'final'}: no such directory; export reads a finished run's",
+        "full fine-tune": f"error: {run_dir / 'final'} holds no LoRA adapter (adapter_config.json)",
+        "no --merge": "error: export needs --merge",
+        "out is a file": f"error: output {out} is a file",
+    }[case]
+    if case == "no config":
+        run_dir.mkdir()
+    else:
+        fake_run(run_dir, None if case == "no final" else {"config.json": "{}"})
+    if case == "no --merge":
+        args.remove("--merge")
+    if case == "out is a file":
+        out.write_text("x")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert result.output.startswith(expected), result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output

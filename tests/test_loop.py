@@ -189,8 +189,8 @@ def test_scheduled_lr_reaches_the_metrics(make_config: Any) -> None:
 
 def test_a_local_model_directory_works_as_base_and_tokenizer(make_config: Any, tmp_path: Path,
                                                              tokenizer: Any) -> None:
-    """Any Hugging Face model directory: loaded by transformers, keyed by a hash of its files."""
-    from preftune.backend_utils import files_hash
+    """Any Hugging Face model directory: loaded by transformers, keyed by the identity of its files."""
+    from preftune.backend_utils import files_identity
     from preftune.tiny import tiny_model
 
     model_dir = tmp_path / "my-model"
@@ -202,4 +202,4 @@ def test_a_local_model_directory_works_as_base_and_tokenizer(make_config: Any, t
     [cache_file] = list((Path(config.cache_dir) / "reference").glob("*.pt"))
     _, parts = refcache.ReferenceLogps.load(cache_file)
     assert parts["model"] == str(model_dir.resolve())
-    assert parts["weights_sha256"] == files_hash(model_dir)
+    assert parts["files_sha256"] == files_identity(model_dir)

@@ -147,7 +147,7 @@ def test_run_help_lists_every_setting() -> None:
     assert result.exit_code == 0
     text = " ".join(result.output.split())
     missing = [key for key in Config.model_fields if key not in text]
-    assert not missing and "--set local.dtype=bfloat16" in text and "docs/config.md" in text
+    assert not missing and "--set local.precision=bf16-mixed" in text and "docs/config.md" in text
 
 
 def test_an_error_is_one_message_without_a_traceback(tmp_path: Path, small_dataset: Any) -> None:
