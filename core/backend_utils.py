@@ -23,7 +23,7 @@ from .weights import (
 __all__ = [
     "adamw", "atomic_dir", "atomic_torch_save", "atomic_write_json", "files_hash", "files_identity",
     "load_causal_lm", "load_model_config", "load_tokenizer", "model_context", "model_identity",
-    "remove_stale", "resolve_init", "state_dict_hash", "switch_symlink", "tokenizer_identity",
+    "peak_rss_mb", "remove_stale", "resolve_init", "state_dict_hash", "switch_symlink", "tokenizer_identity",
 ]
 
 
@@ -38,3 +38,12 @@ def adamw(params: list[Any], lr: float, betas: tuple[float, float], eps: float,
         return torch.optim.AdamW(params, fused=True, **kwargs)
     except (RuntimeError, ValueError):
         return torch.optim.AdamW(params, **kwargs)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux and macOS)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024

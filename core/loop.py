@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from . import checkpoint, hub, refcache, tiny, tokcache
+from .backend_utils import peak_rss_mb
 from .config import Config
 from .data import (
     check_held_out,
@@ -136,15 +137,14 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
                     out = backend.forward_backward(pairs, BoundLoss(loss, ref, weight))
                     submitted.append((out, weight))
                     tokens += sum(p.num_tokens for p in pairs)
-                metrics = resolve_metrics(submitted)  # the step's one host sync
-                check_finite(metrics, step + 1, [data.pairs[i] for i in chunk])
                 lr = learning_rate(config, step, info["total_steps"])
-                metrics.update(resolve_metrics([(backend.optim_step(adam_params(config, lr)), 1.0)]))
                 step += 1
+                metrics = optimizer_step(backend, submitted, adam_params(config, lr), step,
+                                         [data.pairs[i] for i in chunk])
                 elapsed = time.perf_counter() - start
                 row = {"epoch": epoch, **metrics, "lr": lr, "tokens": tokens,
-                       "tokens_per_s": tokens / max(elapsed, 1e-9), "elapsed_s": elapsed}
-                check_finite(row, step, [data.pairs[i] for i in chunk])
+                       "tokens_per_s": tokens / max(elapsed, 1e-9), "elapsed_s": elapsed,
+                       "peak_mem_mb": peak_mem_mb(backend)}
                 sinks.hook.preftune_log_metrics(step=step, metrics=row)
                 if config.eval_interval and step % config.eval_interval == 0:
                     evaluate(step)
@@ -165,7 +165,8 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
                    "dropped_pairs": len(data.report.dropped),
                    "truncated_pairs": len(data.report.truncated),
                    "prepare_s": data.prepare_s, "reference_s": reference_s,
-                   "peak_rss_mb": peak_rss_mb(), **remote}
+                   "peak_rss_mb": peak_rss_mb(), "peak_mem_mb": peak_mem_mb(backend),
+                   **backend_summary(backend), **remote}
         return summary
     except BaseException as exc:
         status = "stopped" if isinstance(exc, Stopped) else "failed"
@@ -178,6 +179,12 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
             backend.close(summary["status"])  # a remote backend ends its jobs and sessions
         if sink_error is not None:
             raise sink_error
+
+
+def backend_summary(backend: Any) -> dict[str, Any]:
+    """What the backend adds to the run's summary (its precision, skipped steps), if anything."""
+    summary = getattr(backend, "summary", None)
+    return dict(summary()) if callable(summary) else {}
 
 
 def resume_state(config: Config, backend: Any, hashes: dict[str, str]) -> dict[str, Any]:
@@ -353,12 +360,39 @@ def resolve_metrics(submitted: Sequence[tuple[Any, float]]) -> dict[str, float]:
     return {k: out[k] for k in keys}
 
 
+def optimizer_step(backend: Any, submitted: list[tuple[Any, float]], params: AdamParams, step: int,
+                   pairs: Sequence[TokenizedPair]) -> dict[str, float]:
+    """Apply optimizer step ``step`` to the gradient of the ``submitted`` micro-batches; their
+    metrics and the step's, with the step's one host sync. A NaN or infinite loss or gradient is
+    never applied: a backend that keeps it out of the weights itself (``guards_nonfinite``: the
+    local one, on the device) is stepped before the sync; any other only once the loss is known to
+    be finite. A step the backend skipped (``step_skipped``: fp16 overflow) is no error."""
+    if getattr(backend, "guards_nonfinite", False):
+        metrics = resolve_metrics([*submitted, (backend.optim_step(params), 1.0)])  # host sync
+    else:
+        metrics = resolve_metrics(submitted)  # host sync: the service must not apply a NaN
+        check_finite(metrics, step, pairs)
+        metrics.update(resolve_metrics([(backend.optim_step(params), 1.0)]))
+    if metrics.get("step_skipped"):
+        metrics.pop("grad_norm", None)  # the norm of an overflowed gradient measures nothing
+    check_finite(metrics, step, pairs)
+    return metrics
+
+
 def check_finite(metrics: dict[str, Any], step: int, pairs: Sequence[TokenizedPair]) -> None:
-    """A NaN or infinite loss or gradient stops the run before the optimizer step applies it."""
-    for key in ("loss", "grad_norm"):
+    """A NaN or infinite loss or gradient stops the run (its step was not applied)."""
+    for key, what in (("loss", "loss"), ("grad_norm", "gradient norm")):
         if key in metrics and not math.isfinite(float(metrics[key])):
             where = ", ".join(str(p.source) for p in pairs[:8])
-            raise TrainingError(f"{key} is {float(metrics[key])} at step {step}; pairs: {where}")
+            raise TrainingError(f"{what} is {float(metrics[key])} at step {step}; the step was not "
+                                f"applied; pairs: {where}")
+
+
+def peak_mem_mb(backend: Any) -> float:
+    """Peak memory so far, in MiB: the backend's own measure (a GPU's peak allocation) if it
+    has one, else this process's peak resident memory."""
+    measure = getattr(backend, "peak_mem_mb", None)
+    return float(measure()) if callable(measure) else peak_rss_mb()
 
 
 def adam_params(config: Config, lr: float) -> AdamParams:
@@ -383,15 +417,6 @@ def learning_rate(config: Config, step: int, total_steps: int) -> float:
 
 def chunks(items: Sequence[int], size: int) -> list[list[int]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MiB (Linux and macOS)."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
 def seed_everything(seed: int) -> None:

@@ -38,6 +38,7 @@ from preftune.backend_utils import (
     files_identity,
     load_causal_lm,
     model_identity,
+    peak_rss_mb,
     remove_stale,
     resolve_init,
     switch_symlink,
@@ -62,7 +63,6 @@ from preftune.plugins.local_lora import (
 from preftune.plugins.local_precision import (
     DTYPE_NAMES,
     Stepper,
-    StepResult,
     all_finite,
     first_bad,
     keep_masters,
@@ -158,6 +158,7 @@ class LocalBackend:
     factory; :meth:`check` refuses settings it cannot use before anything loads."""
 
     check = staticmethod(check_settings)
+    guards_nonfinite = True  # optim_step never applies a non-finite gradient (see there)
 
     def __init__(self, config: Config, options: LocalOptions, tokenizer: Any):
         self.config, self.options, self.tokenizer = config, options, tokenizer
@@ -272,11 +273,18 @@ class LocalBackend:
             self.stepper.backward(loss)  # scaled under fp16-mixed
         return metrics
 
-    def optim_step(self, params: AdamParams) -> StepResult:
-        """Apply the accumulated gradient; no host sync. A non-finite gradient norm is never
-        applied, and resolving the result (the loop's one sync) raises it as a TrainingError;
-        under fp16-mixed an overflow is the scaler's: the step is skipped (``step_skipped``)."""
+    def optim_step(self, params: AdamParams) -> Metrics:
+        """Apply the accumulated gradient, with no host sync: a non-finite gradient norm is kept
+        out of the weights on the device (``guards_nonfinite``), and the loop, resolving the
+        returned tensors in the step's one sync, stops the run on it. Under fp16-mixed an
+        overflow is the scaler's: the step is skipped (``step_skipped``)."""
         return self.stepper.step(params)
+
+    def peak_mem_mb(self) -> float:
+        """Peak memory so far, in MiB: the GPU's peak allocation on CUDA, else peak RSS."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / (1 << 20)
+        return peak_rss_mb()
 
     def summary(self) -> dict[str, Any]:
         """What the run's summary shows of this backend: its precision, and under fp16-mixed

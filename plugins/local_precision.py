@@ -16,7 +16,6 @@ step's metrics are resolved by the loop in one sync (:class:`StepResult`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from preftune import AdamParams, Metrics, TrainingError
+from preftune import AdamParams
 
 KAHAN_CHUNK = 1 << 22  # elements per slice of a parameter in a bf16-true step (bounds float32 copies)
 
@@ -160,24 +159,6 @@ def kahan_adamw(p: Tensor, g: Tensor, m: Tensor, v: Tensor, c: Tensor, group: di
         target.copy_(torch.where(ok, value.to(target.dtype), target))
 
 
-@dataclass
-class StepResult:
-    """An optimizer step's metrics, resolved (one host sync) when the loop asks: a non-finite
-    gradient norm is then the error it was before (the step was already not applied), unless the
-    loss scaler skipped the step (``step_skipped`` 1: float16 overflow, not an error)."""
-
-    metrics: dict[str, Tensor]
-
-    def result(self) -> Metrics:
-        keys = list(self.metrics)
-        values = dict(zip(keys, torch.stack([self.metrics[k].float() for k in keys]).tolist()))
-        if values.get("step_skipped"):
-            del values["grad_norm"]  # the overflowed gradient's norm measures nothing
-        elif not math.isfinite(values["grad_norm"]):
-            raise TrainingError(f"gradient norm is {values['grad_norm']}; the step was not applied")
-        return values
-
-
 class Stepper:
     """The backward pass's loss scaling and the optimizer step, with no host sync."""
 
@@ -190,9 +171,10 @@ class Stepper:
     def backward(self, loss: Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def step(self, adam: AdamParams) -> StepResult:
+    def step(self, adam: AdamParams) -> dict[str, Tensor]:
         """Apply the accumulated gradient (clipped when ``max_grad_norm`` > 0) unless its norm is
-        not finite; clear it."""
+        not finite; clear it. Returns device tensors (no host sync): ``grad_norm``, and under
+        fp16-mixed ``step_skipped`` (the loss scaler found an overflow)."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = grad_norm(self.params, adam.max_grad_norm)
@@ -209,7 +191,7 @@ class Stepper:
         else:
             guarded_step(self.optimizer, bad)
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(metrics)
+        return metrics
 
     def state_dict(self) -> dict[str, Any]:
         return {"scaler": self.scaler.state_dict(), "skipped": self.skipped} if self.scaler else {}

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from preftune import Config, ConfigError, checkpoint, get_plugin_manager, hookimpl, run
 
-TIMING = {"elapsed_s", "tokens_per_s"}
+TIMING = {"elapsed_s", "tokens_per_s", "peak_mem_mb"}  # measures of the machine, not of training
 
 
 def rows(path: Path) -> list[dict[str, Any]]:

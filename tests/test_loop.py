@@ -44,8 +44,10 @@ def test_metrics_eval_config_and_weights_are_written(make_config: Any) -> None:
     assert len(rows) == summary["steps"] == 2 * math.ceil(18 / 4)
     expected = {"step", "epoch", "loss", "margin", "accuracy", "chosen_reward", "rejected_reward",
                 "logps_chosen", "logps_rejected", "grad_norm", "lr", "tokens", "tokens_per_s",
-                "elapsed_s"}
+                "elapsed_s", "peak_mem_mb"}
     assert expected <= set(rows[0])
+    assert 0 < rows[0]["peak_mem_mb"] <= rows[-1]["peak_mem_mb"] <= summary["peak_mem_mb"]
+    assert summary["precision"] == "fp32"  # the local backend's summary: auto on a CPU
     assert {r["epoch"] for r in rows} == {0, 1}
     evals = read_rows(logs / "eval.jsonl")
     assert [e["step"] for e in evals] == [0, 3, 6, 9, 10]
@@ -131,7 +133,7 @@ def test_nan_loss_stops_with_step_and_source_lines(make_config: Any) -> None:
     pm = get_plugin_manager(load_entrypoints=False)
     pm.register(NaNPlugin(), name="nan-plugin")
     config = make_config(loss="nan")
-    with pytest.raises(TrainingError, match=r"loss is nan at step 1; pairs: .*data\.jsonl:\d+"):
+    with pytest.raises(TrainingError, match=r"loss is nan at step 1; the step was not applied; pairs: .*data\.jsonl:\d+"):
         run(config, pm)
     assert not (Path(config.log_path) / "final").exists()
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from preftune import AdamParams, Config, Message, PairLogps, PreferencePair, tokenize_pair
-from preftune.loop import BoundLoss
+from preftune.loop import BoundLoss, optimizer_step
 from preftune.plugins.dpo import DPOLoss
 from preftune.plugins.local import LocalBackend, LocalOptions
 from preftune.types import resolve
@@ -134,10 +134,11 @@ def test_non_finite_gradient_is_not_applied(tokenizer: Any) -> None:
 
     b = backend(tokenizer)
     before = [p.detach().clone() for p in b.params]
-    b.forward_backward(make_pairs(tokenizer), Fn(lambda policy: policy.chosen.sum() * float("inf")))
-    result = b.optim_step(AdamParams(1e-3))  # no host sync: the loop resolves the result
-    with pytest.raises(TrainingError, match="not applied"):
-        resolve(result)
+    pairs = make_pairs(tokenizer)
+    out = b.forward_backward(pairs, Fn(lambda policy: policy.chosen.sum() * float("inf")))
+    assert b.guards_nonfinite  # so the loop steps before its one host sync
+    with pytest.raises(TrainingError, match="gradient norm is (nan|inf) at step 1; the step was not applied"):
+        optimizer_step(b, [(out, 1.0)], AdamParams(1e-3), 1, pairs)
     assert all(torch.equal(a, p) for a, p in zip(before, b.params))
 
 

@@ -208,8 +208,8 @@ def test_merging_leaves_the_policy_unchanged(tokenizer: Any, tmp_path: Path, tar
     assert alone.config.tie_word_embeddings == ("lm_head" not in targets)
 
 
-def test_a_bfloat16_run_merges_in_float32_into_bfloat16_weights(tokenizer: Any, tmp_path: Path) -> None:
-    b = backend(tokenizer, {"merge_lora": True, "dtype": "bfloat16", "lora_target_modules": ["q_proj"]})
+def test_a_bf16_mixed_run_merges_in_float32_into_its_bfloat16_base(tokenizer: Any, tmp_path: Path) -> None:
+    b = backend(tokenizer, {"merge_lora": True, "precision": "bf16-mixed", "lora_target_modules": ["q_proj"]})
     randomize_adapter(b)
     b.save_weights(str(tmp_path / "final"))
     merged = load_file(str(tmp_path / "final" / "merged" / "model.safetensors"))

@@ -4,6 +4,7 @@ updates at DPO's learning rates, learning, loss scaling, exact resume, calibrati
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from preftune import (
     tokenize_pair,
 )
 from preftune.config import load_config
-from preftune.loop import BoundLoss, check_finite, resolve_metrics
+from preftune.loop import BoundLoss, optimizer_step
 from preftune.plugins.dpo import DPOLoss
 from preftune.plugins.local import LocalBackend, LocalOptions
 from preftune.plugins.local_engine import calibrate, chunked_logps, target_logps, token_logps
@@ -189,10 +190,10 @@ def test_an_fp16_overflow_is_a_skipped_step_counted_not_an_error(tokenizer: Any)
     ref = b.reference_client(shared=False).forward(pairs)
     b.stepper.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)  # float16 gradients overflow
     before = [p.detach().clone() for p in b.params]
-    b.forward_backward(pairs, BoundLoss(DPOLoss(0.1), ref, 1.0))
-    row = resolve_metrics([(b.optim_step(AdamParams(1e-3)), 1.0)])  # as the loop resolves it
-    check_finite(row, 1, pairs)  # not an error
-    assert row == {"step_skipped": 1.0} and b.summary() == {"precision": "fp16-mixed", "skipped_steps": 1}
+    out = b.forward_backward(pairs, BoundLoss(DPOLoss(0.1), ref, 1.0))
+    row = optimizer_step(b, [(out, 1.0)], AdamParams(1e-3), 1, pairs)  # not an error
+    assert row["step_skipped"] == 1.0 and "grad_norm" not in row and math.isfinite(row["loss"])
+    assert b.summary() == {"precision": "fp16-mixed", "skipped_steps": 1}
     assert all(torch.equal(a, p) for a, p in zip(before, b.params))
     for state in b.optimizer.state.values():  # AdamW counted no step and moved no moment
         assert float(state["step"]) == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
@@ -212,10 +213,9 @@ def test_a_non_finite_gradient_is_never_applied(tokenizer: Any, precision: str) 
     before = [p.detach().clone() for p in b.params]
     state = json.dumps({k: {n: v.tolist() for n, v in s.items()}
                         for k, s in b.optimizer.state_dict()["state"].items()})
-    b.forward_backward(pairs, BoundLoss(DPOLoss(0.1), ref, float("nan")))
-    result = b.optim_step(AdamParams(1e-3))
-    with pytest.raises(TrainingError, match=r"^gradient norm is nan; the step was not applied$"):
-        resolve(result)
+    out = b.forward_backward(pairs, BoundLoss(DPOLoss(0.1), ref, float("nan")))
+    with pytest.raises(TrainingError, match=r"^gradient norm is nan at step 2; the step was not applied"):
+        optimizer_step(b, [(out, 1.0)], AdamParams(1e-3), 2, pairs)
     assert all(torch.equal(a, p) for a, p in zip(before, b.params))
     assert json.dumps({k: {n: v.tolist() for n, v in s.items()}
                        for k, s in b.optimizer.state_dict()["state"].items()}) == state
@@ -235,7 +235,7 @@ class StopperPlugin:
 
 
 def rows(path: Path) -> list[dict[str, Any]]:
-    return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "elapsed_s")}
+    return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "elapsed_s", "peak_mem_mb")}
             for line in path.read_text().splitlines()]
 
 
