@@ -87,6 +87,25 @@ def check_fresh(log_path: str | Path) -> None:
                           f"{found[-1].name}): continue it with --resume, or use a new log_path")
 
 
+SUMMARY = "summary.json"
+
+
+def check_resumable(log_path: str | Path) -> None:
+    """``--resume`` of a run that completed (and whose ``final/`` is still there) would change
+    what it wrote (a second evaluation of its last step): refused, before anything loads."""
+    file = Path(log_path) / SUMMARY
+    if not (Path(log_path) / "final").is_dir():
+        return  # its final weights are gone: a resume writes them again
+    try:
+        summary = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # none (the run never ended) or unreadable: resume from its checkpoints
+    if isinstance(summary, dict) and summary.get("status") == "completed":
+        raise ConfigError(f"log_path {log_path} holds a run that completed at step "
+                          f"{summary.get('steps')} ({file}): there is nothing to resume; to train "
+                          f"further, start a new log_path with init_from = '{Path(log_path) / 'final'}'")
+
+
 def resume(log_path: str | Path, backend: Any, expect: dict[str, str]) -> dict[str, Any]:
     """Restore the newest readable checkpoint of ``log_path``; its trainer state, or {} when there
     is none. An unreadable one is skipped, and the log names it; when every one is unreadable,

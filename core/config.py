@@ -92,6 +92,12 @@ class Config(BaseModel):
     device: str = Field("auto", description="Local backend device: auto, cpu, cuda, cuda:N, mps.")
     # dotted key -> the --set argument that gave it, so errors found later still name it
     _overrides: dict[str, str] = PrivateAttr(default_factory=dict)
+    _source_file: str | None = PrivateAttr(default=None)  # the config file it was read from
+
+    @property
+    def source_file(self) -> str | None:
+        """The config file this config was read from, if any (a run never writes over it)."""
+        return self._source_file
 
     @field_validator("log_path", "cache_dir", "base_model", "base_model_revision", "tokenizer_model",
                      "init_from", "dataset", "eval_dataset")
@@ -294,7 +300,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Read a config file (or nothing), apply overrides and validate the top-level fields."""
     data = read_config_file(path) if path is not None else {}
-    return make_config(apply_overrides(data, list(overrides)), str(path or "--set"), overrides)
+    config = make_config(apply_overrides(data, list(overrides)), str(path or "--set"), overrides)
+    config._source_file = str(path) if path is not None else None
+    return config
 
 
 def config_fields() -> dict[str, tuple[str, Any, str]]:

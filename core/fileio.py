@@ -154,6 +154,10 @@ def ensure_dir(path: str | Path, what: str) -> Path:
     """Create directory ``path`` (the setting ``what``, e.g. ``log_path``) and check that files can
     be created in it; a :class:`DiskError` naming it and the cause otherwise."""
     path = Path(path)
+    dangling = next((p for p in (path, *path.parents) if p.is_symlink() and not p.exists()), None)
+    if dangling is not None:
+        cause = f"{dangling} is a symbolic link to {os.readlink(dangling)}, which does not exist"
+        raise DiskError(path, cause, "create", what)
     blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         cause = "it is a file" if blocker == path else f"{blocker} is a file"

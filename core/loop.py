@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from . import checkpoint, hub, refcache, tiny, tokcache
+from .advice import ignored_settings, no_held_out, schedule_notes
 from .backend_utils import peak_rss_mb
 from .config import Config
 from .data import (
@@ -24,10 +25,11 @@ from .data import (
     no_training_pairs,
     split_eval,
 )
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, PreftuneError, TrainingError
 from .fileio import atomic_dir, atomic_write_json, ensure_dir, remove_stale, run_lock
 from .manager import PluginManager, Registry, get_registry
 from .messages import log
+from .outputs import Output, check_outputs
 from .signals import Stopped, StopSignals
 from .sinks import open_sinks
 from .sources import check_readable
@@ -44,11 +46,16 @@ def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
     fmt = make_format(registry, config)
     if loss.needs_reference and config.reference == "none":
         raise ConfigError(f"loss {config.loss!r} needs a reference, but reference is 'none'")
+    for note in ignored_settings(config, loss):
+        log(note)
     for kind, name in [("backend", config.backend)] + [("sink", s) for s in config.sinks] + (
             [("reference", config.reference)] if config.reference != "auto" else []):
         registry.check(kind, name, config)  # exists, and can use these settings
     check_inputs(config)
-    if not config.resume:
+    check_outputs(config, cache_dir(config), plugin_outputs(registry, config))
+    if config.resume:
+        checkpoint.check_resumable(config.log_path)
+    else:
         checkpoint.check_fresh(config.log_path)
     ensure_dir(cache_dir(config), "cache_dir")  # a file, unwritable: said before loading
     log_path = ensure_dir(config.log_path, "log_path")
@@ -66,9 +73,23 @@ def check_inputs(config: Config) -> None:
         check_local_name(config.tokenizer_model, "tokenizer_model")
 
 
+def plugin_outputs(registry: Registry, config: Config) -> list[Output]:
+    """Paths the run's sinks and backend write outside log_path (their factory's optional
+    ``outputs(config, options)``: ``(path, what, setting)`` triples)."""
+    found = []
+    for kind, name in [("backend", config.backend)] + [("sink", s) for s in config.sinks]:
+        component = registry.get(kind, name)
+        outputs = getattr(component.factory, "outputs", None)
+        if callable(outputs):
+            options = config.options_for(name, component.options) if component.options else None
+            found += [Output(Path(path), what, key) for path, what, key in outputs(config, options)]
+    return found
+
+
 def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Path) -> dict[str, Any]:
     """The run itself, once its components are known to exist and ``log_path`` is ours."""
     remove_interrupted_saves(log_path, cache_dir(config))
+    (log_path / checkpoint.SUMMARY).unlink(missing_ok=True)  # an earlier run's; this one is on
     resolved = config.redacted(registry)  # secrets masked: what logs and sinks may see
     atomic_write_json(log_path / "config.json", resolved)
     seed_everything(config.seed)
@@ -100,6 +121,8 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
                   "data_sha256": data.sha256}
         state = resume_state(config, backend, hashes)
         info = {**data.info(config), "resume_step": state.get("step", 0), "config": resolved}
+        for note in schedule_notes(config, info["total_steps"], len(data.eval)):
+            log(note)
         sinks.run_start(config=config, info=info, backend=backend)  # on failure, ends every sink
 
         evals: dict[int, dict[str, float]] = {}
@@ -174,11 +197,21 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
         raise
     finally:
         stop.restore()
+        write_summary(log_path, summary)
         sink_error = sinks.run_end(summary)  # every sink's run_end, even when one raises
         if backend is not None:
             backend.close(summary["status"])  # a remote backend ends its jobs and sessions
         if sink_error is not None:
             raise sink_error
+
+
+def write_summary(log_path: Path, summary: dict[str, Any]) -> None:
+    """``summary.json``: how the run ended (a resume of a completed run is refused by it). A disk
+    that refuses it must not hide the run's own outcome."""
+    try:
+        atomic_write_json(log_path / checkpoint.SUMMARY, summary)
+    except (OSError, PreftuneError) as exc:
+        log(f"could not write {log_path / checkpoint.SUMMARY}: {exc}")
 
 
 def backend_summary(backend: Any) -> dict[str, Any]:
@@ -260,9 +293,11 @@ def prepare_data(config: Config, fmt: Any, tokenizer: Any) -> Data:
     else:
         train, held = split_eval(len(pairs), config.eval_fraction, config.seed)
         train, held, moved = keep_repeats_in_train(pairs, train, held)
-        if moved:
+        if moved and held:
             log(f"{moved} held-out pair(s) repeat training pairs of {config.dataset}: trained on, "
                 "not held out")
+        if not held and (note := no_held_out(config, len(pairs), moved)):
+            log(note)
     if not train:
         raise ConfigError(no_training_pairs(config, len(pairs), len(held), report))
     log(f"{len(train)} training pairs, {len(held)} held-out pairs")

@@ -66,6 +66,9 @@ def read_text(path: Path) -> str:
 
 def load_run(path: str | Path) -> Run:
     path = Path(path)
+    if not path.is_dir():
+        problem = "is a file, not a run's log_path" if path.exists() else "no such directory"
+        raise PreftuneError(f"{path}: {problem} ({path.absolute()})")
     train, evals = read_rows(path / "metrics.jsonl"), read_rows(path / "eval.jsonl")
     if not train and not evals:
         raise PreftuneError(f"{path}: no metrics.jsonl or eval.jsonl (was the jsonl sink on?)")

@@ -52,7 +52,9 @@ def check_readable(path: str | Path, key: str) -> None:
         with open(file, "rb"):
             pass
     except OSError as exc:
-        raise ConfigError(f"{key} {path}: {exc.strerror}") from None
+        tried = "" if file.is_absolute() else f" (tried {file.absolute()}: relative paths are "
+        raise ConfigError(f"{key} {path}: {exc.strerror}{tried}"
+                          + ("relative to the current directory)" if tried else "")) from None
 
 
 def read_records(path: str | Path) -> Iterator[tuple[Source, Any, RecordError | None]]:

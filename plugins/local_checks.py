@@ -55,6 +55,17 @@ def check_settings(config: Config, options: Any) -> None:
     check_context(config, name, structure)
     if config.lora_rank > 0 and not adapter:
         check_lora_targets(config, name, structure, options.lora_target_modules)
+        note_lora_rank(config, structure)
+
+
+def note_lora_rank(config: Config, structure: Any) -> None:
+    """Say once that a LoRA rank above the model's hidden size buys nothing: a layer's update
+    ``B @ A`` has rank at most min(in, out) <= hidden_size, whatever ``lora_rank`` says."""
+    text = structure.get_text_config() if hasattr(structure, "get_text_config") else structure
+    hidden = getattr(text, "hidden_size", None)
+    if isinstance(hidden, int) and config.lora_rank > hidden:
+        log(f"lora_rank = {config.lora_rank} is above the model's hidden size ({hidden}): a LoRA "
+            f"update has rank at most {hidden}, so the extra rank adds memory and no capacity")
 
 
 LORA_ONLY = {  # [local] option -> why it needs lora_rank > 0

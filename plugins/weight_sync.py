@@ -32,6 +32,13 @@ class WeightSyncOptions(BaseModel):
 
 
 class WeightSyncSink:
+    @staticmethod
+    def outputs(config: Config, options: WeightSyncOptions) -> list[tuple[str, str, str]]:
+        """Where the local backend writes snapshots (checked against the run's inputs)."""
+        if options.directory is None:
+            return []  # log_path/deployments, which the core knows
+        return [(options.directory, "the weight_sync sink's snapshots, pruned", "weight_sync.directory")]
+
     def __init__(self, config: Config, options: WeightSyncOptions):
         self.options = options
         default = Path(config.log_path) / "deployments" / options.deployment_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,6 +82,7 @@ def test_resume_in_process_matches_the_uninterrupted_run(make_config: Any, tmp_p
 def test_resume_refuses_a_checkpoint_of_other_settings(make_config: Any) -> None:
     config = make_config(checkpoint_interval=2)
     run(config)
+    shutil.rmtree(Path(config.log_path) / "final")  # else a completed run is not resumed at all
     with pytest.raises(ConfigError, match="different training settings .config_sha256 differs"):
         run(config.model_copy(update={"resume": True, "learning_rate": 5e-4}))
     # settings that do not change training may differ

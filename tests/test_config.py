@@ -19,7 +19,8 @@ def test_toml_and_yaml_give_the_same_config(tmp_path: Path) -> None:
     yaml = tmp_path / "c.yaml"
     yaml.write_text("base_model: builtin:tiny\ndataset: d.jsonl\nbeta: 0.2\nsinks: [jsonl]\n"
                     "console:\n  interval: 5\n")
-    assert load_config(toml) == load_config(yaml)
+    assert load_config(toml).model_dump() == load_config(yaml).model_dump()
+    assert (load_config(toml).source_file, load_config(yaml).source_file) == (str(toml), str(yaml))
     assert load_config(toml).beta == 0.2
     assert load_config(toml).plugin_tables() == {"console": {"interval": 5}}
 

@@ -133,7 +133,8 @@ def test_nan_loss_stops_with_step_and_source_lines(make_config: Any) -> None:
     pm = get_plugin_manager(load_entrypoints=False)
     pm.register(NaNPlugin(), name="nan-plugin")
     config = make_config(loss="nan")
-    with pytest.raises(TrainingError, match=r"loss is nan at step 1; the step was not applied; pairs: .*data\.jsonl:\d+"):
+    with pytest.raises(TrainingError,
+                       match=r"loss is nan at step 1; the step was not applied; pairs: .*data\.jsonl:\d+"):
         run(config, pm)
     assert not (Path(config.log_path) / "final").exists()
 

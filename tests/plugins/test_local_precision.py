@@ -235,7 +235,8 @@ class StopperPlugin:
 
 
 def rows(path: Path) -> list[dict[str, Any]]:
-    return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "elapsed_s", "peak_mem_mb")}
+    machine = ("tokens_per_s", "elapsed_s", "peak_mem_mb")
+    return [{k: v for k, v in json.loads(line).items() if k not in machine}
             for line in path.read_text().splitlines()]
 
 
