@@ -310,10 +310,10 @@ class FireworksBackend(remote.TrainingClientBackend):
     def _close_client(self, client: Any) -> None:
         if client in self.clients:
             self.clients.remove(client)
-        try:
-            client.close()
+        try:  # bounded like the calls it cleans up after (a stuck call may hold the client)
+            self.service.run("closing a service client", client.close, self.options.connect_timeout_s)
         except Exception as exc:
-            log(f"fireworks: closing a client failed: {exc}")
+            log(f"fireworks: closing a service client failed: {remote.describe(exc)}")
 
     def close(self, status: str = "completed") -> None:
         """Close every client, then delete every trainer job this run created."""

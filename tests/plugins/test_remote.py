@@ -117,3 +117,27 @@ def test_no_server_is_a_clear_error_within_seconds_before_anything_loads(
                         **{backend: {"base_url": url, "connect_timeout_s": 2}}))
     assert time.monotonic() - start < 15
     assert not (tmp_path / "noserver").exists()
+
+
+def test_a_timeout_without_a_message_says_what_timed_out() -> None:
+    """A cleanup call that times out inside the SDK (an empty TimeoutError) names the call."""
+    service = remote.Service("svc", remote.RemoteOptions(api_key_env="K"), (), ())
+
+    def stuck() -> None:
+        raise TimeoutError()
+
+    with pytest.raises(remote.RemoteError, match=r"^svc: closing the session: no result within 2 s$"):
+        service.run("closing the session", stuck, 2)
+    assert remote.describe(TimeoutError()) == "TimeoutError (no message)"
+
+
+def test_a_call_that_never_returns_is_bounded_and_cannot_hold_the_process() -> None:
+    import threading
+    import time
+
+    service = remote.Service("svc", remote.RemoteOptions(api_key_env="K"), (), ())
+    start = time.monotonic()
+    with pytest.raises(remote.RemoteError, match=r"svc: closing a service client: no result within 0.5 s"):
+        service.run("closing a service client", threading.Event().wait, 0.5)
+    assert time.monotonic() - start < 3
+    assert all(t.daemon for t in threading.enumerate() if t.name.startswith("preftune-svc"))
