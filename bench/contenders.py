@@ -55,6 +55,7 @@ class Job:
     max_seq_len: int
     dir: Path
     checkpointing: bool = False  # activation checkpointing (TRL's default) for trl and preftune
+    precision: str = "fp32"  # preftune's [local] precision (the others train in float32)
 
     @property
     def ref_batch(self) -> int:
@@ -62,18 +63,23 @@ class Job:
         return max(2 * self.batch, 8)
 
 
-def preftune_has_threads_option() -> bool:
-    """True when docs/config.md lists ``threads`` in the ``[local]`` table."""
+def preftune_has_local_option(name: str) -> bool:
+    """True when docs/config.md lists ``name`` in the ``[local]`` table (the checkout under test
+    may be an older commit)."""
     if not DOCS_CONFIG.exists():
         return False
     text = DOCS_CONFIG.read_text(encoding="utf-8")
     local = text.split("### `[local]`", 1)[-1].split("\n### ", 1)[0] if "### `[local]`" in text else ""
-    return "| `threads` |" in local
+    return f"| `{name}` |" in local
+
+
+def preftune_has_threads_option() -> bool:
+    return preftune_has_local_option("threads")
 
 
 def preftune_config(job: Job) -> str:
     """The TOML config of a preftune run: same data, batch, LR, beta and steps as the others."""
-    local = {"dtype": "float32"}
+    local = {"precision": job.precision} if preftune_has_local_option("precision") else {"dtype": "float32"}
     if preftune_has_threads_option():
         local["threads"] = job.threads
     if job.checkpointing:

@@ -177,6 +177,7 @@ class LocalBackend:
         self._identity = model_identity(config.base_model, config.base_model_revision,
                                         None if self.init else model)
         self._identity["dtype"] = DTYPE_NAMES[self.precision.compute]  # reference log-probs depend on it
+        self._identity["weights_dtype"] = DTYPE_NAMES[self.precision.load_dtype(config.lora_rank == 0)]
         if self.init:
             self._identity.update(init_from=str(self.init[1]),
                                   init_files_sha256=files_identity(self.init[1]))
@@ -260,7 +261,10 @@ class LocalBackend:
             engine = Engine(self.model, self.device, self.pad_id, self.plan, disable_adapter=True,
                             compute=self.precision.compute)
             return FrozenClient(engine, owned=False)
-        reference = self._initial_model(trainable_adapter=False, trains=False)
+        # stored as the policy's initial weights are (float32 masters for a full fine-tune under the
+        # mixed precisions), so the two agree exactly before the first step; its forward pass
+        # comes before the optimizer's state exists, so this adds nothing to training's peak
+        reference = self._initial_model(trainable_adapter=False)
         reference.requires_grad_(False)
         engine = Engine(reference.to(self.device).eval(), self.device, self.pad_id, self.plan,
                         compute=self.precision.compute)

@@ -99,13 +99,18 @@ def test_each_precision_learns_the_preference(make_config: Any, precision: str) 
                               local={"precision": precision}))
     assert summary["final_eval"]["eval_accuracy"] >= 0.9
     assert summary["final_eval"]["eval_margin"] > summary["initial_eval"]["eval_margin"] + 1
+    # the reference is the policy before its first step, exactly: the loss starts at ln 2
+    assert summary["initial_eval"]["eval_margin"] == 0 and summary["initial_eval"]["eval_accuracy"] == 0
+    assert summary["initial_eval"]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
 def test_what_is_stored_in_which_dtype(tokenizer: Any) -> None:
     full = backend(tokenizer, "bf16-mixed")
     assert {p.dtype for p in full.model.parameters()} == {torch.float32}  # all of it trains
-    reference = full.reference_client(shared=False)
-    assert {p.dtype for p in reference.engine.model.parameters()} == {torch.bfloat16}
+    reference = full.reference_client(shared=False)  # stored as the policy is: equal at step 0
+    assert {p.dtype for p in reference.engine.model.parameters()} == {torch.float32}
+    pairs = make_pairs(tokenizer)
+    torch.testing.assert_close(reference.forward(pairs).chosen, full.forward(pairs).chosen, rtol=0, atol=0)
     lora = backend(tokenizer, "bf16-mixed", lora_rank=4)
     assert {p.dtype for p in lora.params} == {torch.float32}
     assert {p.dtype for p in lora.model.parameters() if not p.requires_grad} == {torch.bfloat16}
@@ -169,19 +174,23 @@ def test_calibration_keeps_the_shared_layout_under_autocast(build: Any, compute:
     assert (mixed - exact).abs().max() > 1e-4
 
 
-def test_the_reference_cache_key_follows_the_compute_dtype(tokenizer: Any) -> None:
-    """bf16-mixed and bf16-true compute a frozen bfloat16 reference the same way (one key);
-    fp32 and fp16 do not share it."""
+def test_the_reference_cache_key_follows_the_compute_and_weights_dtypes(tokenizer: Any) -> None:
+    """A LoRA base is computed the same way under bf16-mixed and bf16-true (one key); a full
+    fine-tune's reference, stored as its policy, differs between them (two keys)."""
     pairs = make_pairs(tokenizer)
     keys, numbers = {}, {}
-    for name in PRECISIONS:
-        b = backend(tokenizer, name)
-        keys[name] = b.identity()["dtype"]
-        numbers[name] = b.reference_client(shared=False).forward(pairs).chosen
-    assert keys == {"fp32": "float32", "bf16-mixed": "bfloat16", "bf16-true": "bfloat16",
-                    "fp16-mixed": "float16"}
-    torch.testing.assert_close(numbers["bf16-mixed"], numbers["bf16-true"], rtol=0, atol=0)
-    assert not torch.equal(numbers["fp32"], numbers["bf16-mixed"])
+    for lora in (0, 4):
+        for name in PRECISIONS:
+            b = backend(tokenizer, name, lora_rank=lora)
+            keys[name, lora] = (b.identity()["dtype"], b.identity()["weights_dtype"])
+            numbers[name, lora] = b.reference_client(shared=lora > 0).forward(pairs).chosen
+    assert keys == {("fp32", 0): ("float32", "float32"), ("bf16-mixed", 0): ("bfloat16", "float32"),
+                    ("bf16-true", 0): ("bfloat16", "bfloat16"), ("fp16-mixed", 0): ("float16", "float32"),
+                    ("fp32", 4): ("float32", "float32"), ("bf16-mixed", 4): ("bfloat16", "bfloat16"),
+                    ("bf16-true", 4): ("bfloat16", "bfloat16"), ("fp16-mixed", 4): ("float16", "float16")}
+    torch.testing.assert_close(numbers["bf16-mixed", 4], numbers["bf16-true", 4], rtol=0, atol=0)
+    assert not torch.equal(numbers["bf16-mixed", 0], numbers["bf16-true", 0])
+    assert not torch.equal(numbers["fp32", 0], numbers["bf16-mixed", 0])
 
 
 def test_an_fp16_overflow_is_a_skipped_step_counted_not_an_error(tokenizer: Any) -> None:
