@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from preftune import Config, ConfigError, hookimpl, log
+from preftune import Config, ConfigError, hookimpl, log, mask_secrets
 
 SUMMARY_KEYS = ("steps", "tokens", "tokens_per_s", "train_s", "dropped_pairs", "truncated_pairs")
 
@@ -71,13 +71,14 @@ class WandbSink:
         try:
             self.run = wandb.init(mode=o.mode, **args)
         except wandb.errors.CommError as exc:  # no server within init_timeout, or it refused us
-            reason = str(exc).splitlines()[0]
+            reason = mask_secrets(str(exc).splitlines()[0])  # it may quote WANDB_BASE_URL
             log(f"wandb: cannot start the run on the W&B server ({reason}); logging offline under "
                 f"{self.dir} instead: upload it later with `wandb sync`")
             wandb.teardown()  # the service still holds the failed run's id, which we keep
             self.run = wandb.init(mode="offline", **args)
         except wandb.errors.Error as exc:  # no API key, a bad entity or project, ...
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            text = str(exc).strip()
+            reason = mask_secrets(text.splitlines()[0]) if text else type(exc).__name__
             raise ConfigError(f"wandb: {reason} (log in with `wandb login` or set WANDB_API_KEY; "
                               "or log without a server: [wandb] mode = 'offline')") from None
         self.run.define_metric("step")
