@@ -11,9 +11,11 @@ sync``)."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -64,7 +66,8 @@ class WandbSink:
         run_id = id_file.read_text().strip() if resuming else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         o = self.options
-        settings = wandb.Settings(init_timeout=o.init_timeout, finish_timeout=o.finish_timeout)
+        settings = wandb.Settings(init_timeout=o.init_timeout, finish_timeout=o.finish_timeout,
+                                  **server_without_password())
         args = dict(project=o.project, entity=o.entity, name=o.run_name, tags=o.tags, dir=self.dir,
                     config=info.get("config", {}), id=run_id, resume="allow" if resuming else None,
                     settings=settings)
@@ -104,6 +107,19 @@ class WandbSink:
         self.run.summary["status"] = summary.get("status")
         self.run.finish(exit_code=0 if summary.get("status") == "completed" else 1)
         self.run = None
+
+
+def server_without_password() -> dict[str, str]:
+    """``base_url`` for W&B's settings when ``WANDB_BASE_URL`` holds a user name and password:
+    the URL without them. W&B authenticates with its API key (``api:<key>``) and would only
+    write the password into its debug logs under ``log_path``."""
+    url = os.environ.get("WANDB_BASE_URL", "")
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return {}
+    log(f"wandb: WANDB_BASE_URL holds a user name or password ({mask_secrets(url)}); W&B signs in "
+        "with its API key, so they are not passed on (nor written to W&B's logs)")
+    return {"base_url": urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))}
 
 
 @hookimpl
