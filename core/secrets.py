@@ -28,7 +28,7 @@ from typing import Any
 
 MASK = "***"
 KEY_PREFIXES = ("github_pat_", "wandb_v1_", "fw_", "fw-", "tml-", "sk-", "sk_", "hf_", "ghp_", "gho_",
-                "ghu_", "ghs_", "ghr_", "glpat-", "xoxb-", "xoxp-", "xoxa-", "AKIA", "ASIA", "AIza")
+                "ghu_", "ghs_", "ghr_", "glpat-", "xoxb-", "xoxp-", "xoxa-", "AKIA", "AIza")
 KEY_CHARS = r"A-Za-z0-9_\-"
 PREFIXED = re.compile(rf"(?<![{KEY_CHARS}])({'|'.join(map(re.escape, KEY_PREFIXES))})([{KEY_CHARS}]{{10,}})")
 RANDOM_RUN = re.compile(r"(?<![A-Za-z0-9+=])[A-Za-z0-9+=]{20,}(?![A-Za-z0-9+=])")
