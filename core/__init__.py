@@ -1,8 +1,9 @@
 """preftune: a small, pluggable trainer for preference optimization of language models.
 
 Public API: ``Config`` and ``run`` to train; ``hookimpl``, the data types, the Protocols and the
-errors below to write plugins. Backend authors also have :mod:`preftune.backend_utils` and
-:mod:`preftune.layout`. Everything else is internal.
+errors below to write plugins, and ``mask_secrets`` for any message that may quote a setting's
+value. Backend authors also have :mod:`preftune.backend_utils` and :mod:`preftune.layout`.
+Everything else is internal.
 """
 
 from .config import Config, load_config
@@ -12,6 +13,7 @@ from .hookspecs import hookimpl
 from .loop import run
 from .manager import get_plugin_manager, get_registry
 from .messages import log
+from .secrets import looks_like_secret, mask_secrets, secret_hint
 from .sinks import SinkError
 from .types import (
     AdamParams,
@@ -37,5 +39,5 @@ __all__ = [
     "Loss", "LossFn", "Message", "Metrics", "PairLogps", "PluginError", "PreferencePair",
     "PreftuneError", "PublishingBackend", "RecordError", "ReferenceProvider", "SinkError", "Source",
     "TokenLogps", "TokenizedPair", "TrainingError", "get_plugin_manager", "get_registry", "hookimpl",
-    "load_config", "log", "run", "tokenize_pair",
+    "load_config", "log", "looks_like_secret", "mask_secrets", "run", "secret_hint", "tokenize_pair",
 ]

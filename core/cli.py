@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from .errors import PreftuneError, format_problem
+from .secrets import mask_secrets
 
 app = typer.Typer(
     help="Preference optimization (DPO, ORPO, plugin losses) for language models.",
@@ -58,7 +59,8 @@ DEMO_SETTINGS: dict[str, Any] = {
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Print a :class:`PreftuneError`, or the machine's refusal (an ``OSError``: a full disk, no
-    permission, the network down), as one clear message and exit with status 2."""
+    permission, the network down), as one clear message and exit with status 2. Whatever looks
+    like a secret in it is masked, whoever wrote the message."""
     from .signals import Stopped
 
     try:
@@ -66,11 +68,11 @@ def user_errors() -> Iterator[None]:
     except Stopped:
         raise  # not an error: the command that ran says how to go on
     except PreftuneError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {mask_secrets(str(exc))}", err=True)
         raise typer.Exit(2) from None
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
-        typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
+        typer.echo(mask_secrets(f"error: {where}{exc.strerror or exc}"), err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:  # before training starts, or a second Ctrl-C: nothing to resume
         typer.echo("interrupted (Ctrl-C); nothing was trained past the last checkpoint", err=True)
@@ -103,7 +105,7 @@ def run(
 ) -> None:
     """Train with a config file. SIGTERM or Ctrl-C stop it after the current step (with a
     checkpoint when checkpointing is on) and print the command that resumes it."""
-    from .config import load_config
+    from .config import load_config, masked_set
     from .loop import run as run_training
     from .signals import Stopped
 
@@ -112,11 +114,13 @@ def run(
             config_ = load_config(config, (set_ or []) + (["resume=true"] if resume else []))
             summary = run_training(config_)
     except Stopped as stopped:
-        sets = " ".join(f"--set {shlex.quote(s)}" for s in set_ or [])
+        shown = [masked_set(s) for s in set_ or []]  # a secret is not repeated: type it again
+        sets = " ".join(f"--set {shlex.quote(s)}" for s in shown)
         command = " ".join(["preftune run", shlex.quote(str(config)), sets, "--resume"]).replace("  ", " ")
         typer.echo(f"{stopped}", err=True)
         if stopped.checkpoint is not None:
-            typer.echo(f"resume with: {command}", err=True)
+            masked = " (*** stands for a secret you gave: give it again)" if shown != (set_ or []) else ""
+            typer.echo(f"resume with: {command}{masked}", err=True)
         raise typer.Exit(stopped.exit_code) from None
     typer.echo(json.dumps(summary, indent=2))
 

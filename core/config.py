@@ -14,7 +14,6 @@ import datetime
 import difflib
 import json
 import math
-import re
 import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .config_files import read_config_file
 from .errors import ConfigError
+from .secrets import MASK, mask_secrets, mask_setting
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -142,12 +142,14 @@ class Config(BaseModel):
         return validated
 
     def redacted(self, registry: Any | None = None) -> dict[str, Any]:
-        """The config as JSON-safe data with secrets (pydantic SecretStr fields) masked."""
+        """The config as JSON-safe data with secrets masked: pydantic ``SecretStr`` fields, and
+        whatever :func:`~preftune.secrets.mask_setting` masks (secret settings, keys, the
+        passwords of URLs)."""
         data = self.model_dump(mode="json", exclude=set(self.plugin_tables()))
         if registry is not None:
             for key, options in self.check_plugin_tables(registry).items():
                 data[key] = options.model_dump(mode="json", by_alias=True)
-        return data
+        return {key: mask_setting(key, value) for key, value in data.items()}
 
 
 def check_finite(values: Any, where: str) -> None:
@@ -222,17 +224,19 @@ def _describe(exc: ValidationError, origin_of: Callable[[str], str | None], pref
             clause = f"unknown key {key!r}{hint}"
         else:
             message = err["msg"].removeprefix("Value error, ")
-            clause = f"field {key!r}: {message}{_got(err)}{_quote_hint(err, origin)}"
+            clause = f"field {key!r}: {message}{_got(err, key)}{_quote_hint(err, origin)}"
         clauses.setdefault(origin, []).append(clause)
-    return "; ".join((f"{origin}: " if origin else "") + "; ".join(items)
-                     for origin, items in clauses.items())
+    return mask_secrets("; ".join((f"{origin}: " if origin else "") + "; ".join(items)
+                                  for origin, items in clauses.items()))
 
 
-def _got(err: Any) -> str:
-    """``, got <the value as written>`` for a wrong value (not for a missing one)."""
-    if err["type"] == "missing":
+def _got(err: Any, key: str) -> str:
+    """``, got <the value as written>`` for a wrong value (not for a missing one, nor for a
+    secret: it is never repeated)."""
+    shown = mask_setting(key, err["input"])
+    if err["type"] == "missing" or shown == MASK:
         return ""
-    text = json.dumps(err["input"], default=str)
+    text = json.dumps(shown, default=str)
     return f", got {text if len(text) <= 40 else text[:37] + '...'}"
 
 
@@ -257,17 +261,20 @@ def make_config(data: dict[str, Any], source: str = "config", overrides: Sequenc
     return config
 
 
-SECRET_KEY = re.compile(r"(api_?key|token|secret|passw)(?!_env)", re.IGNORECASE)
-
-
 def override_origins(overrides: Sequence[str]) -> dict[str, str]:
-    """Each ``--set`` argument by the dotted key it sets, as errors quote it: a value given to
-    a key that looks like a secret is never repeated."""
-    origins = {}
-    for item in overrides:
-        key = item.partition("=")[0].strip()
-        origins[key] = f"--set {key}=***" if SECRET_KEY.search(key) else f"--set {item}"
-    return origins
+    """Each ``--set`` argument by the dotted key it sets, as errors quote it (secrets masked)."""
+    return {item.partition("=")[0].strip(): f"--set {masked_set(item)}" for item in overrides}
+
+
+def masked_set(item: str) -> str:
+    """A ``--set`` argument as it may be shown: a secret in its value is never repeated (a
+    secret setting's value, a key, a URL's password)."""
+    key, sep, value = item.partition("=")
+    if not sep:
+        return mask_secrets(item)
+    text = value.strip().strip("'\"")
+    shown = mask_setting(key.strip(), text)
+    return item if shown == text else f"{key.strip()}={shown}"
 
 
 def parse_value(text: str) -> Any:
@@ -286,13 +293,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected key=value")
+            raise ConfigError(f"--set {masked_set(item)!r}: expected key=value")
         *tables, leaf = key.strip().split(".")
         target = data
         for table in tables:
             target = target.setdefault(table, {})
             if not isinstance(target, dict):
-                raise ConfigError(f"--set {item!r}: {table!r} is not a table")
+                raise ConfigError(f"--set {masked_set(item)!r}: {table!r} is not a table")
         target[leaf] = parse_value(value.strip())
     return data
 

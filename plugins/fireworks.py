@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import Field
 
-from preftune import Config, ConfigError, TrainingError, hookimpl, log
+from preftune import Config, ConfigError, TrainingError, hookimpl, log, mask_secrets
 from preftune.backend_utils import atomic_write_json
 from preftune.plugins import remote
 
@@ -175,7 +175,7 @@ class FireworksBackend(remote.TrainingClientBackend):
         self.service = remote.Service("fireworks", options, (
             fw.TrainingError, fw.TrainingAPIError, httpx.HTTPError, RuntimeError, OSError),
             (fw.APIConnectionError, fw.APITimeoutError, httpx.TransportError))
-        self.service.where = f"service {self.url}"  # until the policy's job has an id
+        self.service.where = f"service {mask_secrets(self.url)}"  # until the policy's job has an id
         self.manager = trainer.TrainerJobManager(api_key=self.key, base_url=self.url,
                                                  trainer_gateway_url=self.gateway)
         self.jobs = Jobs(config.log_path, self.manager, self.service, options.connect_timeout_s * 3)
@@ -233,7 +233,8 @@ class FireworksBackend(remote.TrainingClientBackend):
         return job_id
 
     def identity(self) -> dict[str, str]:
-        return {"backend": "fireworks", "service": self.url, "base_model": self.config.base_model}
+        return {"backend": "fireworks", "service": mask_secrets(self.url),
+                "base_model": self.config.base_model}
 
     def default_reference(self) -> str:
         return "lora_shared" if self.config.lora_rank > 0 else "separate"

@@ -24,10 +24,10 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any, Generic, TypeVar
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from preftune import (
     AdamParams,
@@ -38,6 +38,9 @@ from preftune import (
     TokenLogps,
     TrainingError,
     log,
+    looks_like_secret,
+    mask_secrets,
+    secret_hint,
 )
 
 T = TypeVar("T")
@@ -58,15 +61,34 @@ class RemoteOptions(BaseModel):
     retries: int = Field(3, ge=0, description="Retries of a call that is safe to repeat.",
                          json_schema_extra=OPERATIONAL)
 
+    @field_validator("api_key_env")
+    @classmethod
+    def _a_name_not_a_key(cls, value: str) -> str:
+        default = cls.model_fields["api_key_env"].default
+        return check_env_name(value, default if isinstance(default, str) else "MY_API_KEY")
+
     def api_key(self, prefix_hint: str) -> str:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):  # never echo: it may be a key
-            raise ConfigError("api_key_env must name an environment variable (letters, digits and _), "
-                              "not hold the key itself")
+        try:  # validated already, unless the options were assigned to since
+            check_env_name(self.api_key_env, "MY_API_KEY")
+        except ValueError as exc:
+            raise ConfigError(f"api_key_env {exc}") from None
         key = os.environ.get(self.api_key_env, "").strip()
         if not key:
             raise ConfigError(f"set the environment variable {self.api_key_env} to your API key "
                               f"({prefix_hint}); the key is never written to logs or checkpoints")
         return key
+
+
+def check_env_name(name: str, example: str) -> str:
+    """``name`` if it can name an environment variable; else a ``ValueError`` that does not
+    repeat it (a key pasted where its variable's name belongs)."""
+    if looks_like_secret(name):
+        raise ValueError(f"holds what looks like an API key ({secret_hint(name)}): it takes the NAME "
+                         f"of the environment variable that holds the key, e.g. {example}")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ValueError("must name an environment variable (letters, digits and _), not hold the "
+                         f"key itself, e.g. {example}")
+    return name
 
 
 def datums(pairs: Sequence[TokenizedPair], make: Callable[[list[int], list[int], list[float]], Any]
@@ -137,7 +159,7 @@ class RemoteError(TrainingError):
     """A call to the service failed; ``transient`` when repeating it may succeed."""
 
     def __init__(self, message: str, transient: bool, status: int | None = None):
-        super().__init__(message)
+        super().__init__(mask_secrets(message))  # it may quote a URL, or an SDK's error quoting one
         self.transient, self.status = transient, status
 
     @property
@@ -241,7 +263,7 @@ def describe(exc: BaseException) -> str:
     """An SDK error in one line (the rest of httpx's is a link to a page about the status); one
     without a message by its type."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else f"{type(exc).__name__} (no message)"
-    return text if len(text) < 500 else text[:500] + "..."
+    return mask_secrets(text if len(text) < 500 else text[:500] + "...")
 
 
 def import_sdk(module: str, extra: str) -> Any:
@@ -326,15 +348,16 @@ def check_url(url: str | None, key: str) -> None:
     """Refuse a setting ``key`` that is not an http(s) URL (``None``: the SDK's default)."""
     parsed = urlparse(url or "http://default")
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ConfigError(f"{key} = {url!r} is not an http(s) URL")
+        raise ConfigError(f"{key} = {mask_secrets(repr(url))} is not an http(s) URL")
 
 
 def check_reachable(url: str, timeout: float, probe: str = "", service: str = "") -> None:
     """Fail in seconds, not minutes, when nothing answers at ``url`` (the SDKs retry a refused
     connection for minutes). Any HTTP answer, even an error, counts as reachable, except that
     ``url + probe`` (an endpoint every ``service`` has) answered "no such page" or with a web
-    page: an ordinary web server, where an SDK would retry until its timeout."""
-    target = url.rstrip("/") + probe
+    page: an ordinary web server, where an SDK would retry until its timeout. A user name and
+    password in ``url`` are not sent (they are the SDK's to use), nor ever shown."""
+    target, url = without_userinfo(url).rstrip("/") + probe, mask_secrets(url)
     try:
         with urllib.request.urlopen(urllib.request.Request(target, method="GET"), timeout=timeout) as answer:
             status, kind = answer.status, answer.headers.get_content_type()
@@ -342,11 +365,18 @@ def check_reachable(url: str, timeout: float, probe: str = "", service: str = ""
         status, kind = exc.code, exc.headers.get_content_type() if exc.headers else ""
     except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise TrainingError(f"cannot reach the service at {url}: {reason} "
-                            f"(waited at most {timeout:g} s)") from None
+        raise TrainingError(mask_secrets(f"cannot reach the service at {url}: {reason} "
+                                         f"(waited at most {timeout:g} s)")) from None
     if probe and (status in (404, 405, 501) or kind == "text/html"):
         raise TrainingError(f"the server at {url} is not a {service} service: GET {probe} answered "
                             f"{status} ({kind or 'no content type'}); check its base_url")
+
+
+def without_userinfo(url: str) -> str:
+    """``url`` without its ``user:password@``."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=host))
 
 
 def write_state(path: str, state: dict[str, Any]) -> None:

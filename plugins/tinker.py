@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import Field
 
-from preftune import Config, ConfigError, hookimpl, log
+from preftune import Config, ConfigError, hookimpl, log, mask_secrets
 from preftune.plugins import remote
 
 HEALTH = "/api/v1/healthz"  # the SDK's health check (resources/service.py)
@@ -59,11 +59,12 @@ class TinkerBackend(remote.TrainingClientBackend):
         self.tinker = self.types = remote.import_sdk("tinker", "tinker")
         self.config, self.options = config, options
         self.url = options.base_url or os.environ.get("TINKER_BASE_URL")
+        self.shown_url = mask_secrets(self.url or "default")  # a password in it is never shown
         errors = self.tinker.TinkerError
         self.service = remote.Service("tinker", options, (errors,), (
             self.tinker.APIConnectionError, self.tinker.InternalServerError, self.tinker.RateLimitError))
         key = options.api_key("a Tinker key starts with 'tml-'")
-        self.service.where = f"service {self.url or 'default'}"  # until the session has an id
+        self.service.where = f"service {self.shown_url}"  # until the session has an id
         self.sdk = self.tinker.ServiceClient(base_url=self.url, api_key=key,
                                              user_metadata={"client": "preftune"})
         try:
@@ -84,7 +85,7 @@ class TinkerBackend(remote.TrainingClientBackend):
         return client
 
     def identity(self) -> dict[str, str]:
-        return {"backend": "tinker", "service": self.url or "default",
+        return {"backend": "tinker", "service": self.shown_url,
                 "base_model": self.config.base_model}
 
     def default_reference(self) -> str:

@@ -11,13 +11,15 @@ sync``)."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from preftune import Config, ConfigError, hookimpl, log
+from preftune import Config, ConfigError, hookimpl, log, mask_secrets
 
 SUMMARY_KEYS = ("steps", "tokens", "tokens_per_s", "train_s", "dropped_pairs", "truncated_pairs")
 
@@ -64,20 +66,22 @@ class WandbSink:
         run_id = id_file.read_text().strip() if resuming else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         o = self.options
-        settings = wandb.Settings(init_timeout=o.init_timeout, finish_timeout=o.finish_timeout)
+        settings = wandb.Settings(init_timeout=o.init_timeout, finish_timeout=o.finish_timeout,
+                                  **server_without_password())
         args = dict(project=o.project, entity=o.entity, name=o.run_name, tags=o.tags, dir=self.dir,
                     config=info.get("config", {}), id=run_id, resume="allow" if resuming else None,
                     settings=settings)
         try:
             self.run = wandb.init(mode=o.mode, **args)
         except wandb.errors.CommError as exc:  # no server within init_timeout, or it refused us
-            reason = str(exc).splitlines()[0]
+            reason = mask_secrets(str(exc).splitlines()[0])  # it may quote WANDB_BASE_URL
             log(f"wandb: cannot start the run on the W&B server ({reason}); logging offline under "
                 f"{self.dir} instead: upload it later with `wandb sync`")
             wandb.teardown()  # the service still holds the failed run's id, which we keep
             self.run = wandb.init(mode="offline", **args)
         except wandb.errors.Error as exc:  # no API key, a bad entity or project, ...
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            text = str(exc).strip()
+            reason = mask_secrets(text.splitlines()[0]) if text else type(exc).__name__
             raise ConfigError(f"wandb: {reason} (log in with `wandb login` or set WANDB_API_KEY; "
                               "or log without a server: [wandb] mode = 'offline')") from None
         self.run.define_metric("step")
@@ -103,6 +107,19 @@ class WandbSink:
         self.run.summary["status"] = summary.get("status")
         self.run.finish(exit_code=0 if summary.get("status") == "completed" else 1)
         self.run = None
+
+
+def server_without_password() -> dict[str, str]:
+    """``base_url`` for W&B's settings when ``WANDB_BASE_URL`` holds a user name and password:
+    the URL without them. W&B authenticates with its API key (``api:<key>``) and would only
+    write the password into its debug logs under ``log_path``."""
+    url = os.environ.get("WANDB_BASE_URL", "")
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return {}
+    log(f"wandb: WANDB_BASE_URL holds a user name or password ({mask_secrets(url)}); W&B signs in "
+        "with its API key, so they are not passed on (nor written to W&B's logs)")
+    return {"base_url": urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))}
 
 
 @hookimpl
