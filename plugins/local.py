@@ -43,7 +43,8 @@ from preftune.backend_utils import (
     resolve_init,
     switch_symlink,
 )
-from preftune.plugins.local_checks import check_settings, resolve_device
+from preftune.plugins.local_attention import pick_attention, runnable
+from preftune.plugins.local_checks import check_settings, model_structure, resolve_device
 from preftune.plugins.local_engine import (
     Engine,
     Plan,
@@ -91,6 +92,10 @@ class LocalOptions(BaseModel):
     layout: Literal["auto", "shared", "padded"] = Field(
         "auto", description="shared: the prompt computed once per pair (checked against padded at "
         "start); padded: one row per sequence; auto: shared where the model supports it."
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "auto", description="Attention implementation transformers loads the model with; auto: sdpa "
+        "(else eager), flash_attention_2 first for layout = 'padded' where it is installed."
     )
     threads: int = Field(
         0, ge=0, le=1024, description="CPU threads; 0 = 1 for models under 20M parameters (tiny models "
@@ -167,6 +172,7 @@ class LocalBackend:
         log(f"local backend: precision {self.precision.name}"
             + (" (auto)" if options.precision == "auto" else ""))
         self.init = resolve_init(config.init_from) if config.init_from else None
+        self.attention = self._attention()
         model = self._initial_model(trainable_adapter=config.lora_rank > 0)
         vocab = vocab_size(model)
         if len(tokenizer) > vocab:
@@ -198,6 +204,15 @@ class LocalBackend:
             raise ConfigError("[local] activation_checkpointing: no stack of decoder layers found")
         self.engine = Engine(self.model, self.device, self.pad_id, self.plan, compute=self.precision.compute)
 
+    def _attention(self) -> str:
+        """The attention implementation to load (``auto`` resolved and said once)."""
+        requested = self.options.attn_implementation
+        runs = () if requested != "auto" else runnable(model_structure(self.config)[1], self.device,
+                                                        self.precision.compute)
+        name = pick_attention(requested, self.options.layout, runs)
+        log(f"local backend: attention {name}" + (" (auto)" if requested == "auto" else ""))
+        return name
+
     def _plan(self, model: Any) -> Plan:
         """How this model computes log-probs (checked once); each fallback is said once."""
         chunk = auto_chunk(model, self.options.logits_chunk)
@@ -218,8 +233,8 @@ class LocalBackend:
         cfg = self.config
         dtype = self.precision.load_dtype(cfg.lora_rank == 0 if trains is None else trains)
         if self.init is not None and self.init[0] == "model":
-            return load_causal_lm(str(self.init[1]), None, dtype)
-        base = load_causal_lm(cfg.base_model, cfg.base_model_revision, dtype)
+            return load_causal_lm(str(self.init[1]), None, dtype, self.attention)
+        base = load_causal_lm(cfg.base_model, cfg.base_model_revision, dtype, self.attention)
         if self.init is None:
             return base
         from peft import PeftModel

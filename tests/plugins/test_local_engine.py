@@ -105,6 +105,41 @@ def test_shared_prompt_logps_and_gradients_equal_the_unshared_ones(tokenizer: An
             torch.testing.assert_close(grad, expected_grads[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
+@pytest.fixture
+def eager_flex(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers' flex integration with torch's FlexAttention and its block masks run
+    uncompiled: torch 2.13's compiled CPU kernel fails to build once shapes turn dynamic (an
+    inductor C++ error) and has no backward, and compiling costs ~10 s a shape. What is tested is
+    the masks (our BlockMask, transformers' own) and transformers' flex path, not the kernel."""
+    import transformers.integrations.flex_attention as integration
+    import transformers.masking_utils as masking
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def eager(query: Any, key: Any, value: Any, training: bool = False, **kwargs: Any) -> Any:
+        return flex_attention(query, key, value, **kwargs)
+
+    def uncompiled(*args: Any, _compile: bool = False, **kwargs: Any) -> Any:
+        return create_block_mask(*args, **kwargs)
+
+    monkeypatch.setattr(integration, "compile_friendly_flex_attention", eager)
+    monkeypatch.setattr(masking, "create_block_mask", uncompiled)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("name", list(MODELS))
+def test_flex_attention_logps_equal_the_unshared_ones(tokenizer: Any, name: str, eager_flex: None) -> None:
+    model = MODELS[name](tokenizer, "sdpa")
+    model.set_attn_implementation("flex_attention")
+    assert model.config._attn_implementation == "flex_attention"
+    pairs = make_pairs(tokenizer, 5)
+    with torch.no_grad():  # FlexAttention has no backward on the CPU
+        expected = unshared_sums(model, pairs)
+        for layout in ("shared", "padded"):
+            out = engine_for(model, layout)(pairs)
+            torch.testing.assert_close(torch.stack([out.chosen, out.rejected]), expected, atol=1e-5,
+                                       rtol=1e-5, msg=layout)
+
+
 def test_shared_segments_are_packed_into_fewer_rows_than_padding(tokenizer: Any) -> None:
     pairs = make_pairs(tokenizer)
     shared, padded = shared_layout(pairs), padded_layout(pairs)
