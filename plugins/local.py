@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -72,8 +73,9 @@ from preftune.plugins.local_precision import (
     replaced_dtype,
     resolve_precision,
 )
+from preftune.plugins.local_threads import machine_threads
 
-SMALL_MODEL = 20_000_000  # parameters: below this, threads = 0 means one CPU thread
+THREADS_FILE = "threads.json"  # in a CPU checkpoint: the threads the run used, for an exact resume
 
 
 class LocalOptions(BaseModel):
@@ -98,8 +100,8 @@ class LocalOptions(BaseModel):
         "(else eager), flash_attention_2 first for layout = 'padded' where it is installed."
     )
     threads: int = Field(
-        0, ge=0, le=1024, description="CPU threads; 0 = 1 for models under 20M parameters (tiny models "
-        "lose far more to threads fighting other work than they gain), else torch's default."
+        0, ge=0, le=1024, description="CPU threads; 0 = the cores that are idle when the run starts "
+        "(within the CPU affinity and a cgroup quota), at least 1."
     )
     logits_chunk: int = Field(
         0, ge=0, description="Positions per output-layer chunk; 0 = about 64 MiB of float32 logits."
@@ -149,13 +151,22 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def set_threads(device: torch.device, requested: int, model: Any) -> None:
-    """CPU threads for this process (see ``LocalOptions.threads``)."""
+def set_threads(device: torch.device, requested: int) -> None:
+    """CPU threads for this process (see ``LocalOptions.threads``); ``0`` says what it picked."""
     if device.type != "cpu":
         return
-    if requested == 0 and sum(p.numel() for p in model.parameters()) >= SMALL_MODEL:
-        return
-    torch.set_num_threads(requested or 1)
+    if requested > 0:
+        torch.set_num_threads(requested)
+    elif "OMP_NUM_THREADS" in os.environ:
+        log(f"local backend: {cpu_threads(torch.get_num_threads())} (threads = 0: OMP_NUM_THREADS)")
+    else:
+        threads, why = machine_threads()
+        torch.set_num_threads(threads)
+        log(f"local backend: {cpu_threads(threads)} (threads = 0: {why})")
+
+
+def cpu_threads(count: int) -> str:
+    return f"{count} CPU thread" + ("s" if count > 1 else "")
 
 
 class LocalBackend:
@@ -188,7 +199,7 @@ class LocalBackend:
                                   init_files_sha256=files_identity(self.init[1]))
         if config.lora_rank > 0 and not hasattr(model, "disable_adapter"):
             model = self._add_lora(model)
-        set_threads(self.device, options.threads, model)
+        set_threads(self.device, options.threads)
         self.model = model.to(self.device).eval()  # eval: no dropout but LoRA's in training steps
         self.lora_dropouts = set_lora_dropout(self.model, options.lora_dropout)
         if options.merge_lora:
@@ -341,6 +352,8 @@ class LocalBackend:
         if self.stepper.scaler is not None:  # fp16-mixed: the loss scale and its growth tracker
             with open(Path(path) / "scaler.pt", "wb") as handle:
                 torch.save(self.stepper.state_dict(), handle)
+        if self.device.type == "cpu":  # the thread count changes float sums' rounding
+            (Path(path) / THREADS_FILE).write_text(json.dumps({"threads": torch.get_num_threads()}))
 
     def load_state(self, path: str) -> None:
         from safetensors.torch import load_file
@@ -369,6 +382,20 @@ class LocalBackend:
                 raise ConfigError(f"state {path} lacks scaler.pt (the fp16-mixed loss scale)")
             self.stepper.load_state_dict(torch.load(Path(path) / "scaler.pt", map_location=self.device,
                                                     weights_only=True))
+        self._resume_threads(Path(path) / THREADS_FILE)
+
+    def _resume_threads(self, file: Path) -> None:
+        """With ``threads = 0``, the thread count the resumed run used (a different count
+        rounds float sums differently, and resume is exact), said once."""
+        if self.device.type != "cpu" or self.options.threads or not file.exists():
+            return
+        try:
+            threads = int(json.loads(file.read_text())["threads"])
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"state {file.parent} has a damaged {THREADS_FILE}") from None
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+            log(f"local backend: {cpu_threads(threads)}, as the run being resumed used (exact resume)")
 
     def publish_weights(self, snapshot: str, step: int, deployment_id: str,
                         directory: str | None, keep: int) -> dict[str, Any]:
