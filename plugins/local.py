@@ -194,6 +194,7 @@ class LocalBackend:
         self._identity = model_identity(config.base_model, config.base_model_revision,
                                         None if self.init else model)
         self._identity["dtype"] = DTYPE_NAMES[self.precision.compute]  # reference log-probs depend on it
+        self._identity["attention"] = self.attention  # and on its rounding
         if self.init:
             self._identity.update(init_from=str(self.init[1]),
                                   init_files_sha256=files_identity(self.init[1]))

@@ -50,6 +50,8 @@ def machine_problem(name: str, device: torch.device, compute: torch.dtype) -> st
 
 
 def flash_problem(device: torch.device, compute: torch.dtype) -> str | None:
+    """flash_attention_2 needs CUDA, the ``flash_attn`` package (transformers would otherwise fetch
+    a kernel from the Hub) and a float16 / bfloat16 forward."""
     if device.type != "cuda":
         return f"it runs on a CUDA device only (device is {device.type})"
     if importlib.util.find_spec("flash_attn") is None:
@@ -61,6 +63,7 @@ def flash_problem(device: torch.device, compute: torch.dtype) -> str | None:
 
 
 def flex_problem(device: torch.device, compute: torch.dtype) -> str | None:
+    """flex_attention needs torch's FlexAttention, with a backward pass on the device."""
     from transformers.utils import is_torch_flex_attn_available
 
     if not is_torch_flex_attn_available():

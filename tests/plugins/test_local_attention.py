@@ -93,6 +93,7 @@ def test_the_policy_and_a_separate_reference_load_with_the_choice_said_once(
     backend = LocalBackend(make_config(device="cpu"), LocalOptions(attn_implementation=requested), tokenizer)
     name = said.split()[1]
     assert backend.model.config._attn_implementation == name
+    assert backend.identity()["attention"] == name  # the reference cache's key: kernels round differently
     assert backend.plan.layout == "shared"  # both take the shared prompt's 4D mask
     reference = backend.reference_client(shared=False)
     assert reference.engine.model.config._attn_implementation == name
