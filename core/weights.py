@@ -13,16 +13,21 @@ from . import tiny
 from .errors import ConfigError
 
 
-def load_causal_lm(name: str, revision: str | None = None, dtype: Any = None) -> Any:
-    """The causal LM called ``name`` (weights on the CPU; the caller moves it)."""
+def load_causal_lm(name: str, revision: str | None = None, dtype: Any = None,
+                   attn_implementation: str | None = None) -> Any:
+    """The causal LM called ``name`` (weights on the CPU; the caller moves it), with transformers'
+    ``attn_implementation`` (None: transformers' default, sdpa where the model has it)."""
     if tiny.is_builtin(name):
         check_builtin(name)
         model = tiny.tiny_model()
+        if attn_implementation is not None:
+            model.set_attn_implementation(attn_implementation)
         return model.to(dtype) if dtype is not None else model
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype,
+                                                    attn_implementation=attn_implementation)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load model {name!r}: {exc}") from None
 

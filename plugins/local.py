@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -43,7 +44,8 @@ from preftune.backend_utils import (
     resolve_init,
     switch_symlink,
 )
-from preftune.plugins.local_checks import check_settings, resolve_device
+from preftune.plugins.local_attention import pick_attention, runnable
+from preftune.plugins.local_checks import check_settings, model_structure, resolve_device
 from preftune.plugins.local_engine import (
     Engine,
     Plan,
@@ -71,8 +73,9 @@ from preftune.plugins.local_precision import (
     replaced_dtype,
     resolve_precision,
 )
+from preftune.plugins.local_threads import machine_threads
 
-SMALL_MODEL = 20_000_000  # parameters: below this, threads = 0 means one CPU thread
+THREADS_FILE = "threads.json"  # in a CPU checkpoint: the threads the run used, for an exact resume
 
 
 class LocalOptions(BaseModel):
@@ -92,9 +95,13 @@ class LocalOptions(BaseModel):
         "auto", description="shared: the prompt computed once per pair (checked against padded at "
         "start); padded: one row per sequence; auto: shared where the model supports it."
     )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "auto", description="Attention implementation transformers loads the model with; auto: sdpa "
+        "(else eager), flash_attention_2 first for layout = 'padded' where it is installed."
+    )
     threads: int = Field(
-        0, ge=0, le=1024, description="CPU threads; 0 = 1 for models under 20M parameters (tiny models "
-        "lose far more to threads fighting other work than they gain), else torch's default."
+        0, ge=0, le=1024, description="CPU threads; 0 = the cores that are idle when the run starts "
+        "(within the CPU affinity and a cgroup quota), at least 1."
     )
     logits_chunk: int = Field(
         0, ge=0, description="Positions per output-layer chunk; 0 = about 64 MiB of float32 logits."
@@ -144,13 +151,22 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def set_threads(device: torch.device, requested: int, model: Any) -> None:
-    """CPU threads for this process (see ``LocalOptions.threads``)."""
+def set_threads(device: torch.device, requested: int) -> None:
+    """CPU threads for this process (see ``LocalOptions.threads``); ``0`` says what it picked."""
     if device.type != "cpu":
         return
-    if requested == 0 and sum(p.numel() for p in model.parameters()) >= SMALL_MODEL:
-        return
-    torch.set_num_threads(requested or 1)
+    if requested > 0:
+        torch.set_num_threads(requested)
+    elif "OMP_NUM_THREADS" in os.environ:
+        log(f"local backend: {cpu_threads(torch.get_num_threads())} (threads = 0: OMP_NUM_THREADS)")
+    else:
+        threads, why = machine_threads()
+        torch.set_num_threads(threads)
+        log(f"local backend: {cpu_threads(threads)} (threads = 0: {why})")
+
+
+def cpu_threads(count: int) -> str:
+    return f"{count} CPU thread" + ("s" if count > 1 else "")
 
 
 class LocalBackend:
@@ -167,6 +183,7 @@ class LocalBackend:
         log(f"local backend: precision {self.precision.name}"
             + (" (auto)" if options.precision == "auto" else ""))
         self.init = resolve_init(config.init_from) if config.init_from else None
+        self.attention = self._attention()
         model = self._initial_model(trainable_adapter=config.lora_rank > 0)
         vocab = vocab_size(model)
         if len(tokenizer) > vocab:
@@ -178,12 +195,13 @@ class LocalBackend:
                                         None if self.init else model)
         self._identity["dtype"] = DTYPE_NAMES[self.precision.compute]  # reference log-probs depend on it
         self._identity["weights_dtype"] = DTYPE_NAMES[self.precision.load_dtype(config.lora_rank == 0)]
+        self._identity["attention"] = self.attention  # and on its rounding
         if self.init:
             self._identity.update(init_from=str(self.init[1]),
                                   init_files_sha256=files_identity(self.init[1]))
         if config.lora_rank > 0 and not hasattr(model, "disable_adapter"):
             model = self._add_lora(model)
-        set_threads(self.device, options.threads, model)
+        set_threads(self.device, options.threads)
         self.model = model.to(self.device).eval()  # eval: no dropout but LoRA's in training steps
         self.lora_dropouts = set_lora_dropout(self.model, options.lora_dropout)
         if options.merge_lora:
@@ -198,6 +216,15 @@ class LocalBackend:
         if options.activation_checkpointing and not checkpoint_layers(self.model):
             raise ConfigError("[local] activation_checkpointing: no stack of decoder layers found")
         self.engine = Engine(self.model, self.device, self.pad_id, self.plan, compute=self.precision.compute)
+
+    def _attention(self) -> str:
+        """The attention implementation to load (``auto`` resolved and said once)."""
+        requested = self.options.attn_implementation
+        runs = () if requested != "auto" else runnable(model_structure(self.config)[1], self.device,
+                                                        self.precision.compute)
+        name = pick_attention(requested, self.options.layout, runs)
+        log(f"local backend: attention {name}" + (" (auto)" if requested == "auto" else ""))
+        return name
 
     def _plan(self, model: Any) -> Plan:
         """How this model computes log-probs (checked once); each fallback is said once."""
@@ -219,8 +246,8 @@ class LocalBackend:
         cfg = self.config
         dtype = self.precision.load_dtype(cfg.lora_rank == 0 if trains is None else trains)
         if self.init is not None and self.init[0] == "model":
-            return load_causal_lm(str(self.init[1]), None, dtype)
-        base = load_causal_lm(cfg.base_model, cfg.base_model_revision, dtype)
+            return load_causal_lm(str(self.init[1]), None, dtype, self.attention)
+        base = load_causal_lm(cfg.base_model, cfg.base_model_revision, dtype, self.attention)
         if self.init is None:
             return base
         from peft import PeftModel
@@ -330,6 +357,8 @@ class LocalBackend:
         if self.stepper.scaler is not None:  # fp16-mixed: the loss scale and its growth tracker
             with open(Path(path) / "scaler.pt", "wb") as handle:
                 torch.save(self.stepper.state_dict(), handle)
+        if self.device.type == "cpu":  # the thread count changes float sums' rounding
+            (Path(path) / THREADS_FILE).write_text(json.dumps({"threads": torch.get_num_threads()}))
 
     def load_state(self, path: str) -> None:
         from safetensors.torch import load_file
@@ -358,6 +387,20 @@ class LocalBackend:
                 raise ConfigError(f"state {path} lacks scaler.pt (the fp16-mixed loss scale)")
             self.stepper.load_state_dict(torch.load(Path(path) / "scaler.pt", map_location=self.device,
                                                     weights_only=True))
+        self._resume_threads(Path(path) / THREADS_FILE)
+
+    def _resume_threads(self, file: Path) -> None:
+        """With ``threads = 0``, the thread count the resumed run used (a different count
+        rounds float sums differently, and resume is exact), said once."""
+        if self.device.type != "cpu" or self.options.threads or not file.exists():
+            return
+        try:
+            threads = int(json.loads(file.read_text())["threads"])
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"state {file.parent} has a damaged {THREADS_FILE}") from None
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+            log(f"local backend: {cpu_threads(threads)}, as the run being resumed used (exact resume)")
 
     def publish_weights(self, snapshot: str, step: int, deployment_id: str,
                         directory: str | None, keep: int) -> dict[str, Any]:

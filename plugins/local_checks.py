@@ -16,7 +16,8 @@ import torch
 
 from preftune import Config, ConfigError, log
 from preftune.backend_utils import load_model_config, model_context, resolve_init
-from preftune.plugins.local_precision import precision_problem
+from preftune.plugins.local_attention import attention_problem, layout_problem
+from preftune.plugins.local_precision import precision_problem, resolve_precision
 
 DEVICE_KINDS = {  # device type -> whether this machine has it
     "cpu": lambda: True,
@@ -36,7 +37,8 @@ def field_error(config: Config, key: str, message: str) -> ConfigError:
 def check_settings(config: Config, options: Any) -> None:
     """Refuse what the run could not use: the device, a precision it lacks (bfloat16 on an old
     GPU), LoRA options without LoRA, a model path that does not exist, a ``max_seq_len`` beyond
-    the model's context, LoRA target modules that match nothing."""
+    the model's context, an attention implementation the model or this machine lacks, LoRA
+    target modules that match nothing."""
     problem = device_problem(config.device)
     if problem is not None:
         raise field_error(config, "device", problem)
@@ -44,15 +46,9 @@ def check_settings(config: Config, options: Any) -> None:
     if problem is not None:
         raise field_error(config, "local.precision", problem)
     check_lora_options(config, options)
-    init = checked(config, "init_from", lambda: resolve_init(config.init_from) if config.init_from else None)
-    adapter = init is not None and init[0] == "adapter"  # loaded onto base_model, keeps its targets
-    if init is not None and not adapter:
-        name, structure = str(init[1]), checked(config, "init_from", lambda: load_model_config(str(init[1])))
-    else:
-        name = config.base_model
-        structure = checked(config, "base_model",
-                            lambda: load_model_config(config.base_model, config.base_model_revision))
+    name, structure, adapter = model_structure(config)
     check_context(config, name, structure)
+    check_attention(config, options, structure)
     if config.lora_rank > 0 and not adapter:
         check_lora_targets(config, name, structure, options.lora_target_modules)
         note_lora_rank(config, structure)
@@ -66,6 +62,32 @@ def note_lora_rank(config: Config, structure: Any) -> None:
     if isinstance(hidden, int) and config.lora_rank > hidden:
         log(f"lora_rank = {config.lora_rank} is above the model's hidden size ({hidden}): a LoRA "
             f"update has rank at most {hidden}, so the extra rank adds memory and no capacity")
+
+
+def model_structure(config: Config) -> tuple[str, Any, bool]:
+    """The model training starts from, read without weights: its name, its transformers config,
+    and whether ``init_from`` is an adapter (loaded onto ``base_model``, keeping its targets)."""
+    init = checked(config, "init_from", lambda: resolve_init(config.init_from) if config.init_from else None)
+    adapter = init is not None and init[0] == "adapter"
+    if init is not None and not adapter:
+        return str(init[1]), checked(config, "init_from", lambda: load_model_config(str(init[1]))), False
+    structure = checked(config, "base_model",
+                        lambda: load_model_config(config.base_model, config.base_model_revision))
+    return config.base_model, structure, adapter
+
+
+def check_attention(config: Config, options: Any, structure: Any) -> None:
+    """``attn_implementation`` must be one the model implements and this machine can train with
+    (``auto`` always is), and must take the custom mask ``layout = 'shared'`` needs."""
+    name = options.attn_implementation
+    device = resolve_device(config.device)
+    problem = layout_problem(name, options.layout)
+    if name != "auto" and problem is None:
+        compute = resolve_precision(options.precision, device).compute
+        reason = attention_problem(name, structure, device, compute)
+        problem = f"{name!r} cannot train here: {reason}" if reason else None
+    if problem is not None:
+        raise field_error(config, "local.attn_implementation", problem)
 
 
 LORA_ONLY = {  # [local] option -> why it needs lora_rank > 0

@@ -29,7 +29,11 @@ from preftune import PairLogps, TokenizedPair
 from preftune.layout import Layout, additive_mask, padded_layout, shared_layout
 
 LOGITS_BUDGET = 1 << 24  # float32 logits elements per chunk (64 MiB) when logits_chunk is auto
-MASK_FORMATS = {"sdpa": "bool", "eager": "additive"}  # attention implementations that take 4D masks
+MASK_FORMATS = {  # attention implementations that take custom 4D masks -> the form they take
+    "sdpa": "bool",
+    "eager": "additive",
+    "flex_attention": "block",  # a FlexAttention BlockMask: blocks nobody sees are skipped
+}
 
 
 @dataclass
@@ -74,8 +78,22 @@ def model_inputs(model: Any, layout: Layout) -> dict[str, Any]:
     mask = layout.attention_mask
     if mask.dim() == 4 and mask_format(model) == "additive":
         mask = additive_mask(mask, model.dtype)
+    elif mask.dim() == 4 and mask_format(model) == "block":
+        mask = block_mask(mask)
     return {"input_ids": layout.input_ids, "attention_mask": mask,
             "position_ids": layout.position_ids, "use_cache": False}
+
+
+def block_mask(mask: Tensor) -> Any:
+    """A ``[R, 1, L, L]`` bool mask as a FlexAttention ``BlockMask``, which transformers' flex
+    integration passes to the kernel as it is (a tensor would be added to the scores)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def visible(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        return mask[b, 0, q, kv]
+
+    rows, _, length, _ = mask.shape
+    return create_block_mask(visible, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=mask.device)
 
 
 def mask_format(model: Any) -> str | None:
@@ -209,7 +227,8 @@ def shared_unsupported(model: Any, max_seq_len: int) -> str | None:
     """Why the shared-prompt layout cannot be used with ``model``, or None."""
     impl = getattr(model.config, "_attn_implementation", None)
     if mask_format(model) is None:
-        return f"attention implementation {impl!r} takes no custom 4D masks (sdpa and eager do)"
+        return (f"attention implementation {impl!r} takes no custom 4D masks (sdpa, eager and "
+                "flex_attention do)")
     window = getattr(model.config, "sliding_window", None)
     layer_types = getattr(model.config, "layer_types", None) or []
     sliding = any("sliding" in str(t) for t in layer_types) or getattr(

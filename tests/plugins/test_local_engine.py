@@ -61,10 +61,11 @@ MODELS = {"qwen3-tiny": tiny, "llama": llama}
 def unshared_sums(model: Any, pairs: list[Any]) -> torch.Tensor:
     """``[2, B]`` summed completion log-probs, each sequence alone, from the model's own logits."""
     out = torch.zeros(2, len(pairs))
+    device = next(model.parameters()).device
     for i, pair in enumerate(pairs):
         for s, side in enumerate(("chosen", "rejected")):
             tokens, weights = pair.sequence(side)
-            logits = model(torch.tensor([tokens[:-1]])).logits[0].float()
+            logits = model(torch.tensor([tokens[:-1]], device=device)).logits[0].float().cpu()
             logps = torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0]
             out = out.index_put((torch.tensor([s]), torch.tensor([i])),
                                 (logps * torch.tensor(weights)).sum()[None])
@@ -78,31 +79,73 @@ def grads(model: Any) -> dict[str, torch.Tensor]:
 
 
 def engine_for(model: Any, layout: str, chunk: int = 4096) -> Engine:
-    plan = calibrate(model, torch.device("cpu"), layout, chunk, max_seq_len=256)
+    device = next(model.parameters()).device
+    plan = calibrate(model, device, layout, chunk, max_seq_len=256)
     assert plan.layout == layout and plan.split_head and not plan.notes
-    return Engine(model, torch.device("cpu"), 0, plan)
+    return Engine(model, device, 0, plan)
 
 
 # a loss that weighs every sequence differently, so a gradient sent to the wrong sequence shows
 COEF = torch.tensor([[0.7, -1.3, 0.4, 2.0, -0.5, 1.1, -0.9], [-1.2, 0.3, 1.6, -0.8, 0.6, -2.1, 0.2]])
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+ON_CUDA = [pytest.param("flex_attention", "cuda", marks=CUDA_ONLY),  # no FlexAttention backward on CPU
+           pytest.param("sdpa", "cuda", marks=CUDA_ONLY)]
+
+
+@pytest.mark.parametrize("attn, device", [("sdpa", "cpu"), ("eager", "cpu"), *ON_CUDA])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_shared_prompt_logps_and_gradients_equal_the_unshared_ones(tokenizer: Any, name: str,
-                                                                   attn: str) -> None:
-    model = MODELS[name](tokenizer, attn)
+                                                                   attn: str, device: str) -> None:
+    model = MODELS[name](tokenizer, "sdpa").to(device)
+    model.set_attn_implementation(attn)
     pairs = make_pairs(tokenizer)
     expected = unshared_sums(model, pairs)
     (COEF * expected).sum().backward()
     expected_grads = grads(model)
     for layout in ("shared", "padded"):
         out = engine_for(model, layout)(pairs)
-        got = torch.stack([out.chosen, out.rejected])
+        got = torch.stack([out.chosen, out.rejected]).cpu()
         torch.testing.assert_close(got, expected.detach(), atol=1e-5, rtol=1e-5)
         (COEF * got).sum().backward()
         for key, grad in grads(model).items():
             torch.testing.assert_close(grad, expected_grads[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+@pytest.fixture
+def eager_flex(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers' flex integration with torch's FlexAttention and its block masks run
+    uncompiled: torch 2.13's compiled CPU kernel fails to build once shapes turn dynamic (an
+    inductor C++ error) and has no backward, and compiling costs ~10 s a shape. What is tested is
+    the masks (our BlockMask, transformers' own) and transformers' flex path, not the kernel."""
+    import transformers.integrations.flex_attention as integration
+    import transformers.masking_utils as masking
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def eager(query: Any, key: Any, value: Any, training: bool = False, **kwargs: Any) -> Any:
+        return flex_attention(query, key, value, **kwargs)
+
+    def uncompiled(*args: Any, _compile: bool = False, **kwargs: Any) -> Any:
+        return create_block_mask(*args, **kwargs)
+
+    monkeypatch.setattr(integration, "compile_friendly_flex_attention", eager)
+    monkeypatch.setattr(masking, "create_block_mask", uncompiled)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("name", list(MODELS))
+def test_flex_attention_logps_equal_the_unshared_ones(tokenizer: Any, name: str, eager_flex: None) -> None:
+    model = MODELS[name](tokenizer, "sdpa")
+    model.set_attn_implementation("flex_attention")
+    assert model.config._attn_implementation == "flex_attention"
+    pairs = make_pairs(tokenizer, 5)
+    with torch.no_grad():  # FlexAttention has no backward on the CPU
+        expected = unshared_sums(model, pairs)
+        for layout in ("shared", "padded"):
+            out = engine_for(model, layout)(pairs)
+            torch.testing.assert_close(torch.stack([out.chosen, out.rejected]), expected, atol=1e-5,
+                                       rtol=1e-5, msg=layout)
 
 
 def test_shared_segments_are_packed_into_fewer_rows_than_padding(tokenizer: Any) -> None:
