@@ -93,9 +93,12 @@ def read_stream(stream: Any, events: list[tuple[float, str]]) -> None:
 
 
 def child_env(job: Job) -> dict[str, str]:
-    """The same environment for every contender: threads, offline, no telemetry, fresh caches."""
-    threads = str(job.threads)
-    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+    """The same environment for every contender: threads (none set with ``--threads 0``: each
+    contender's own default), offline, no telemetry, fresh caches."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    count = str(job.threads)
+    threads = {"OMP_NUM_THREADS": count, "MKL_NUM_THREADS": count} if job.threads else {}
+    return {**env, **threads,
             "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1", "TINKER_TELEMETRY": "0", "TOKENIZERS_PARALLELISM": "false",
             "HF_DATASETS_CACHE": str(job.dir / "hf_datasets"), "BENCH_REPORT": str(job.dir / "report.json")}
@@ -210,7 +213,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=0, help="optimizer steps (default: one pass over "
                         "the fixture's pairs); the first steps x batch pairs are used")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="torch threads of every contender (default: nproc)")
+                        help="torch threads of every contender (default: nproc; 0: each one's own "
+                        "default, preftune's [local] threads = 0 included)")
     parser.add_argument("--contenders", default=None, help="comma-separated subset of trl,preftune,plain "
                         "(default: all three; with --scaling: preftune,trl)")
     parser.add_argument("--scaling", action="store_true", help="tokens/s and peak RSS at max_seq_len "

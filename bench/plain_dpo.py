@@ -32,7 +32,8 @@ def completion_logps(model: Any, rows: list[tuple[list[int], int]], pad_id: int)
 
 
 def main(a: argparse.Namespace) -> None:
-    torch.set_num_threads(a.threads)
+    if a.threads:  # 0: torch's default
+        torch.set_num_threads(a.threads)
     tok = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()  # eval: no dropout
     pairs = []

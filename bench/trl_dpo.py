@@ -98,7 +98,8 @@ def dpo_config(a: argparse.Namespace) -> DPOConfig:
 
 
 def main(a: argparse.Namespace) -> None:
-    torch.set_num_threads(a.threads)
+    if a.threads:  # 0: torch's default
+        torch.set_num_threads(a.threads)
     tokenizer = AutoTokenizer.from_pretrained(a.model)
     collator = CountingCollator(pad_token_id=tokenizer.pad_token_id)
     recorder = Recorder()

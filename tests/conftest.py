@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 
 from preftune import Config, get_plugin_manager, get_registry
 from preftune.tiny import tiny_tokenizer
@@ -22,6 +23,10 @@ def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("PREFTUNE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("PREFTUNE_DISABLE_PLUGIN_AUTOLOAD", "1")
+    # threads = 0 reads the machine's load: two runs a test compares bit for bit (here or in a
+    # subprocess) must not pick different thread counts, which round differently
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -97,7 +97,8 @@ def keep_threads() -> Iterator[None]:
 
 
 def test_the_backend_says_what_it_picked_once(make_config: Any, tokenizer: Any, capsys: Any,
-                                              keep_threads: None) -> None:
+                                              keep_threads: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS")  # a user's default: the machine's idle cores
     backend = LocalBackend(make_config(device="cpu"), LocalOptions(), tokenizer)
     said = [line for line in capsys.readouterr().err.splitlines() if "CPU thread" in line]
     assert len(said) == 1 and "(threads = 0: " in said[0]
