@@ -214,6 +214,7 @@ def test_resume_skips_unreadable_checkpoints_names_them_and_matches_the_uninterr
 
     for checkpoint in sorted(root.iterdir()):
         damage(checkpoint, "truncated weights")
+    shutil.rmtree(log / "final")  # else the completed run is not resumed at all
     with pytest.raises(ConfigError, match=f"cannot resume: no readable checkpoint in {root}:\n"
                                           f"checkpoint {root / 'step-00000010'} is unreadable"):
         run(config.model_copy(update={"resume": True}))
