@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from preftune import AdamParams, Config, PairLogps, TokenizedPair
-from preftune.loop import BoundLoss
+from preftune.loop import BoundLoss, optimizer_step
 from preftune.plugins.dpo import DPOLoss
 from preftune.plugins.local import LocalBackend, LocalOptions
 from preftune.plugins.local_engine import autocast
@@ -136,8 +136,8 @@ def main() -> None:
         plain_opt = torch.optim.AdamW(backend.params, lr=1e-6, weight_decay=0.0, fused=True)
 
         def preftune_step() -> None:
-            backend.forward_backward(pairs, BoundLoss(DPOLoss(0.1), ref, 1.0))
-            backend.optim_step(AdamParams(1e-6)).result()  # its one host sync, as the loop's
+            out = backend.forward_backward(pairs, BoundLoss(DPOLoss(0.1), ref, 1.0))
+            optimizer_step(backend, [(out, 1.0)], AdamParams(1e-6), 1, pairs)  # the loop's one sync
 
         contenders = {"preftune": preftune_step,
                       "plain (prompt once)": lambda: plain_step(backend.model, plain_opt, once, compute),

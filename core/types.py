@@ -229,6 +229,11 @@ class Backend(ForwardClient, Protocol):
     The backend owns the layout: it receives a micro-batch's tokenized pairs and decides how to
     lay them out (padded, packed, the prompt shared by chosen and rejected, remote datums).
     Verbs may return futures; the loop resolves a step's results once.
+
+    Optional members the loop looks for (docs/backends.md): ``default_reference()``,
+    ``guards_nonfinite`` (``optim_step`` never applies a non-finite gradient, so the loop steps
+    before its one host sync), ``summary()`` (added to the run's summary), ``peak_mem_mb()``;
+    on the factory: ``check(config, options)``, ``outputs(config, options)`` and ``export``.
     """
 
     def identity(self) -> dict[str, str]:

@@ -186,15 +186,3 @@ def test_sigterm_while_a_job_starts_ends_the_run_once_it_is_ready_and_deletes_it
     assert "stopped by SIGTERM after step 0" in proc.stderr.read()
     assert not (tmp_path / "logs" / "metrics.jsonl").exists()
     assert emulator.emulator.leftovers() == []
-
-
-def test_a_key_the_service_refuses_is_one_clear_error_and_no_job_is_listed(
-        make_config: Any, emulator: Any, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    """The job was never made: neither the ledger nor any advice to delete it by hand names it."""
-    emulator.emulator.api_keys = ("fw-the-right-key",)
-    with pytest.raises(TrainingError, match=r"creating policy trainer job \S+ failed .*401") as info:
-        run(fireworks_config(make_config, emulator, tmp_path, "refused"))
-    assert "\n" not in str(info.value)
-    assert emulator.emulator.leftovers() == []
-    assert "by hand" not in capfd.readouterr().err
-    assert not (tmp_path / "refused" / "fireworks_jobs.json").exists()

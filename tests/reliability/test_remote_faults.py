@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from preftune import TrainingError, run
+
 PAGE = b"<html><body><h1>Not Found</h1></body></html>"
 
 
@@ -130,3 +132,16 @@ connect_timeout_s = 2
         f"error: tinker: creating the LoRA training client: no result within 4 s "
         f"(service {html_server_with_health})")
     assert "tinker: closing the session: no result within 2 s" in done.stderr
+
+
+def test_a_key_the_service_refuses_is_one_clear_error_and_no_job_is_listed(
+        make_config: Any, emulator: Any, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """The job was never made: neither the ledger nor any advice to delete it by hand names it."""
+    emulator.emulator.api_keys = ("fw-the-right-key",)
+    with pytest.raises(TrainingError, match=r"creating policy trainer job \S+ failed .*401") as info:
+        run(make_config(backend="fireworks", lora_rank=4, log_path=str(tmp_path / "refused"),
+                        fireworks={"base_url": emulator.url, "timeout_s": 30}))
+    assert "\n" not in str(info.value)
+    assert emulator.emulator.leftovers() == []
+    assert "by hand" not in capfd.readouterr().err
+    assert not (tmp_path / "refused" / "fireworks_jobs.json").exists()
