@@ -9,6 +9,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from preftune import get_plugin_manager, hookimpl, refcache, run
@@ -73,8 +74,9 @@ class ProbePlugin:
         register("probe", lambda config, options: Probe())
 
 
-def test_the_separate_reference_model_is_freed_before_training(make_config: Any,
-                                                               monkeypatch: Any) -> None:
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "fp16-mixed", "bf16-true"])
+def test_the_separate_reference_model_is_freed_before_training(make_config: Any, monkeypatch: Any,
+                                                               precision: str) -> None:
     real = LocalBackend.reference_client
 
     def remember(self: Any, shared: bool) -> Any:
@@ -86,7 +88,7 @@ def test_the_separate_reference_model_is_freed_before_training(make_config: Any,
     pm = get_plugin_manager(load_entrypoints=False)
     pm.register(ProbePlugin())
     Probe.refs, Probe.alive_at_start = [], []
-    run(make_config(sinks=["probe"]), pm)
+    run(make_config(sinks=["probe"], local={"precision": precision}), pm)
     assert len(Probe.refs) == 1 and Probe.alive_at_start == [False]
 
 
