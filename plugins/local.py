@@ -181,7 +181,10 @@ class LocalBackend:
         self.device = resolve_device(config.device)
         self.precision = resolve_precision(options.precision, self.device)
         log(f"local backend: precision {self.precision.name}"
-            + (" (auto)" if options.precision == "auto" else ""))
+            + (" (auto)" if options.precision == "auto" else "")
+            + ("; float16 on a CPU has no fast kernels (measured about 20x slower than fp32): "
+               "use fp32 or bf16-mixed here" if self.precision.compute == torch.float16
+               and self.device.type == "cpu" else ""))
         self.init = resolve_init(config.init_from) if config.init_from else None
         self.attention = self._attention()
         model = self._initial_model(trainable_adapter=config.lora_rank > 0)

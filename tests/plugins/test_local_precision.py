@@ -312,3 +312,11 @@ def test_the_old_dtype_option_says_what_replaced_it(tmp_path: Path, registry: An
     file.write_text(f'base_model = "builtin:tiny"\ndataset = "d"\n[local]\ndtype = "{value}"\n')
     with pytest.raises(ConfigError, match=r"field 'local.dtype': \[local\] dtype was replaced by precision"):
         load_config(file).check_plugin_tables(registry)
+
+
+def test_float16_on_a_cpu_is_said_to_be_slow(tokenizer: Any, capsys: Any) -> None:
+    backend(tokenizer, "fp16-mixed")
+    backend(tokenizer, "bf16-mixed")
+    said = [line for line in capsys.readouterr().err.splitlines() if "precision" in line]
+    assert said[0].startswith("[preftune] local backend: precision fp16-mixed; float16 on a CPU has no fast")
+    assert said[1] == "[preftune] local backend: precision bf16-mixed"
