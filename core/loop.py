@@ -30,6 +30,7 @@ from .fileio import atomic_dir, atomic_write_json, ensure_dir, remove_stale, run
 from .manager import PluginManager, Registry, get_registry
 from .messages import log
 from .outputs import Output, check_outputs
+from .secrets import mask_secrets
 from .signals import Stopped, StopSignals
 from .sinks import open_sinks
 from .sources import check_readable
@@ -193,7 +194,7 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
         return summary
     except BaseException as exc:
         status = "stopped" if isinstance(exc, Stopped) else "failed"
-        summary = {"status": status, "error": f"{type(exc).__name__}: {exc}"}
+        summary = {"status": status, "error": mask_secrets(f"{type(exc).__name__}: {exc}")}
         raise
     finally:
         stop.restore()

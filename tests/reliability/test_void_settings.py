@@ -123,3 +123,21 @@ def test_a_data_file_not_found_shows_the_absolute_path_tried(make_config: Any, t
                                           rf"{tmp_path}/data/train.jsonl: relative paths are relative "
                                           r"to the current directory\)$"):
         run(make_config(dataset="data/train.jsonl"))
+
+
+def test_a_failed_run_says_so_in_its_summary_with_secrets_masked(
+        make_config: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from preftune import TrainingError, loop
+
+    key = "tml-" + "Zq7Xk2Lm9Pw4Rt8Yv3Nb6Hc1"
+
+    def fail(*args: Any) -> Any:
+        raise TrainingError(f"the service said: bad key {key}")
+
+    monkeypatch.setattr(loop, "resume_state", fail)
+    config = make_config(epochs=1)
+    with pytest.raises(TrainingError):
+        run(config)
+    summary = json.loads((Path(config.log_path) / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"].startswith("TrainingError: the service said")
+    assert key not in summary["error"] and "tml-" in summary["error"]
