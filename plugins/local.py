@@ -197,7 +197,7 @@ class LocalBackend:
         self._identity = model_identity(config.base_model, config.base_model_revision,
                                         None if self.init else model)
         self._identity["dtype"] = DTYPE_NAMES[self.precision.compute]  # reference log-probs depend on it
-        self._identity["weights_dtype"] = DTYPE_NAMES[self.precision.load_dtype(config.lora_rank == 0)]
+        self._identity["weights_dtype"] = DTYPE_NAMES[self.weights_dtype]
         self._identity["attention"] = self.attention  # and on its rounding
         if self.init:
             self._identity.update(init_from=str(self.init[1]),
@@ -241,13 +241,18 @@ class LocalBackend:
                               + plan.notes[-1])
         return plan
 
-    def _initial_model(self, trainable_adapter: bool, trains: bool | None = None) -> Any:
-        """The weights training starts from: ``init_from`` if set, else the base model. A warm
-        start adapter stays a trainable adapter for LoRA, and is merged otherwise. Loaded in the
-        precision's master dtype when all of it ``trains`` (default: a full fine-tune), else in
-        its frozen dtype (a LoRA base, a reference)."""
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        """What the initial weights are stored in: the precision's masters when all of them
+        train (a full fine-tune), else its frozen dtype (a LoRA base)."""
+        return self.precision.load_dtype(self.config.lora_rank == 0)
+
+    def _initial_model(self, trainable_adapter: bool) -> Any:
+        """The weights training starts from: ``init_from`` if set, else the base model, in
+        :attr:`weights_dtype`. A warm start adapter stays a trainable adapter for LoRA, and is
+        merged otherwise."""
         cfg = self.config
-        dtype = self.precision.load_dtype(cfg.lora_rank == 0 if trains is None else trains)
+        dtype = self.weights_dtype
         if self.init is not None and self.init[0] == "model":
             return load_causal_lm(str(self.init[1]), None, dtype, self.attention)
         base = load_causal_lm(cfg.base_model, cfg.base_model_revision, dtype, self.attention)

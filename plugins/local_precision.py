@@ -2,8 +2,9 @@
 
 Lightning's names. ``fp32``: everything float32. ``bf16-mixed`` / ``fp16-mixed``: the parameters
 that train keep float32 masters and float32 AdamW state, the model's forward runs under
-``torch.autocast`` in the low dtype, and frozen weights (the LoRA base, a separate reference) are
-stored in it. ``fp16-mixed`` scales the loss (``torch.amp.GradScaler``): a step whose gradients
+``torch.autocast`` in the low dtype, and frozen weights (the LoRA base) are stored in it; a
+full fine-tune's separate reference is stored as its policy is, so the two agree at step 0.
+``fp16-mixed`` scales the loss (``torch.amp.GradScaler``): a step whose gradients
 overflow is skipped and counted, not an error. ``bf16-true``: weights, gradients and AdamW state
 in bfloat16, the update applied with Kahan summation (:class:`KahanAdamW`) so small updates
 accumulate instead of rounding away.
@@ -11,7 +12,7 @@ accumulate instead of rounding away.
 Log-prob sums, losses, metrics and the reference cache are float32 in every precision (the engine
 takes the log-softmax outside autocast). :class:`Stepper` is one optimizer step with no host
 sync: a non-finite gradient norm is never applied (the fused AdamW's ``found_inf``), and the
-step's metrics are resolved by the loop in one sync (:class:`StepResult`).
+step's metrics are device tensors that the loop resolves in its one sync.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class Precision:
 
     @property
     def frozen(self) -> torch.dtype:
-        """Weights that never train (the LoRA base, a separate reference) need no master copy."""
+        """Weights that never train (the LoRA base) need no master copy."""
         return self.compute
 
     @property
