@@ -5,7 +5,7 @@
 
 It makes its own data offline (Format 1 JSONL: system prompts, multi-turn prompts, unicode, some
 long completions) and tokenizes with the builtin tiny tokenizer, through the same function
-``prepare_data`` calls (``preftune.tokcache.tokenize_datasets``). Runs alternate and repeat, and the
+``prepare_data`` calls (``preftune.data.tokcache.tokenize_datasets``). Runs alternate and repeat, and the
 best of each is reported (the machine may be shared), with the load average at the time.
 """
 
@@ -65,8 +65,8 @@ def cold_and_warm(path: Path, n: int, rounds: int, max_seq_len: int) -> None:
     """Cold (empty cache) and warm (cache hit) runs of ``tokenize_datasets``, alternating."""
     from preftune import Config, get_plugin_manager, get_registry
     from preftune.data import make_format
+    from preftune.data.tokcache import tokenize_datasets
     from preftune.tiny import tiny_tokenizer
-    from preftune.tokcache import tokenize_datasets
 
     tokenizer = tiny_tokenizer()
     cold, warm = [], []

@@ -19,6 +19,7 @@ from .types import (
     AdamParams,
     Backend,
     DatasetFormat,
+    DataSource,
     ForwardClient,
     Loss,
     LossFn,
@@ -34,7 +35,7 @@ from .types import (
 )
 
 __all__ = [
-    "AdamParams", "Backend", "Config", "ConfigError", "DataError", "DatasetFormat", "DiskError",
+    "AdamParams", "Backend", "Config", "ConfigError", "DataError", "DataSource", "DatasetFormat", "DiskError",
     "ForwardClient",
     "Loss", "LossFn", "Message", "Metrics", "PairLogps", "PluginError", "PreferencePair",
     "PreftuneError", "PublishingBackend", "RecordError", "ReferenceProvider", "SinkError", "Source",

@@ -46,10 +46,21 @@ class Config(BaseModel):
     init_from: str | None = Field(
         None, description="Start from these weights: a checkpoint, HF model or PEFT adapter dir."
     )
-    dataset: str = Field(description="Training preference pairs, a JSONL file (plain or gzip).")
+    dataset: str = Field(description="Training preference pairs: a JSONL (or .jsonl.gz), JSON or Parquet "
+                         "file, a directory of Parquet shards or of datasets.save_to_disk, or hf:org/name.")
     eval_dataset: str | None = Field(
-        None, description="Held-out pairs (JSONL, plain or gzip); default: split eval_fraction off dataset."
+        None, description="Held-out pairs (any form dataset takes); default: split eval_fraction off dataset."
     )
+    dataset_split: str = Field("train", description="The split of a hub id or a directory holding several "
+                               "(hf:org/name@split overrides it for one data set).")
+    dataset_config: str | None = Field(None, description="The configuration (subset) of a hub dataset.")
+    on_bad_record: Literal["error", "skip"] = Field(
+        "error", description="A record that cannot be read: stop the run (error), or leave it out and "
+        "list it in log_path/skipped.jsonl (skip).")
+    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="With on_bad_record = skip: the run "
+                                    "stops when more than this share of the records is bad.")
+    data_workers: int = Field(0, ge=0, description="Processes that parse and tokenize the data; 0 = one per "
+                              "CPU core.")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="Share of dataset held out.")
     eval_interval: int = Field(0, ge=0, description="Evaluate every N steps; 0 = at start and end.")
     max_pairs: int | None = Field(

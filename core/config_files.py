@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
+from .data.jsonl import unique_keys
 from .errors import ConfigError, RecordError
-from .sources import unique_keys
 
 SUFFIXES = (".toml", ".yaml", ".yml", ".json")
 

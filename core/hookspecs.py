@@ -30,6 +30,17 @@ def register_formats(register: Any) -> None:
 
 
 @hookspec
+def register_sources(register: Any) -> None:
+    """Register data sources (where records come from: files, directories, hub ids, stores).
+
+    Call ``register(name, factory, options=None)`` for each source. ``factory(config, options)``
+    returns a :class:`preftune.DataSource`. A data set setting ``name:spec`` reads ``spec`` with
+    the source ``name``; a setting without a known prefix is read by the one source that
+    ``claims`` it.
+    """
+
+
+@hookspec
 def register_losses(register: Any) -> None:
     """Register preference losses.
 

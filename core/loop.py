@@ -12,18 +12,20 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, hub, refcache, tiny, tokcache
+from . import checkpoint, hub, refcache, tiny
 from .advice import ignored_settings, no_held_out, schedule_notes
 from .backend_utils import peak_rss_mb
 from .config import Config
 from .data import (
     check_held_out,
+    check_readable,
     epoch_order,
     keep_repeats_in_train,
     length_batches,
     make_format,
     no_training_pairs,
     split_eval,
+    tokcache,
 )
 from .errors import ConfigError, PreftuneError, TrainingError
 from .fileio import atomic_dir, atomic_write_json, ensure_dir, remove_stale, run_lock
@@ -33,7 +35,6 @@ from .outputs import Output, check_outputs
 from .secrets import mask_secrets
 from .signals import Stopped, StopSignals
 from .sinks import open_sinks
-from .sources import check_readable
 from .types import AdamParams, Loss, Metrics, PairLogps, TokenizedPair, resolve
 from .weights import check_local_name
 

@@ -25,6 +25,7 @@ from .errors import ConfigError, PluginError
 
 DEFAULT_PLUGINS = (
     "preftune.plugins.formats",
+    "preftune.plugins.sources",
     "preftune.plugins.dpo",
     "preftune.plugins.orpo",
     "preftune.plugins.references",
@@ -42,12 +43,13 @@ AUTOLOAD_ENV = "PREFTUNE_DISABLE_PLUGIN_AUTOLOAD"
 # component kind -> the discovery hook that registers components of that kind
 KINDS = {
     "format": "register_formats",
+    "source": "register_sources",
     "loss": "register_losses",
     "reference": "register_reference_providers",
     "backend": "register_backends",
     "sink": "register_sinks",
 }
-PLURALS = {"format": "formats", "loss": "losses", "reference": "reference providers",
+PLURALS = {"format": "formats", "source": "sources", "loss": "losses", "reference": "reference providers",
            "backend": "backends", "sink": "sinks"}
 # the event hooks, which only sinks implement (as methods of the object a sink's factory returns)
 EVENT_HOOKS = tuple(name for name in vars(hookspecs) if name.startswith("preftune_"))

@@ -10,7 +10,8 @@ the targets (1 on completion tokens only).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -22,31 +23,64 @@ T = TypeVar("T", covariant=True)
 
 @dataclass(frozen=True)
 class Message:
-    """One chat message."""
+    """One chat message. ``name``, ``tool_calls`` and ``tool_call_id`` are passed to the chat
+    template when set; ``tool_calls`` is held as canonical JSON text (a list of calls), so that a
+    message stays hashable and two equal calls compare equal."""
 
     role: str
     content: str
+    name: str | None = None
+    tool_calls: str | None = None
+    tool_call_id: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message as a chat template takes it (unset keys left out)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_calls is not None:
+            out["tool_calls"] = json.loads(self.tool_calls)
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 @dataclass(frozen=True)
 class Source:
-    """Where a record came from: file path and 1-based line number."""
+    """Where a record came from, as a user finds it: ``file:line`` for line files (1-based
+    lines), ``file#row`` for columnar ones and ``hf:org/name@split#row`` for the hub (0-based
+    rows, as ``dataset[row]`` counts them). ``file`` is the data set as the run names it."""
 
     file: str
     line: int
+    sep: str = ":"
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}"
+        return f"{self.file}{self.sep}{self.line}"
+
+
+Conversation = tuple[Message, ...]
 
 
 @dataclass(frozen=True)
 class PreferencePair:
-    """A normalized preference pair: a shared prompt and two alternative completions."""
+    """A normalized preference pair: a shared prompt and two alternative completions.
 
-    prompt: tuple[Message, ...]
-    chosen: tuple[Message, ...]
-    rejected: tuple[Message, ...]
+    Chat pairs hold messages, rendered with the tokenizer's chat template; text pairs (TRL's
+    "standard" records) hold one string each, tokenized as text without a template, the end-of-
+    sequence token appended to each completion. ``tools`` is a record-level tool list as
+    canonical JSON text, passed to the chat template.
+    """
+
+    prompt: Conversation | str
+    chosen: Conversation | str
+    rejected: Conversation | str
     source: Source | None = None
+    tools: str | None = None
+
+    @property
+    def is_text(self) -> bool:
+        return isinstance(self.prompt, str)
 
 
 @dataclass(frozen=True)
@@ -176,6 +210,38 @@ class DatasetFormat(Protocol):
 
     def parse(self, record: dict[str, Any]) -> PreferencePair:
         """Return the pair; raise :class:`preftune.RecordError` naming the bad field."""
+        ...
+
+
+Read = tuple[Source, Any, Any]  # (where, record, error): exactly one of record and error is set
+
+
+@runtime_checkable
+class DataSource(Protocol):
+    """Reads the records of the data sets it claims (files, directories, hub ids, a database).
+
+    ``spec`` is what the config names (``dataset``, ``eval_dataset``) with a ``name:`` prefix of
+    this source removed. ``records`` yields ``(where, record, error)`` for every record in order:
+    ``where`` a :class:`Source` a user can find, and exactly one of ``record`` (a dict) and
+    ``error`` (a :class:`preftune.RecordError`) set.
+    """
+
+    def claims(self, spec: str) -> bool:
+        """True when this source reads ``spec`` (a path) without being named by a prefix."""
+        ...
+
+    def check(self, spec: str, key: str) -> None:
+        """Refuse, before anything loads, a ``spec`` this source cannot read: a
+        :class:`preftune.ConfigError` naming the config ``key`` and what to do."""
+        ...
+
+    def identity(self, spec: str) -> dict[str, str]:
+        """What the data is, for the tokenized-data cache key: content hashes of its files, or
+        a fingerprint and revision. Any change to the records must change it."""
+        ...
+
+    def records(self, spec: str) -> Iterator[Read]:
+        """Every record of ``spec``, with its location."""
         ...
 
 

@@ -9,7 +9,8 @@ import preftune
 
 def test_the_top_level_exports_only_user_and_plugin_author_names() -> None:
     assert set(preftune.__all__) == {
-        "AdamParams", "Backend", "Config", "ConfigError", "DataError", "DatasetFormat", "DiskError",
+        "AdamParams", "Backend", "Config", "ConfigError", "DataError", "DataSource", "DatasetFormat",
+        "DiskError",
         "ForwardClient", "Loss", "LossFn", "Message", "Metrics", "PairLogps", "PluginError",
         "PreferencePair", "PreftuneError", "PublishingBackend", "RecordError", "ReferenceProvider",
         "SinkError", "Source", "TokenLogps", "TokenizedPair", "TrainingError", "get_plugin_manager",

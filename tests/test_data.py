@@ -208,7 +208,7 @@ def per_pair(tokenizer: Any, pairs: list[PreferencePair], max_seq_len: int) -> t
 def test_batched_tokenization_equals_tokenizing_each_pair(
     tokenizer: Any, monkeypatch: pytest.MonkeyPatch, chunk: int
 ) -> None:
-    import preftune.data as data
+    import preftune.data.tokenize as data
 
     monkeypatch.setattr(data, "CHUNK", chunk)
     monkeypatch.setattr(data, "PAIRS_PER_STEP", 5 * chunk)

@@ -12,9 +12,9 @@ import torch
 
 from preftune import Config, DataError
 from preftune.data import TokenizeReport, load_pairs, make_format, tokenize_pairs
+from preftune.data.tokcache import Tokenized, file_sha256, load_or_build, tokenize_datasets
 from preftune.refcache import data_hash
 from preftune.tiny import tiny_tokenizer
-from preftune.tokcache import Tokenized, file_sha256, load_or_build, tokenize_datasets
 
 
 def records(pair_record: Any, n: int, offset: int = 0) -> list[Any]:
@@ -148,7 +148,7 @@ def test_a_changed_chat_template_or_format_version_rebuilds(
     other = run(tokenizer)
     assert "(chat_template_sha256 changed)" in run.log
     assert other.pairs != run().pairs and "(chat_template_sha256 changed)" in run.log
-    monkeypatch.setattr("preftune.tokcache.FORMAT_VERSION", "0")
+    monkeypatch.setattr("preftune.data.tokcache.FORMAT_VERSION", "0")
     run()
     assert "(format_version changed)" in run.log
 

@@ -1,10 +1,9 @@
-"""Reading, parsing, checking and tokenizing preference data.
+"""Tokenizing preference pairs.
 
-Every problem is reported with its file, line and field; nothing is dropped silently. A pair is
-tokenized by rendering the whole conversation once with the tokenizer's chat template and masking
-by the length of the rendered prompt, which must be a token prefix of both conversations. Many
-pairs are rendered in batches (a Hugging Face tokenizer then encodes on all cores), each distinct
-conversation once; the result is exactly that of tokenizing each pair alone.
+A pair is tokenized by rendering the whole conversation once with the tokenizer's chat template and
+masking by the length of the rendered prompt, which must be a token prefix of both conversations.
+Many pairs are rendered in batches (a Hugging Face tokenizer then encodes on all cores), each
+distinct conversation once; the result is exactly that of tokenizing each pair alone.
 """
 
 from __future__ import annotations
@@ -12,123 +11,22 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
-from .errors import ConfigError, DataError, RecordError
-from .sources import read_records
-from .types import DatasetFormat, Message, PreferencePair, Source, TokenizedPair
-
-
-class AutoFormat:
-    """Picks, for each record, the one registered format whose keys it has."""
-
-    def __init__(self, formats: dict[str, DatasetFormat]):
-        self.formats = formats
-
-    def matches(self, record: dict[str, Any]) -> bool:
-        return any(f.matches(record) for f in self.formats.values())
-
-    def parse(self, record: dict[str, Any]) -> PreferencePair:
-        return self.select(record).parse(record)
-
-    def select(self, record: dict[str, Any]) -> DatasetFormat:
-        """The one format that matches ``record``; a :class:`RecordError` otherwise."""
-        hits = [name for name, f in self.formats.items() if f.matches(record)]
-        if len(hits) > 1:
-            raise RecordError("", f"record matches several formats ({', '.join(hits)}); set format")
-        if not hits:
-            raise RecordError(
-                "",
-                f"no format matches a record with keys {sorted(record)}; "
-                f"known formats: {', '.join(sorted(self.formats))}",
-            )
-        return self.formats[hits[0]]
-
-
-def make_format(registry: Any, config: Any) -> DatasetFormat:
-    """The run's dataset format; ``auto`` tries every registered format by its keys."""
-    if config.format != "auto":
-        return registry.build("format", config.format, config)
-    return AutoFormat({n: registry.build("format", n, config) for n in registry.names("format")})
-
-
-ROLES = ("system", "user", "assistant")  # what chat templates render; tool turns are not supported yet
-
-
-def check_pair(pair: PreferencePair, field_names: dict[str, str] | None = None) -> None:
-    """Checks every format gets for free: a prompt, known roles, no empty completion, responses
-    of assistant turns only, chosen differs from rejected. ``field_names`` maps
-    prompt/chosen/rejected to the record's own field names."""
-    names = field_names or {}
-    if not pair.prompt:
-        raise RecordError(names.get("prompt", "prompt"), "the prompt has no messages")
-    for side in ("prompt", "chosen", "rejected"):
-        for i, message in enumerate(getattr(pair, side)):
-            if message.role not in ROLES:
-                raise RecordError(names.get(side, side), (
-                    f"message {i} of the {side} has role {message.role!r}; preftune trains on "
-                    f"{', '.join(ROLES)} turns (tool calls and results are not supported yet)"))
-    for side in ("chosen", "rejected"):
-        messages = getattr(pair, side)
-        if not messages:
-            raise RecordError(names.get(side, side), f"the {side} response has no messages")
-        for i, message in enumerate(messages):
-            if message.role != "assistant":
-                raise RecordError(names.get(side, side), f"the {side} response (message {i}) is a "
-                                  f"{message.role!r} turn; a response holds assistant turns only")
-            if not message.content.strip():
-                raise RecordError(names.get(side, side), f"the {side} response (message {i}) is empty")
-    if pair.chosen == pair.rejected:
-        raise RecordError(names.get("rejected", "rejected"), "chosen and rejected responses are identical")
-
-
-@dataclass
-class ParseResult:
-    """The pairs of one file and every problem found in it."""
-
-    pairs: list[PreferencePair] = field(default_factory=list)
-    problems: list[tuple[str, int, str, str]] = field(default_factory=list)
-    records: int = 0
-
-
-def parse_file(path: str | Path, fmt: DatasetFormat) -> ParseResult:
-    """Parse and check every record of a dataset file (JSONL, or JSONL.gz), collecting all
-    problems (not just the first)."""
-    result = ParseResult()
-    for where, record, error in read_records(path):
-        result.records += 1
-        try:
-            if error is not None:
-                raise error
-            if not isinstance(record, dict):
-                raise RecordError("", f"expected a JSON object, got {type(record).__name__}")
-            chosen_format = fmt.select(record) if isinstance(fmt, AutoFormat) else fmt
-            pair = chosen_format.parse(record)
-            check_pair(pair, getattr(chosen_format, "field_names", None))
-        except RecordError as exc:
-            result.problems.append((where.file, where.line, exc.field, exc.message))
-            continue
-        result.pairs.append(PreferencePair(pair.prompt, pair.chosen, pair.rejected, where))
-    return result
-
-
-def load_pairs(path: str | Path, fmt: DatasetFormat) -> list[PreferencePair]:
-    """Parse a dataset file; any bad line is a :class:`DataError` listing all of them."""
-    result = parse_file(path, fmt)
-    if result.problems:
-        raise DataError(result.problems, total=result.records)
-    if not result.pairs:
-        raise DataError([(str(path), 0, "", "the file holds no preference pairs")])
-    return result.pairs
-
+from ..errors import DataError, RecordError
+from ..types import Message, PreferencePair, Source, TokenizedPair
 
 SIDES = ("chosen", "rejected")
+
+
 CHUNK = 512  # conversations per batched template call: bounds the memory of the encodings
+
+
 PAIRS_PER_STEP = 2048  # pairs rendered before they are assembled: bounds the memory of the ids
+
+
 Rendered = list[int] | RecordError  # token ids, or why the template could not render them
 
 
@@ -325,62 +223,3 @@ def tokenize_pairs(
         error.report = report  # what was truncated or dropped among the good pairs
         raise error
     return out, report
-
-
-def content(pair: TokenizedPair) -> tuple[tuple[int, ...], ...]:
-    """What makes two pairs the same pair, whatever the files or formats they came from."""
-    return pair.prompt, pair.chosen, pair.rejected
-
-
-def check_held_out(pairs: Sequence[TokenizedPair], train: Sequence[int], held: Sequence[int]) -> None:
-    """Refuse held-out pairs that are also training pairs (same tokens, whatever the files or
-    formats): accuracy on them would measure memory, not preference."""
-    seen = {content(p): p.source for p in (pairs[i] for i in train)}
-    shared = [(pairs[i].source, seen[key]) for i in held if (key := content(pairs[i])) in seen]
-    if shared:
-        where = "; ".join(f"{a} = {b}" for a, b in shared[:5]) + (" ..." if len(shared) > 5 else "")
-        raise ConfigError(f"eval_dataset shares {len(shared)} of its {len(held)} pairs with dataset "
-                          f"(held-out = training): {where}")
-
-
-def keep_repeats_in_train(pairs: Sequence[TokenizedPair], train: list[int],
-                          held: list[int]) -> tuple[list[int], list[int], int]:
-    """A pair the data set holds more than once, split to both sides, is trained on and not held
-    out (accuracy on it would measure memory). Returns train, held-out and how many moved."""
-    seen = {content(pairs[i]) for i in train}
-    repeats = [i for i in held if content(pairs[i]) in seen]
-    if not repeats:
-        return train, held, 0
-    return sorted(train + repeats), [i for i in held if i not in set(repeats)], len(repeats)
-
-
-def split_eval(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Split ``range(n)`` into train and held-out indices, a pure function of ``seed``."""
-    if fraction <= 0 or n < 2:
-        return list(range(n)), []
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_eval = max(1, round(n * fraction))
-    return sorted(perm[n_eval:]), sorted(perm[:n_eval])
-
-
-def no_training_pairs(config: Any, kept: int, held: int, report: Any) -> str:
-    """Why no pair is left to train on: the held-out split took them, or tokenization did."""
-    if held and not config.eval_dataset:
-        return (f"eval_fraction = {config.eval_fraction} holds out {held} of the {kept} pairs of "
-                f"{config.dataset}, leaving none to train on; lower eval_fraction, or set eval_dataset")
-    return (f"no training pairs left in {config.dataset} after tokenization ({len(report.dropped)} "
-            f"dropped: the prompt alone is at least max_seq_len = {config.max_seq_len} tokens)")
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The order of training pairs in ``epoch``: a pure function of seed and epoch."""
-    # modulo 2**64, torch's seed range: the same orders as ever for seeds below ~1.8e13
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch + 1) % 2**64)
-    return torch.randperm(n, generator=generator).tolist()
-
-
-def length_batches(pairs: Sequence[TokenizedPair], indices: Sequence[int], size: int) -> list[list[int]]:
-    """``indices`` sorted by length and cut into batches of ``size``: little padding, and the same
-    batches every time, so evaluation and the reference pass see identically shaped inputs."""
-    ordered = sorted(indices, key=lambda i: (len(pairs[i].prompt) + len(pairs[i].chosen), i))
-    return [ordered[i : i + size] for i in range(0, len(ordered), size)]

@@ -27,12 +27,13 @@ from typing import Any
 import numpy
 import torch
 
-from .data import AutoFormat, TokenizeReport, load_pairs, tokenize_pairs
-from .errors import DiskError
-from .fileio import atomic_torch_save
-from .hub import tokenizer_identity
-from .refcache import data_hash, default_cache_dir
-from .types import Source, TokenizedPair
+from ..errors import DiskError
+from ..fileio import atomic_torch_save
+from ..hub import tokenizer_identity
+from ..refcache import data_hash, default_cache_dir
+from ..types import Source, TokenizedPair
+from .records import AutoFormat, load_pairs
+from .tokenize import TokenizeReport, tokenize_pairs
 
 FORMAT_VERSION = "6"  # 2: duplicate keys, 3: roles and control tokens, 4: identical after truncation,
 # 5: bytes (gzip, BOMs, lone surrogates, NaN refused), 6: reasoning text beside content refused
