@@ -5,7 +5,7 @@
 
 It makes its own data offline (Format 1 JSONL: system prompts, multi-turn prompts, unicode, some
 long completions) and tokenizes with the builtin tiny tokenizer, through the same function
-``prepare_data`` calls (``preftune.data.tokcache.tokenize_datasets``). Runs alternate and repeat, and the
+``prepare_data`` calls (``preftune.data.pipeline.prepare``). Runs alternate and repeat, and the
 best of each is reported (the machine may be shared), with the load average at the time.
 """
 
@@ -62,10 +62,10 @@ def best(times: list[float]) -> str:
 
 
 def cold_and_warm(path: Path, n: int, rounds: int, max_seq_len: int) -> None:
-    """Cold (empty cache) and warm (cache hit) runs of ``tokenize_datasets``, alternating."""
+    """Cold (empty cache) and warm (cache hit) runs of the data pipeline, alternating."""
     from preftune import Config, get_plugin_manager, get_registry
     from preftune.data import make_format
-    from preftune.data.tokcache import tokenize_datasets
+    from preftune.data.pipeline import prepare
     from preftune.tiny import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
@@ -74,10 +74,11 @@ def cold_and_warm(path: Path, n: int, rounds: int, max_seq_len: int) -> None:
         with tempfile.TemporaryDirectory() as cache:
             config = Config(base_model="builtin:tiny", dataset=str(path), cache_dir=cache,
                             max_seq_len=max_seq_len)
-            fmt = make_format(get_registry(get_plugin_manager(load_entrypoints=False)), config)
+            registry = get_registry(get_plugin_manager(load_entrypoints=False))
+            fmt = make_format(registry, config)
             for times in (cold, warm):
                 start = time.perf_counter()
-                out = tokenize_datasets(config, fmt, tokenizer, log=lambda _: None, progress=False)
+                out = prepare(registry, config, fmt, tokenizer, lambda _: None, progress=False)
                 times.append(time.perf_counter() - start)
             size = sum(f.stat().st_size for f in Path(cache).rglob("*.pt"))
     print(f"{n} pairs -> {len(out.pairs)} kept, {len(out.report.truncated)} truncated, "

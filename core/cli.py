@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .errors import PreftuneError, format_problem
+from .errors import PreftuneError, Problem
 from .secrets import mask_secrets
 
 app = typer.Typer(
@@ -185,39 +185,41 @@ def validate(
         min=2, help="With --tokenizer: the length limit (default as run's: 4096, or the model's "
         "context when --tokenizer names a model with a shorter one).")] = None,
 ) -> None:
-    """Check every line of a dataset; print each bad line with its reason. Exit 1 if any."""
+    """Check every record of a data set as run reads it; print each bad one with its reason.
+    Exit 1 if any."""
     from .config import make_config
-    from .data import make_format, parse_file, tokenize_pairs
+    from .data import make_format
+    from .data.pipeline import prepare
+    from .errors import DataError
+    from .hub import load_tokenizer
     from .manager import get_registry
 
+    notes: list[str] = []
     with user_errors():
         registry = get_registry()
-        config = make_config({"base_model": tokenizer or "builtin:tiny", "dataset": str(data),
-                              "format": format}, "validate")
-        result = parse_file(data, make_format(registry, config))
-        problems, notes = list(result.problems), []
-        if not result.records:  # as run refuses it
-            problems.append((str(data), 0, "", "the file holds no preference pairs"))
-        if tokenizer and result.pairs:
-            from .errors import DataError
-            from .hub import load_tokenizer
-
-            max_seq_len = max_seq_len or default_max_seq_len(tokenizer)
-            try:
-                kept, report = tokenize_pairs(load_tokenizer(tokenizer), result.pairs, max_seq_len)
-                notes = report.lines(max_seq_len)
-                if not kept:  # as run refuses it
-                    problems.append((str(data), 0, "", f"no pair fits max_seq_len={max_seq_len}: "
-                                     "every prompt alone is at least that long"))
-            except DataError as exc:
-                problems += exc.problems
-                notes = exc.report.lines(max_seq_len)
-    for problem in sorted(problems, key=lambda p: p[1]):
-        typer.echo(format_problem(*problem))
+        settings = {"base_model": tokenizer or "builtin:tiny", "dataset": str(data), "format": format,
+                    "on_bad_record": "skip", "max_bad_fraction": 1.0}  # list every bad record
+        if tokenizer:
+            settings["max_seq_len"] = max_seq_len or default_max_seq_len(tokenizer)
+        config = make_config(settings, "validate")
+        try:
+            built = prepare(registry, config, make_format(registry, config),
+                            load_tokenizer(tokenizer) if tokenizer else None, notes.append,
+                            progress=False)
+            problems, records = built.problems, built.records
+            notes = [n for n in built.report.lines(config.max_seq_len)] if tokenizer else []
+            if tokenizer and not built.pairs:  # as run refuses it
+                problems = problems + [Problem(str(data), "", f"no pair fits max_seq_len="
+                                               f"{config.max_seq_len}: every prompt alone is at "
+                                               "least that long")]
+        except DataError as exc:  # the data set as a whole (it holds no pairs)
+            problems, records = exc.problems, 0
+    for problem in problems:
+        typer.echo(str(problem))
     for note in notes:
         typer.echo(f"note: {note}")
-    bad = len({p[1] for p in problems if p[1]})
-    typer.echo(f"{data}: {result.records} records, {result.records - bad} ok, {bad} bad")
+    bad = len({str(p.where) for p in problems if hasattr(p.where, "sep")})
+    typer.echo(f"{data}: {records} records, {records - bad} ok, {bad} bad")
     if problems:
         raise typer.Exit(1)
 

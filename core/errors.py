@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 
 class PreftuneError(Exception):
     """Base class of every error preftune raises for bad input or a failed run."""
@@ -24,18 +27,38 @@ class RecordError(PreftuneError):
         self.message = message
 
 
-class DataError(PreftuneError):
-    """Bad lines in a dataset file: each problem is ``(file, line, field, message)``."""
+@dataclass(frozen=True)
+class Problem:
+    """One bad record: where it is (a :class:`preftune.Source`, or the data set's name for a
+    problem of the whole set), the field, why, and the raw record when there is one."""
 
-    def __init__(self, problems: list[tuple[str, int, str, str]], total: int | None = None):
+    where: Any
+    field: str
+    reason: str
+    record: Any = None
+
+    def as_tuple(self) -> tuple[str, int, str, str]:
+        """``(file, line or row, field, reason)``; line 0 for a problem of a whole data set."""
+        return (getattr(self.where, "file", str(self.where)), getattr(self.where, "line", 0),
+                self.field, self.reason)
+
+    def __str__(self) -> str:
+        return f"{self.where}: field {self.field!r}: {self.reason}" if self.field \
+            else f"{self.where}: {self.reason}"
+
+
+class DataError(PreftuneError):
+    """Bad records in a data set, each a :class:`Problem`; ``hint`` says what to do."""
+
+    def __init__(self, problems: list[Problem], total: int | None = None, hint: str = ""):
         self.problems = problems
         self.report: object | None = None  # set by tokenization: the good pairs' truncations
-        shown = [format_problem(*p) for p in problems[:20]]
+        shown = [str(p) for p in problems[:20]]
         more = len(problems) - len(shown)
         if more:
             shown.append(f"... and {more} more")
         count = f"{len(problems)} bad record(s)" + (f" of {total}" if total is not None else "")
-        super().__init__(count + ":\n" + "\n".join(shown))
+        super().__init__(count + ":\n" + "\n".join(shown) + (f"\n{hint}" if hint else ""))
 
 
 class DiskError(PreftuneError):
@@ -49,9 +72,3 @@ class DiskError(PreftuneError):
 
 class TrainingError(PreftuneError):
     """Training cannot go on, e.g. the loss is NaN or infinite."""
-
-
-def format_problem(file: str, line: int, field: str, message: str) -> str:
-    """Render one data problem as ``file:line: field 'x': message``."""
-    where = f"{file}:{line}" if line else file
-    return f"{where}: field {field!r}: {message}" if field else f"{where}: {message}"

@@ -18,15 +18,15 @@ from .backend_utils import peak_rss_mb
 from .config import Config
 from .data import (
     check_held_out,
-    check_readable,
     epoch_order,
     keep_repeats_in_train,
     length_batches,
     make_format,
     no_training_pairs,
     split_eval,
-    tokcache,
 )
+from .data.pipeline import open_datasets, prepare
+from .data.sources import Opened
 from .errors import ConfigError, PreftuneError, TrainingError
 from .fileio import atomic_dir, atomic_write_json, ensure_dir, remove_stale, run_lock
 from .manager import PluginManager, Registry, get_registry
@@ -53,7 +53,7 @@ def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
     for kind, name in [("backend", config.backend)] + [("sink", s) for s in config.sinks] + (
             [("reference", config.reference)] if config.reference != "auto" else []):
         registry.check(kind, name, config)  # exists, and can use these settings
-    check_inputs(config)
+    opened = check_inputs(registry, config)
     check_outputs(config, cache_dir(config), plugin_outputs(registry, config))
     if config.resume:
         checkpoint.check_resumable(config.log_path)
@@ -62,17 +62,16 @@ def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
     ensure_dir(cache_dir(config), "cache_dir")  # a file, unwritable: said before loading
     log_path = ensure_dir(config.log_path, "log_path")
     with run_lock(log_path):  # a second run on this log_path stops here, naming the first
-        return train(config, registry, loss, fmt, log_path)
+        return train(config, registry, loss, fmt, log_path, opened)
 
 
-def check_inputs(config: Config) -> None:
-    """The data files can be read and the tokenizer's name can be found: said before the log
+def check_inputs(registry: Registry, config: Config) -> list[Opened]:
+    """The data sets can be read and the tokenizer's name can be found: said before the log
     directory is made (the model's name is its backend's to check)."""
-    check_readable(config.dataset, "dataset")
-    if config.eval_dataset:
-        check_readable(config.eval_dataset, "eval_dataset")
+    opened = open_datasets(registry, config)
     if config.tokenizer_model and not tiny.is_builtin(config.tokenizer_model):
         check_local_name(config.tokenizer_model, "tokenizer_model")
+    return opened
 
 
 def plugin_outputs(registry: Registry, config: Config) -> list[Output]:
@@ -88,7 +87,8 @@ def plugin_outputs(registry: Registry, config: Config) -> list[Output]:
     return found
 
 
-def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Path) -> dict[str, Any]:
+def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Path,
+          opened: list[Opened]) -> dict[str, Any]:
     """The run itself, once its components are known to exist and ``log_path`` is ours."""
     remove_interrupted_saves(log_path, cache_dir(config))
     (log_path / checkpoint.SUMMARY).unlink(missing_ok=True)  # an earlier run's; this one is on
@@ -100,7 +100,7 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
     same_repo = config.tokenizer_model in (None, config.base_model)
     tokenizer = hub.load_tokenizer(config.tokenizer_model or config.base_model,
                                    config.base_model_revision if same_repo else None)
-    data = prepare_data(config, fmt, tokenizer)
+    data = prepare_data(config, registry, fmt, tokenizer, opened, log_path)
     sinks = open_sinks(registry, config)
     summary: dict[str, Any] = {"status": "failed"}
     backend: Any = None
@@ -188,7 +188,7 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
                    "train_s": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
                    "weights": weights, "initial_eval": first_eval, "final_eval": final_eval,
                    "dropped_pairs": len(data.report.dropped),
-                   "truncated_pairs": len(data.report.truncated),
+                   "truncated_pairs": len(data.report.truncated), "skipped_records": data.skipped,
                    "prepare_s": data.prepare_s, "reference_s": reference_s,
                    "peak_rss_mb": peak_rss_mb(), "peak_mem_mb": peak_mem_mb(backend),
                    **backend_summary(backend), **remote}
@@ -263,6 +263,7 @@ class Data:
     report: Any
     sha256: str  # of the tokenized pairs: keys the reference cache and checkpoints
     prepare_s: float = 0.0  # reading, parsing and tokenizing
+    skipped: int = 0  # bad records left out (on_bad_record = "skip")
 
     def eval_batches(self, size: int) -> list[list[int]]:
         return length_batches(self.pairs, self.eval, size)
@@ -273,24 +274,21 @@ class Data:
         return {"train_pairs": len(self.train), "eval_pairs": len(self.eval),
                 "steps_per_epoch": steps, "total_steps": steps * config.epochs,
                 "dropped_pairs": len(self.report.dropped),
-                "truncated_pairs": len(self.report.truncated)}
+                "truncated_pairs": len(self.report.truncated), "skipped_records": self.skipped}
 
 
-def prepare_data(config: Config, fmt: Any, tokenizer: Any) -> Data:
-    """Parse and tokenize the dataset (and eval set), then split off the held-out pairs."""
+def prepare_data(config: Config, registry: Registry, fmt: Any, tokenizer: Any,
+                 opened: list[Opened] | None = None, log_path: Path | None = None) -> Data:
+    """Read, check and tokenize the data sets, then split off the held-out pairs."""
     start = time.perf_counter()
-    datasets = [config.dataset] + ([config.eval_dataset] if config.eval_dataset else [])
-    if config.eval_dataset and Path(config.eval_dataset).resolve() == Path(config.dataset).resolve():
-        raise ConfigError("eval_dataset is the training dataset; held-out pairs must be other pairs")
-    tokenized = tokcache.tokenize_datasets(config, fmt, tokenizer, log)  # rendered once, then cached
+    opened = opened if opened is not None else open_datasets(registry, config)
+    tokenized = prepare(registry, config, fmt, tokenizer, log, log_path, opened=opened)
     pairs, report = tokenized.pairs, tokenized.report
     for line in report.lines(config.max_seq_len):
         log(line)
-    eval_files = {config.eval_dataset}
-    is_eval = [p.source is not None and p.source.file in eval_files for p in pairs]
     if config.eval_dataset:
-        train = [i for i, e in enumerate(is_eval) if not e]
-        held = [i for i, e in enumerate(is_eval) if e]
+        train = list(range(tokenized.train_count))
+        held = list(range(tokenized.train_count, len(pairs)))
         check_held_out(pairs, train, held)
     else:
         train, held = split_eval(len(pairs), config.eval_fraction, config.seed)
@@ -303,8 +301,8 @@ def prepare_data(config: Config, fmt: Any, tokenizer: Any) -> Data:
     if not train:
         raise ConfigError(no_training_pairs(config, len(pairs), len(held), report))
     log(f"{len(train)} training pairs, {len(held)} held-out pairs")
-    return Data(pairs, train, held, datasets, report, tokenized.sha256,
-                time.perf_counter() - start)
+    return Data(pairs, train, held, [d.name for d in opened], report, tokenized.sha256,
+                time.perf_counter() - start, len(tokenized.problems))
 
 
 def resolve_reference(config: Config, loss: Loss, backend: Any) -> str:

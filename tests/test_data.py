@@ -26,7 +26,7 @@ def fmt(registry: Any, name: str = "auto") -> Any:
 def problems_of(path: Path, registry: Any) -> list[tuple[str, int, str, str]]:
     with pytest.raises(DataError) as info:
         load_pairs(path, fmt(registry))
-    return info.value.problems
+    return [p.as_tuple() for p in info.value.problems]
 
 
 def test_every_bad_line_is_reported_with_file_line_and_field(
@@ -88,8 +88,11 @@ def test_tokenize_masks_exactly_the_prompt_rendered_by_the_chat_template(tokeniz
     full = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is red?"}, {"role": "assistant", "content": "A color."}]
     )["input_ids"]
-    assert list(t.prompt) == prompt and list(t.prompt + t.chosen) == full
-    assert tokenizer.decode(t.chosen).startswith("A color.")
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # trained through the end-of-turn token, not past it: the template's "\n" after it is cut
+    assert tokenizer.decode(full[-1:]) == "\n" and full[-2] == im_end
+    assert list(t.prompt) == prompt and list(t.prompt + t.chosen) == full[:-1]
+    assert tokenizer.decode(t.chosen).startswith("A color.") and t.chosen[-1] == im_end
     assert t.chosen_weights == (1.0,) * len(t.chosen)
     tokens, weights = t.sequence("rejected")
     assert len(weights) == len(tokens) - 1
@@ -245,8 +248,9 @@ def test_template_errors_name_every_line_and_field_as_per_pair_does(tokenizer: A
              for i, p in enumerate(pairs)]
     with pytest.raises(DataError) as info:
         tokenize_pairs(raising, pairs, max_seq_len=99)
-    assert info.value.problems == per_pair(raising, pairs, 99)[2]
-    assert [(p[1], p[2]) for p in info.value.problems] == [(2, "prompt"), (3, "rejected"), (4, "chosen")]
+    assert [p.as_tuple() for p in info.value.problems] == per_pair(raising, pairs, 99)[2]
+    found = [(p.where.line, p.field) for p in info.value.problems]
+    assert found == [(2, "prompt"), (3, "rejected"), (4, "chosen")]
     assert "the chat template failed: no BAD please" in str(info.value)
 
 
@@ -256,5 +260,5 @@ def test_a_prompt_that_is_not_a_token_prefix_is_reported_as_per_pair_does(tokeni
     pairs = varied_pairs()[:8]
     with pytest.raises(DataError) as info:
         tokenize_pairs(thinking, pairs, max_seq_len=99)
-    assert info.value.problems == per_pair(thinking, pairs, 99)[2]
-    assert len(info.value.problems) == 8 and info.value.problems[0][2] == "chosen"
+    assert [p.as_tuple() for p in info.value.problems] == per_pair(thinking, pairs, 99)[2]
+    assert len(info.value.problems) == 8 and info.value.problems[0].field == "chosen"

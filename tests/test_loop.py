@@ -109,7 +109,8 @@ def test_cached_reference_equals_fresh_reference(make_config: Any) -> None:
     assert all(cached.sums[s].dtype == torch.float32 for s in ("chosen", "rejected"))
     assert torch.all(cached.sums["chosen"] < 0) and torch.all(cached.counts["chosen"] >= 1)
     backend = LocalBackend(config, LocalOptions(), tiny_tokenizer())
-    data = preftune.loop.prepare_data(config, preftune.loop.make_format(get_registry(), config),
+    registry = get_registry()
+    data = preftune.loop.prepare_data(config, registry, preftune.loop.make_format(registry, config),
                                       tiny_tokenizer())
     fresh = backend.forward(data.pairs)
     torch.testing.assert_close(cached.select(range(24)).chosen, fresh.chosen, rtol=0, atol=1e-5)
@@ -151,13 +152,17 @@ def test_grad_accumulation_gives_the_same_training_as_one_big_batch(
     rows_big = read_rows(tmp_path / "big" / "metrics.jsonl")
     rows_acc = read_rows(tmp_path / "acc" / "metrics.jsonl")
     assert len(rows_big) == len(rows_acc) == 6  # steps of 8, 8, 6 (= 4 + 2) pairs per epoch
+    # the first step's gradient is the same up to float32 summation order; later steps differ by
+    # that noise as Adam's first, sign-like steps amplify it (a wrong micro-batch weight is ~10%)
+    assert rows_big[0]["grad_norm"] == pytest.approx(rows_acc[0]["grad_norm"], rel=1e-5)
     for a, b in zip(rows_big, rows_acc):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
     w_big = load_file(str(tmp_path / "big" / "final" / "model.safetensors"))
     w_acc = load_file(str(tmp_path / "acc" / "final" / "model.safetensors"))
     for name, tensor in w_big.items():
-        torch.testing.assert_close(tensor, w_acc[name], atol=1e-4, rtol=1e-3)
+        # a few of Adam's near-zero-gradient entries move by about lr apart: compare whole tensors
+        assert float((tensor - w_acc[name]).norm() / tensor.norm().clamp(min=1e-12)) < 1e-3, name
 
 
 def test_unknown_plugin_names_fail_before_loading_anything(make_config: Any) -> None:

@@ -12,7 +12,8 @@ import torch
 
 from preftune import Config, DataError
 from preftune.data import TokenizeReport, load_pairs, make_format, tokenize_pairs
-from preftune.data.tokcache import Tokenized, file_sha256, load_or_build, tokenize_datasets
+from preftune.data.pipeline import prepare
+from preftune.data.tokcache import Tokenized, file_sha256, load_or_build
 from preftune.refcache import data_hash
 from preftune.tiny import tiny_tokenizer
 
@@ -33,7 +34,7 @@ def records(pair_record: Any, n: int, offset: int = 0) -> list[Any]:
 
 
 class Run:
-    """Runs ``tokenize_datasets`` as ``prepare_data`` does, keeping the log."""
+    """Runs the data pipeline as ``prepare_data`` does, keeping the log."""
 
     def __init__(self, tmp_path: Path, registry: Any, **config: Any):
         self.registry, self.lines = registry, []
@@ -45,8 +46,8 @@ class Run:
         for key, value in changes.items():
             setattr(self.config, key, value)
         fmt = make_format(self.registry, self.config)
-        return tokenize_datasets(self.config, fmt, tokenizer or tiny_tokenizer(), self.lines.append,
-                                 progress=False)
+        return prepare(self.registry, self.config, fmt, tokenizer or tiny_tokenizer(),
+                       self.lines.append, progress=False)
 
     @property
     def log(self) -> str:
@@ -134,7 +135,7 @@ def test_changed_file_content_rebuilds_but_a_new_mtime_or_path_spelling_does_not
     assert [p.prompt for p in relative.pairs] == [p.prompt for p in first.pairs]
     write_jsonl(held, records(pair_record, 6, offset=200))
     changed = run()
-    assert "(eval_dataset_sha256 changed)" in run.log and changed.sha256 != first.sha256
+    assert "(eval_dataset changed)" in run.log and changed.sha256 != first.sha256
 
 
 def test_a_changed_chat_template_or_format_version_rebuilds(
@@ -218,7 +219,8 @@ def test_a_file_that_changes_while_it_is_read_is_not_cached(tmp_path: Path, data
         train.write_text(train.read_text() + "\n")
         return Tokenized([], TokenizeReport(), "x")
 
-    load_or_build(tmp_path / "c.pt", parts, build, [str(train)], lines.append)
+    load_or_build(tmp_path / "c.pt", parts, build, [str(train)], lines.append,
+                  lambda: {"dataset_sha256": file_sha256(train)})
     assert "changed while it was read" in lines[0] and not (tmp_path / "c.pt").exists()
 
 

@@ -19,7 +19,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate, chain
 from pathlib import Path
 from typing import Any
@@ -27,52 +27,88 @@ from typing import Any
 import numpy
 import torch
 
-from ..errors import DiskError
+from ..errors import DiskError, Problem
 from ..fileio import atomic_torch_save
 from ..hub import tokenizer_identity
 from ..refcache import data_hash, default_cache_dir
 from ..types import Source, TokenizedPair
-from .records import AutoFormat, load_pairs
-from .tokenize import TokenizeReport, tokenize_pairs
+from .policy import Raw, raw_text
+from .records import AutoFormat, parse_records
+from .sources import Opened
+from .tokenize import TokenizeReport, tokenize_all
 
-FORMAT_VERSION = "6"  # 2: duplicate keys, 3: roles and control tokens, 4: identical after truncation,
-# 5: bytes (gzip, BOMs, lone surrogates, NaN refused), 6: reasoning text beside content refused
+FORMAT_VERSION = "7"  # 2: duplicate keys, 3: roles and control tokens, 4: identical after truncation,
+# 5: bytes (gzip, BOMs, lone surrogates, NaN refused), 6: reasoning text beside content refused,
+# 7: sources, TRL formats, tools, the end of turn, bad records kept
 PROBE = TokenizedPair((1,), (2,), (3,), (1.0,), (1.0,))  # fingerprints data_hash's definition
 
 
 @dataclass
 class Tokenized:
-    """A run's tokenized pairs (training file first, then the eval file), what tokenization had
-    to change, and ``refcache.data_hash`` of the pairs."""
+    """A run's tokenized pairs (the training set's first, then the eval set's), what tokenization
+    had to change, ``refcache.data_hash`` of the pairs, the bad records and how many records
+    were read, and how many of the pairs are the training set's."""
 
     pairs: list[TokenizedPair]
     report: TokenizeReport
     sha256: str
+    problems: list[Problem] = field(default_factory=list)
+    records: int = 0
+    train_count: int = 0
 
 
-def tokenize_datasets(config: Any, fmt: Any, tokenizer: Any, log: Callable[[str], None] = print,
-                      progress: bool = True) -> Tokenized:
-    """The tokenized pairs of ``config.dataset`` (first ``max_pairs``) and ``config.eval_dataset``,
-    from the cache when its key still matches; parsed and tokenized otherwise (a bad line is the
-    same :class:`DataError` as without a cache)."""
-    datasets = [config.dataset] + ([config.eval_dataset] if config.eval_dataset else [])
+def build_tokenized(config: Any, opened: Sequence[Opened], fmt: Any, tokenizer: Any,
+                    progress: bool = True) -> Tokenized:
+    """Read, parse, check and tokenize the data sets (the first ``max_pairs`` of the training
+    set); every bad record is collected, none raised."""
+    sets, problems, records = [], [], 0
+    for index, data in enumerate(opened):
+        parsed = parse_records(data.records(), fmt, config.max_pairs if index == 0 else None)
+        if not parsed.pairs and not parsed.problems:
+            parsed.problems.append(Problem(data.name, "", "the data set holds no preference pairs"))
+        sets.append(parsed.pairs)
+        problems += parsed.problems
+        records += parsed.records
+    if tokenizer is None:  # validate without a tokenizer: parsing only
+        return Tokenized([], TokenizeReport(), "", problems, records, len(sets[0]))
+    kept, report = [], TokenizeReport()
+    for pairs in sets:
+        tokenized, changed, bad = tokenize_all(tokenizer, pairs, config.max_seq_len, progress=progress)
+        kept.append(tokenized)
+        report.dropped += changed.dropped
+        report.truncated += changed.truncated
+        problems += bad
+    pairs = [p for tokenized in kept for p in tokenized]
+    return Tokenized(pairs, report, data_hash(pairs), problems, records, len(kept[0]))
+
+
+def tokenize_datasets(config: Any, opened: Sequence[Opened], fmt: Any, tokenizer: Any,
+                      log: Callable[[str], None] = print, progress: bool = True) -> Tokenized:
+    """The tokenized pairs of the run's data sets, from the cache when its key still matches;
+    read and tokenized otherwise. Bad records are returned (the policy decides), and a build
+    with bad records is cached only when the run skips them."""
+    names = [data.name for data in opened]
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    cache_file = cache_file_for(cache_dir, config.tokenizer_model or config.base_model, datasets)
-    parts = key_parts(config, fmt, tokenizer, datasets)
+    cache_file = cache_file_for(cache_dir, config.tokenizer_model or config.base_model, names)
+    parts = key_parts(config, fmt, tokenizer, opened)
 
     def build() -> Tokenized:
-        train = load_pairs(config.dataset, fmt)[: config.max_pairs or None]
-        held = load_pairs(config.eval_dataset, fmt) if config.eval_dataset else []
-        pairs, report = tokenize_pairs(tokenizer, train + held, config.max_seq_len, progress=progress)
-        return Tokenized(pairs, report, data_hash(pairs))
+        return build_tokenized(config, opened, fmt, tokenizer, progress)
 
-    return load_or_build(cache_file, parts, build, datasets, log)
+    def keep(built: Tokenized) -> bool:
+        return not built.problems or config.on_bad_record == "skip"
+
+    return load_or_build(cache_file, parts, build, names, log,
+                         lambda: identity_parts(opened), keep)
 
 
 def load_or_build(cache_file: Path, parts: dict[str, str], build: Callable[[], Tokenized],
-                  datasets: Sequence[str], log: Callable[[str], None] = print) -> Tokenized:
+                  datasets: Sequence[str], log: Callable[[str], None] = print,
+                  identity: Callable[[], dict[str, str]] | None = None,
+                  keep: Callable[[Tokenized], bool] = lambda built: True) -> Tokenized:
     """Reuse ``cache_file`` when its key parts equal ``parts``; otherwise build, then save unless a
-    dataset file changed while it was read."""
+    data set changed while it was read (``identity`` differs from its part of the key) or
+    ``keep`` refuses the build."""
     parts = {**parts, "format_version": FORMAT_VERSION}
     cached = read_cache(cache_file, parts, datasets, log)
     if cached is not None:
@@ -81,8 +117,10 @@ def load_or_build(cache_file: Path, parts: dict[str, str], build: Callable[[], T
     start = time.perf_counter()
     built = build()
     seconds = time.perf_counter() - start
-    if any(parts.get(k) != v for k, v in files_parts(datasets).items()):
-        log(f"tokenized data: a dataset file changed while it was read; not caching {cache_file}")
+    if identity is not None and any(parts.get(k) != v for k, v in identity().items()):
+        log(f"tokenized data: a data set changed while it was read; not caching {cache_file}")
+        return built
+    if not keep(built):
         return built
     try:
         atomic_torch_save(pack(built, parts, datasets), cache_file)
@@ -118,12 +156,12 @@ def read_cache(cache_file: Path, parts: dict[str, str], datasets: Sequence[str],
         return None
 
 
-def key_parts(config: Any, fmt: Any, tokenizer: Any, datasets: Sequence[str]) -> dict[str, str]:
+def key_parts(config: Any, fmt: Any, tokenizer: Any, opened: Sequence[Opened]) -> dict[str, str]:
     """What the tokenized data depends on (the cache is rebuilt when any of it changes)."""
     import tokenizers
     import transformers
 
-    parts = {**files_parts(datasets), **tokenizer_identity(tokenizer),
+    parts = {**identity_parts(opened), **tokenizer_identity(tokenizer),
              "format": format_identity(config, fmt),
              "max_pairs": str(config.max_pairs), "max_seq_len": str(config.max_seq_len),
              "special_tokens": json.dumps(getattr(tokenizer, "special_tokens_map", {}), sort_keys=True,
@@ -133,10 +171,11 @@ def key_parts(config: Any, fmt: Any, tokenizer: Any, datasets: Sequence[str]) ->
     return {k: str(v) for k, v in parts.items()}
 
 
-def files_parts(datasets: Sequence[str]) -> dict[str, str]:
-    """The sha256 of each dataset file's bytes: ``dataset_sha256``, ``eval_dataset_sha256``."""
-    names = ("dataset_sha256", "eval_dataset_sha256")
-    return {name: file_sha256(path) for name, path in zip(names, datasets)}
+def identity_parts(opened: Sequence[Opened]) -> dict[str, str]:
+    """What each data set is, as its source says (content hashes, a fingerprint and revision):
+    ``dataset``, ``eval_dataset``, with the source's name."""
+    return {data.key: json.dumps({"source": type(data.source).__name__, **data.identity()},
+                                 sort_keys=True) for data in opened}
 
 
 def file_sha256(path: str | Path) -> str:
@@ -168,32 +207,43 @@ def cache_file_for(cache_dir: Path, tokenizer_name: str, datasets: Sequence[str]
 
 
 def pack(tokenized: Tokenized, parts: dict[str, str], datasets: Sequence[str]) -> dict[str, Any]:
-    """The cache file's content: flat int32 tokens, per-pair lengths and sources, the report."""
-    index = {name: i for i, name in enumerate(datasets)}
+    """The cache file's content: flat int32 tokens, per-pair lengths and sources, the report, the
+    bad records. Sources are (origin index, line or row) into a table of origins, where an
+    origin that is one of the run's data set names is stored as its index (a hit then reports
+    it as this run spells it)."""
     pairs = tokenized.pairs
+    origins = Origins(datasets)
     seqs = (seq for p in pairs for seq in (p.prompt, p.chosen, p.rejected))
     tokens = array.array("i", chain.from_iterable(seqs))  # int32; ~2x faster than a list
+    problems = [{"where": origins.row(p.where) if isinstance(p.where, Source) else str(p.where),
+                 "field": p.field, "reason": p.reason, "record": raw_text(p.record)}
+                for p in tokenized.problems]
     return {
         "parts": json.dumps(parts, sort_keys=True),
         "tokens": torch.from_numpy(numpy.frombuffer(tokens, dtype=numpy.int32).copy()),
         "lengths": torch.tensor([[len(p.prompt), len(p.chosen), len(p.rejected)] for p in pairs],
                                 dtype=torch.int64).reshape(-1, 3),
-        "sources": _sources([p.source for p in pairs], index),
+        "sources": origins.table([p.source for p in pairs]),
         "truncated": torch.tensor([p.truncated for p in pairs], dtype=torch.bool),
-        "dropped": _sources(tokenized.report.dropped, index),
+        "dropped": origins.table(tokenized.report.dropped),
         "data_sha256": tokenized.sha256,
+        "meta": json.dumps({"origins": origins.saved(), "problems": problems,
+                            "records": tokenized.records, "train_count": tokenized.train_count}),
     }
 
 
 def unpack(data: dict[str, Any], datasets: Sequence[str]) -> Tokenized:
     """The :class:`Tokenized` a cache file holds; a ``ValueError`` when its tensors disagree."""
     lengths, tokens = data["lengths"], data["tokens"]
+    meta = json.loads(data["meta"])
+    origins = Origins.load(meta["origins"], datasets)
     n = lengths.shape[0]
     if (tokens.dtype != torch.int32 or lengths.dim() != 2 or lengths.shape[1] != 3
             or (n and int(lengths.min()) < 0) or int(lengths.sum()) != tokens.numel()
-            or tuple(data["sources"].shape) != (n, 2) or tuple(data["truncated"].shape) != (n,)):
+            or tuple(data["sources"].shape) != (n, 2) or tuple(data["truncated"].shape) != (n,)
+            or not 0 <= meta["train_count"] <= n):
         raise ValueError("the token, length and source tables do not match")
-    sources = _unsources(data["sources"], datasets)
+    sources = origins.sources(data["sources"])
     flat = array.array("i", tokens.numpy().tobytes())  # slices ~2x faster than of tolist()
     ends = list(accumulate(lengths.reshape(-1).tolist()))
     starts = [0] + ends[:-1]
@@ -203,19 +253,53 @@ def unpack(data: dict[str, Any], datasets: Sequence[str]) -> Tokenized:
         prompt, chosen, rejected = seqs[3 * i : 3 * i + 3]
         pairs.append(TokenizedPair(prompt, chosen, rejected, (1.0,) * len(chosen),
                                    (1.0,) * len(rejected), source, truncated))
-    report = TokenizeReport(_unsources(data["dropped"], datasets),
-                            [p.source for p in pairs if p.truncated])
-    return Tokenized(pairs, report, str(data["data_sha256"]))
+    report = TokenizeReport(origins.sources(data["dropped"]), [p.source for p in pairs if p.truncated])
+    problems = [Problem(origins.source(p["where"]) if isinstance(p["where"], list) else p["where"],
+                        p["field"], p["reason"], Raw(p["record"]) if p["record"] is not None else None)
+                for p in meta["problems"]]
+    return Tokenized(pairs, report, str(data["data_sha256"]), problems, int(meta["records"]),
+                     int(meta["train_count"]))
 
 
-def _sources(sources: Sequence[Source | None], index: dict[str, int]) -> torch.Tensor:
-    """Sources as ``[n, 2]`` (dataset index, line); -1 for a pair without a source."""
-    rows = [[index[s.file], s.line] if s is not None else [-1, 0] for s in sources]
-    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)
+class Origins:
+    """The files (or hub splits) sources name, as a table: a source is stored as (index, line)."""
 
+    def __init__(self, datasets: Sequence[str], saved: Sequence[tuple[str | int, str]] = ()):
+        self.datasets = list(datasets)
+        self.entries: list[tuple[str, str]] = []
+        self.index: dict[tuple[str, str], int] = {}
+        for name, sep in saved:
+            if isinstance(name, int) and not 0 <= name < len(self.datasets):
+                raise ValueError("a source names a data set this run does not have")
+            self._add((self.datasets[name] if isinstance(name, int) else name, sep))
 
-def _unsources(table: torch.Tensor, datasets: Sequence[str]) -> list[Source | None]:
-    rows = table.tolist()
-    if any(not -1 <= f < len(datasets) for f, _ in rows):
-        raise ValueError("a source names a dataset file this run does not have")
-    return [Source(datasets[f], line) if f >= 0 else None for f, line in rows]
+    @classmethod
+    def load(cls, saved: Sequence[Any], datasets: Sequence[str]) -> Origins:
+        return cls(datasets, [(name, sep) for name, sep in saved])
+
+    def _add(self, key: tuple[str, str]) -> int:
+        if key not in self.index:
+            self.index[key] = len(self.entries)
+            self.entries.append(key)
+        return self.index[key]
+
+    def row(self, source: Source) -> list[int]:
+        return [self._add((source.file, source.sep)), source.line]
+
+    def table(self, sources: Sequence[Source | None]) -> torch.Tensor:
+        """Sources as ``[n, 2]`` (origin index, line); -1 for a pair without a source."""
+        rows = [self.row(s) if s is not None else [-1, 0] for s in sources]
+        return torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)
+
+    def saved(self) -> list[tuple[str | int, str]]:
+        position = {name: i for i, name in enumerate(self.datasets)}
+        return [(position.get(name, name), sep) for name, sep in self.entries]
+
+    def source(self, row: Sequence[int]) -> Source | None:
+        origin, line = row
+        if not -1 <= origin < len(self.entries):
+            raise ValueError("a source names an origin the cache does not have")
+        return Source(self.entries[origin][0], line, self.entries[origin][1]) if origin >= 0 else None
+
+    def sources(self, table: torch.Tensor) -> list[Source | None]:
+        return [self.source(row) for row in table.tolist()]

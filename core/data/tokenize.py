@@ -8,14 +8,15 @@ distinct conversation once; the result is exactly that of tokenizing each pair a
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..errors import DataError, RecordError
+from ..errors import DataError, Problem, RecordError
 from ..types import Message, PreferencePair, Source, TokenizedPair
 
 SIDES = ("chosen", "rejected")
@@ -28,55 +29,73 @@ PAIRS_PER_STEP = 2048  # pairs rendered before they are assembled: bounds the me
 
 
 Rendered = list[int] | RecordError  # token ids, or why the template could not render them
+Slot = tuple[str, object, bool, "str | None"]  # ("chat", messages, generation prompt, tools) or ("text", ...)
 
 
-def _as_dicts(messages: Sequence[Message]) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in messages]
+def _as_dicts(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    return [m.as_dict() for m in messages]
 
 
 def _ids(out: Any) -> Any:
     return out["input_ids"] if hasattr(out, "keys") else out
 
 
-def render(tokenizer: Any, messages: Sequence[Message], generation_prompt: bool) -> list[int]:
+def _tools(tools: str | None) -> dict[str, Any]:
+    """The ``tools`` argument of ``apply_chat_template``, only when a record has tools (a
+    template that takes none is then not handed an argument it never saw before)."""
+    return {"tools": json.loads(tools)} if tools is not None else {}
+
+
+def render(tokenizer: Any, messages: Sequence[Message], generation_prompt: bool,
+           tools: str | None = None) -> list[int]:
     """Token ids of ``messages`` rendered with the tokenizer's chat template."""
     out = tokenizer.apply_chat_template(
-        _as_dicts(messages), tokenize=True, add_generation_prompt=generation_prompt
+        _as_dicts(messages), tokenize=True, add_generation_prompt=generation_prompt, **_tools(tools)
     )
     return list(_ids(out))
 
 
 def try_render(tokenizer: Any, messages: Sequence[Message], generation_prompt: bool,
-               field: str) -> Rendered:
+               field: str, tools: str | None = None) -> Rendered:
     """:func:`render`, with an error the template raises (e.g. roles that must alternate)
     returned as a :class:`RecordError` naming ``field``."""
     from jinja2 import TemplateError
 
     try:
-        return render(tokenizer, messages, generation_prompt)
+        return render(tokenizer, messages, generation_prompt, tools)
     except TemplateError as exc:
         return RecordError(field, f"the chat template failed: {exc}")
 
 
 def render_many(tokenizer: Any, conversations: Sequence[Sequence[Message]],
-                generation_prompt: bool) -> list[Rendered]:
+                generation_prompt: bool, tools: str | None = None) -> list[Rendered]:
     """:func:`try_render` of each conversation, batched for a Hugging Face tokenizer (its batch
     path renders and encodes exactly as one-by-one calls do, and encodes on all cores)."""
     from jinja2 import TemplateError
     from transformers import PreTrainedTokenizerBase
 
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
-        return [try_render(tokenizer, c, generation_prompt, "") for c in conversations]
+        return [try_render(tokenizer, c, generation_prompt, "", tools) for c in conversations]
     out: list[Rendered] = []
     for start in range(0, len(conversations), CHUNK):
         chunk = conversations[start : start + CHUNK]
         try:
             batch = tokenizer.apply_chat_template([_as_dicts(c) for c in chunk], tokenize=True,
-                                                  add_generation_prompt=generation_prompt)
+                                                  add_generation_prompt=generation_prompt,
+                                                  **_tools(tools))
         except TemplateError:  # find which ones fail, one by one
-            out.extend(try_render(tokenizer, c, generation_prompt, "") for c in chunk)
+            out.extend(try_render(tokenizer, c, generation_prompt, "", tools) for c in chunk)
         else:
             out.extend(list(ids) for ids in _ids(batch))
+    return out
+
+
+def encode_many(tokenizer: Any, texts: Sequence[str]) -> list[Rendered]:
+    """Token ids of plain texts (text pairs: no chat template), special tokens added as the
+    tokenizer adds them (a BOS), as TRL tokenizes its "standard" records."""
+    out: list[Rendered] = []
+    for start in range(0, len(texts), CHUNK):
+        out.extend(list(ids) for ids in _ids(tokenizer(list(texts[start : start + CHUNK]))))
     return out
 
 
@@ -87,23 +106,64 @@ def _unwrap(rendered: Rendered) -> list[int]:
     return rendered
 
 
-def assemble(pair: PreferencePair, prompt: Rendered, fulls: Sequence[Rendered],
-             max_seq_len: int) -> TokenizedPair | None:
+@dataclass(frozen=True)
+class Vocab:
+    """What tokenizing needs to know of a tokenizer, found once: the text of its control tokens
+    (and of its template's plain-text turn markers), its special token ids, its EOS text."""
+
+    control: re.Pattern[str] | None
+    special_ids: frozenset[int]
+    eos: str
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> Vocab:
+        ids = set(getattr(tokenizer, "all_special_ids", None) or [])
+        for index, token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+            if getattr(token, "special", False):
+                ids.add(int(index))
+        return cls(control_tokens(tokenizer), frozenset(ids), getattr(tokenizer, "eos_token", None) or "")
+
+
+def end_of_turn(completion: list[int], vocab: Vocab, tokenizer: Any) -> list[int]:
+    """The completion through its last control token (``<|im_end|>``, ``<end_of_turn>``), without
+    the whitespace a template writes after it: a model stops at the control token and never
+    generates that newline, so it is not trained on (as the cookbook's renderers do)."""
+    last = next((i for i in range(len(completion) - 1, -1, -1) if completion[i] in vocab.special_ids), None)
+    if last is None or last == len(completion) - 1:
+        return completion
+    if tokenizer.decode(completion[last + 1 :]).strip():
+        return completion  # text after the control token is real content: keep it
+    return completion[: last + 1]
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def assemble(pair: PreferencePair, prompt: Rendered, fulls: Sequence[Rendered], max_seq_len: int,
+             vocab: Vocab | None = None, tokenizer: Any = None) -> TokenizedPair | None:
     """The tokenized pair from its rendered prompt and its two rendered conversations (chosen,
     rejected); None when the prompt alone leaves no room for a completion token. Raises the
-    pair's first problem as a :class:`RecordError`."""
+    pair's first problem as a :class:`RecordError`.
+
+    A chat pair's prompt must be a token prefix of both conversations. A text pair's completion
+    starts where the tokens of prompt and prompt + completion part (as TRL splits them: the
+    prompt's last characters may merge with the completion's first into one token)."""
     prompt = _unwrap(prompt)
-    completions = []
-    for side, rendered in zip(SIDES, fulls):
-        full = _unwrap(rendered)
+    full_ids = [_unwrap(rendered) for rendered in fulls]
+    if pair.is_text:
+        prompt = prompt[: min(common_prefix(prompt, full) for full in full_ids)]
+    for side, full in zip(SIDES, full_ids):
         if full[: len(prompt)] != prompt:
-            at = next((i for i, (a, b) in enumerate(zip(full, prompt)) if a != b), len(full))
             raise RecordError(
                 side,
                 "the chat template does not render the prompt as a token prefix of the "
-                f"conversation (they differ at token {at}); the loss boundary would be wrong",
+                f"conversation (they differ at token {common_prefix(full, prompt)}); the loss "
+                "boundary would be wrong",
             )
-        completions.append(full[len(prompt) :])
+    completions = [full[len(prompt) :] for full in full_ids]
+    if vocab is not None and not pair.is_text:
+        completions = [end_of_turn(c, vocab, tokenizer) for c in completions]
     if len(prompt) >= max_seq_len:
         return None
     room = max_seq_len - len(prompt)
@@ -125,27 +185,88 @@ def assemble(pair: PreferencePair, prompt: Rendered, fulls: Sequence[Rendered],
     )
 
 
+SENTINELS = ("PREFTUNE0SYSTEM", "PREFTUNE1USER", "PREFTUNE2ASSISTANT")
+
+
+def template_markers(tokenizer: Any) -> set[str]:
+    """Plain-text turn markers a chat template writes (Llama-2's ``[INST]``, ``<<SYS>>``, Zephyr's
+    ``<|user|>``): the words of its frame, around sentinel contents, that hold brackets. A template
+    made of special tokens has none; role names and whitespace are never markers."""
+    from jinja2 import TemplateError
+
+    roles = ("system", "user", "assistant")
+    for messages in ([{"role": r, "content": c} for r, c in zip(roles, SENTINELS)],
+                     [{"role": r, "content": c} for r, c in zip(roles[1:], SENTINELS[1:])]):
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+        except (TemplateError, ValueError, TypeError):
+            continue
+        frame = re.split("|".join(SENTINELS), str(text))
+        words = {w for piece in frame for w in piece.split()}
+        return {w for w in words if len(w) >= 3 and re.search(r"[\[\]<>|]", w)}
+    return set()
+
+
 def control_tokens(tokenizer: Any) -> re.Pattern[str] | None:
-    """A pattern matching the tokenizer's special tokens (``<|im_end|>``, ``</s>``...) in text."""
+    """A pattern matching the tokenizer's special tokens (``<|im_end|>``, ``</s>``...) and its
+    template's plain-text turn markers (``[INST]``) in text."""
     specials = set(getattr(tokenizer, "all_special_tokens", None) or [])
     for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
         if getattr(token, "special", False):
             specials.add(str(token))
+    if getattr(tokenizer, "chat_template", None):
+        markers = template_markers(tokenizer)
+        specials |= {m for m in markers if not any(s and s in m for s in specials)}
     specials = {t for t in specials if t}
     return re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True)))) if specials else None
 
 
+def texts_of(pair: PreferencePair) -> Iterator[tuple[str, int, str]]:
+    """``(side, message index, text)`` of every text a pair holds."""
+    for side in ("prompt", *SIDES):
+        value = getattr(pair, side)
+        if isinstance(value, str):
+            yield side, 0, value
+            continue
+        for i, message in enumerate(value):
+            yield side, i, message.content
+
+
 def check_control_tokens(pair: PreferencePair, pattern: re.Pattern[str] | None) -> None:
-    """Refuse message text holding the chat template's own control tokens: rendered, they would
-    become real turn boundaries, a turn injected into the training data."""
+    """Refuse message text holding the chat template's own control tokens or turn markers:
+    rendered, they would become real turn boundaries, a turn injected into the training data."""
     if pattern is None:
         return
-    for side in ("prompt", *SIDES):
-        for i, message in enumerate(getattr(pair, side)):
-            found = pattern.search(message.content)
-            if found:
-                raise RecordError(side, f"message {i} contains the tokenizer's control token "
-                                  f"{found.group()!r}; as text it would end or start a turn")
+    for side, i, text in texts_of(pair):
+        found = pattern.search(text)
+        if found:
+            what = "text" if pair.is_text else f"message {i}"
+            raise RecordError(side, f"{what} contains the tokenizer's control token "
+                              f"{found.group()!r}; as text it would end or start a turn")
+
+
+def slots(pair: PreferencePair, eos: str) -> list[Slot]:
+    """What is rendered for a pair: its prompt, prompt + chosen, prompt + rejected. A text pair's
+    completions end in EOS (added when missing, as TRL does)."""
+    if pair.is_text:
+        ends = [c if c.endswith(eos) else c + eos for c in (pair.chosen, pair.rejected)]
+        return [("text", pair.prompt, False, None)] + [("text", pair.prompt + c, False, None) for c in ends]
+    return [("chat", pair.prompt, True, pair.tools)] + [
+        ("chat", pair.prompt + getattr(pair, s), False, pair.tools) for s in SIDES]
+
+
+def render_slots(tokenizer: Any, keys: Iterable[Slot]) -> dict[Slot, Rendered]:
+    """Every distinct slot rendered once, in batches of one kind, generation flag and tool list."""
+    groups: dict[tuple[str, bool, str | None], list[Slot]] = {}
+    for key in dict.fromkeys(keys):  # an ordered set
+        groups.setdefault((key[0], key[2], key[3]), []).append(key)
+    done: dict[Slot, Rendered] = {}
+    for (kind, gen, tools), todo in groups.items():
+        values = [key[1] for key in todo]
+        rendered = encode_many(tokenizer, values) if kind == "text" else \
+            render_many(tokenizer, values, gen, tools)
+        done.update(zip(todo, rendered))
+    return done
 
 
 def tokenize_pair(tokenizer: Any, pair: PreferencePair, max_seq_len: int) -> TokenizedPair | None:
@@ -153,22 +274,57 @@ def tokenize_pair(tokenizer: Any, pair: PreferencePair, max_seq_len: int) -> Tok
 
     Completions longer than ``max_seq_len - len(prompt)`` are truncated from their end.
     """
-    check_control_tokens(pair, control_tokens(tokenizer))
-    prompt = try_render(tokenizer, pair.prompt, True, "prompt")
-    fulls = [try_render(tokenizer, pair.prompt + getattr(pair, side), False, side) for side in SIDES]
-    return assemble(pair, prompt, fulls, max_seq_len)
+    vocab = Vocab.of(tokenizer)
+    check_control_tokens(pair, vocab.control)
+    check_template_reads(tokenizer, pair)
+    prompt, *fulls = render_pairs(tokenizer, [pair], vocab)[0]
+    return assemble(pair, prompt, fulls, max_seq_len, vocab, tokenizer)
 
 
-def render_pairs(tokenizer: Any, pairs: Sequence[PreferencePair]) -> list[tuple[Rendered, ...]]:
+def render_pairs(tokenizer: Any, pairs: Sequence[PreferencePair],
+                 vocab: Vocab | None = None) -> list[tuple[Rendered, ...]]:
     """``(prompt, prompt + chosen, prompt + rejected)`` of each pair, rendered in batches; a
     conversation that several pairs share (a repeated prompt) is rendered once."""
-    slots = [[(p.prompt, True)] + [(p.prompt + getattr(p, s), False) for s in SIDES] for p in pairs]
-    unique = dict.fromkeys(key for row in slots for key in row)  # an ordered set
-    done: dict[tuple[tuple[Message, ...], bool], Rendered] = {}
-    for gen in (True, False):
-        todo = [key for key in unique if key[1] is gen]
-        done.update(zip(todo, render_many(tokenizer, [key[0] for key in todo], gen)))
-    return [tuple(_named(done[key], f) for key, f in zip(row, ("prompt",) + SIDES)) for row in slots]
+    eos = (vocab or Vocab.of(tokenizer)).eos
+    rows = [slots(p, eos) for p in pairs]
+    done = render_slots(tokenizer, (key for row in rows for key in row))
+    return [tuple(_named(done[key], f) for key, f in zip(row, ("prompt",) + SIDES)) for row in rows]
+
+
+MESSAGE_KEYS = ("name", "tool_calls", "tool_call_id")
+
+
+def check_template_reads(tokenizer: Any, pair: PreferencePair) -> None:
+    """Refuse what the chat template would drop: a record's ``tools``, a message's ``name``,
+    ``tool_calls`` or ``tool_call_id``, a ``tool`` turn. Each is rendered with and without it;
+    the same tokens mean the template ignores it, and the model would train on less than the
+    record says."""
+    if pair.is_text or not needs_template_check(pair):
+        return
+    for side in SIDES:
+        conversation = pair.prompt + getattr(pair, side)
+        full = try_render(tokenizer, conversation, False, side, pair.tools)
+        if isinstance(full, RecordError):
+            return  # the render's own error is the pair's problem, said by assemble
+        if pair.tools is not None and full == try_render(tokenizer, conversation, False, side):
+            raise RecordError("tools", "the chat template ignores the record's tools: it does not "
+                              "support tool definitions (use a model whose template does)")
+        for key in MESSAGE_KEYS:
+            if any(getattr(m, key) is not None for m in conversation):
+                bare = tuple(replace(m, **{key: None}) for m in conversation)
+                if full == try_render(tokenizer, bare, False, side, pair.tools):
+                    raise RecordError(f"{side}.{key}", f"the chat template ignores the messages' "
+                                      f"{key!r}: rendered with and without it, the tokens are the same")
+        if any(m.role == "tool" for m in conversation):
+            bare = tuple(m for m in conversation if m.role != "tool")
+            if full == try_render(tokenizer, bare, False, side, pair.tools):
+                raise RecordError("prompt", "the chat template drops 'tool' turns (tool results)")
+
+
+def needs_template_check(pair: PreferencePair) -> bool:
+    messages = pair.prompt + pair.chosen + pair.rejected
+    return pair.tools is not None or any(
+        m.role == "tool" or any(getattr(m, k) is not None for k in MESSAGE_KEYS) for m in messages)
 
 
 def _named(rendered: Rendered, field_name: str) -> Rendered:
@@ -193,23 +349,30 @@ class TokenizeReport:
         return out
 
 
-def tokenize_pairs(
+def pair_record(pair: PreferencePair) -> dict[str, Any]:
+    """A pair as a record, for a problem found after parsing (skipped.jsonl shows it)."""
+    def side(value: Any) -> Any:
+        return value if isinstance(value, str) else _as_dicts(value)
+    return {"prompt": side(pair.prompt), "chosen": side(pair.chosen), "rejected": side(pair.rejected)}
+
+
+def tokenize_all(
     tokenizer: Any, pairs: Sequence[PreferencePair], max_seq_len: int, *, progress: bool = False
-) -> tuple[list[TokenizedPair], TokenizeReport]:
-    """Tokenize all pairs, as :func:`tokenize_pair` does each but rendered in batches; template
-    problems are a :class:`DataError` listing every line."""
+) -> tuple[list[TokenizedPair], TokenizeReport, list[Problem]]:
+    """Tokenize all pairs, as :func:`tokenize_pair` does each but rendered in batches; the pairs
+    that cannot be tokenized are returned as problems."""
     out, report, problems = [], TokenizeReport(), []
-    pattern = control_tokens(tokenizer)
+    vocab = Vocab.of(tokenizer)
     with tqdm(total=len(pairs), desc="tokenizing", unit="pair", disable=None if progress else True) as bar:
         for start in range(0, len(pairs), PAIRS_PER_STEP):
             chunk = pairs[start : start + PAIRS_PER_STEP]
-            for pair, (prompt, *fulls) in zip(chunk, render_pairs(tokenizer, chunk)):
+            for pair, (prompt, *fulls) in zip(chunk, render_pairs(tokenizer, chunk, vocab)):
                 try:
-                    check_control_tokens(pair, pattern)
-                    tokenized = assemble(pair, prompt, fulls, max_seq_len)
+                    check_control_tokens(pair, vocab.control)
+                    check_template_reads(tokenizer, pair)
+                    tokenized = assemble(pair, prompt, fulls, max_seq_len, vocab, tokenizer)
                 except RecordError as exc:
-                    src = pair.source or Source("?", 0)
-                    problems.append((src.file, src.line, exc.field, exc.message))
+                    problems.append(Problem(pair.source or "?", exc.field, exc.message, pair_record(pair)))
                     continue
                 if tokenized is None:
                     report.dropped.append(pair.source)
@@ -218,6 +381,14 @@ def tokenize_pairs(
                     report.truncated.append(pair.source)
                 out.append(tokenized)
             bar.update(len(chunk))
+    return out, report, problems
+
+
+def tokenize_pairs(
+    tokenizer: Any, pairs: Sequence[PreferencePair], max_seq_len: int, *, progress: bool = False
+) -> tuple[list[TokenizedPair], TokenizeReport]:
+    """:func:`tokenize_all`; problems are a :class:`DataError` listing every one."""
+    out, report, problems = tokenize_all(tokenizer, pairs, max_seq_len, progress=progress)
     if problems:
         error = DataError(problems, total=len(pairs))
         error.report = report  # what was truncated or dropped among the good pairs

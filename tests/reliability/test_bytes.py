@@ -35,7 +35,7 @@ def lines(pair_record: Any) -> list[bytes]:
 def problems(path: Path, fmt: Any) -> list[tuple[str, int, str, str]]:
     with pytest.raises(DataError) as info:
         load_pairs(path, fmt)
-    return info.value.problems
+    return [p.as_tuple() for p in info.value.problems]
 
 
 def write(path: Path, data: bytes) -> Path:

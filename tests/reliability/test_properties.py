@@ -79,7 +79,8 @@ def test_any_bytes_as_a_line_parse_or_fail_at_that_line(tmp_path: Path, fmt: Any
     span = range(2, 3 + line.count(b"\n"))  # the lines these bytes occupy
     result = outcome(path, fmt)
     if isinstance(result, DataError):
-        assert result.problems and all(f == str(path) and n in span for f, n, _, _ in result.problems)
+        rows = [p.as_tuple() for p in result.problems]
+        assert rows and all(f == str(path) and n in span for f, n, _, _ in rows)
         return
     assert result[0].source.line == 1 and result[-1].source.line == span[-1] + 1  # both good lines
     for pair in result:
@@ -87,7 +88,7 @@ def test_any_bytes_as_a_line_parse_or_fail_at_that_line(tmp_path: Path, fmt: Any
     try:  # and tokenizes, or is refused by line
         tokenize_pairs(tokenizer, result, 64)
     except DataError as exc:
-        assert all(n in span for _, n, _, _ in exc.problems)
+        assert all(n in span for _, n, _, _ in (p.as_tuple() for p in exc.problems))
 
 
 @BOUNDED
@@ -106,7 +107,7 @@ def test_any_json_value_as_a_record_reads_as_it_parses_in_memory_or_fails_at_its
     except RecordError:
         expected = None  # what the format refuses in memory, the file must refuse too
     if isinstance(result, DataError):
-        assert [(f, n) for f, n, _, _ in result.problems] == [(str(path), 1)]
+        assert [(f, n) for f, n, _, _ in (p.as_tuple() for p in result.problems)] == [(str(path), 1)]
         return
     [pair] = result
     assert expected is not None
@@ -114,4 +115,4 @@ def test_any_json_value_as_a_record_reads_as_it_parses_in_memory_or_fails_at_its
     try:  # any text that parses tokenizes, or is refused at its line
         tokenize_pairs(tokenizer, result, 64)
     except DataError as exc:
-        assert [(f, n) for f, n, _, _ in exc.problems] == [(str(path), 1)]
+        assert [(f, n) for f, n, _, _ in (p.as_tuple() for p in exc.problems)] == [(str(path), 1)]
