@@ -48,6 +48,9 @@ def test_a_tool_calling_conversation_reaches_the_template_as_given() -> None:
 def test_tools_and_arguments_as_json_strings_are_read_as_trl_reads_them() -> None:
     as_text = {**TOOL_RECORD, "tools": json.dumps([LIGHTS], indent=2)}
     assert TrlConversational().parse(as_text) == TrlConversational().parse(TOOL_RECORD)
+    written = [{**LIGHTS, "strict": None}]  # JSON text is not Arrow-padded: its nulls are meant
+    pair = TrlConversational().parse({**TOOL_RECORD, "tools": json.dumps(written)})
+    assert json.loads(pair.tools) == written
     arguments = '{"room": "living room", "state": "on"}'
     string_args = {**CALL, "tool_calls": [{**CALL["tool_calls"][0], "function": {
         "name": "control_light", "arguments": arguments}}]}
