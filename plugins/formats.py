@@ -100,10 +100,16 @@ def parse_message(item: Any, where: str) -> Message:
 
 
 def refuse_unread_keys(item: dict[str, Any], where: str) -> None:
-    """A RecordError for the first non-None key a Message cannot carry."""
+    """A RecordError for the first key a Message cannot carry that holds something."""
     for key, value in item.items():
-        if key not in MESSAGE_KEYS and value is not None:
+        if key not in MESSAGE_KEYS and holds(key, value):
             raise RecordError(f"{where}.{key}", UNREAD_HINTS.get(key, UNREAD))
+
+
+def holds(key: str, value: Any) -> bool:
+    """Whether a message key holds something: not None, and for reasoning not "" (an empty
+    reasoning text drops nothing; exports from chat APIs put one on every turn)."""
+    return value is not None and not (key in REASONING_KEYS and value == "")
 
 
 def optional_str(item: dict[str, Any], key: str, where: str) -> str | None:

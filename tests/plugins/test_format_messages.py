@@ -86,6 +86,7 @@ def test_none_is_an_absent_key_in_records_messages_and_calls() -> None:
     assert TrlConversational().parse({**TOOL_RECORD, "tools": None}).tools is None
     assert TrlConversational().parse({**TOOL_RECORD, "tools": []}).tools is None
     assert parse_messages([{**ASK, "tool_calls": []}], "m")[0].tool_calls is None
+    assert parse_messages([{**DONE, "reasoning_content": ""}], "m") == parse_messages([DONE], "m")
 
 
 @pytest.mark.parametrize(
@@ -93,7 +94,8 @@ def test_none_is_an_absent_key_in_records_messages_and_calls() -> None:
     [
         ({**DONE, "weight": 0.0}, "m[0].weight", "not read: the chat template would never see it"),
         ({**DONE, "reasoning_content": "Think."}, "m[0].reasoning_content", "put it in content"),
-        ({**DONE, "thinking": ""}, "m[0].thinking", "put it in content"),  # "" renders too
+        ({**DONE, "thinking": " "}, "m[0].thinking", "put it in content"),
+        ({**DONE, "weight": ""}, "m[0].weight", "not read"),  # any value, but for reasoning
         ({**DONE, "function_call": {"name": "f", "arguments": "{}"}}, "m[0].function_call", "tool_calls"),
         ({**ASK, "tool_calls": CALL["tool_calls"]}, "m[0].tool_calls", "only a 'assistant' turn"),
         ({**ASK, "tool_call_id": "call_1"}, "m[0].tool_call_id", "only a 'tool' turn"),
