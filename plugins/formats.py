@@ -44,7 +44,7 @@ UNREAD_HINTS = {  # message keys that are not read, with what to do instead
     "function_call": f"{UNREAD}; the legacy OpenAI function_call: write it as tool_calls",
 }
 ROLE_OF_KEY = {"tool_calls": "assistant", "tool_call_id": "tool"}  # keys only one role may carry
-REFUSED_RECORD_KEYS = {  # record-level keys that would change what is trained if honoured
+REFUSED_RECORD_KEYS = {  # record-level keys TRL reads: ignoring them would change what is trained
     "chat_template_kwargs": f"{UNREAD}: per-record template arguments are not supported",
 }
 
