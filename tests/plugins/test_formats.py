@@ -222,7 +222,7 @@ def test_auto_tells_the_formats_apart_by_shape(record: dict[str, Any], expected:
 
 def test_auto_parses_each_shape_through_the_core(tmp_path: Any) -> None:
     """The core's AutoFormat over the real registry picks the one format, or names the keys."""
-    from preftune.data.records import make_format
+    from preftune.data import make_format
 
     registry = get_registry(get_plugin_manager(load_entrypoints=False))
     auto = make_format(registry, Config(base_model="builtin:tiny", dataset="x", format="auto"))
