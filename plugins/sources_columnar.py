@@ -137,7 +137,8 @@ class ParquetSource:
 
 
 def shard_records(shard: Path) -> Iterator[Read]:
-    """The rows of one Parquet file; a damaged file is an error at the row where reading broke."""
+    """The rows of one Parquet file, a row group at a time: a damaged file is an error at the
+    first row of the row group that could not be read."""
     row = 0
     try:
         parquet = pq.ParquetFile(shard)
@@ -145,13 +146,15 @@ def shard_records(shard: Path) -> Iterator[Read]:
         if problem:
             yield Source(str(shard), 0, "#"), None, RecordError("", problem)
             return
-        batches = parquet.iter_batches(batch_size=BATCH_ROWS)
-        for record, error in rows(batches, has_floats(parquet.schema_arrow)):
-            yield Source(str(shard), row, "#"), record, error
-            row += 1
+        floats = has_floats(parquet.schema_arrow)
+        for group in range(parquet.num_row_groups):
+            batches = parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=[group])
+            for record, error in rows(batches, floats):
+                yield Source(str(shard), row, "#"), record, error
+                row += 1
     except (OSError, pa.ArrowException) as exc:
         yield Source(str(shard), row, "#"), None, RecordError(
-            "", f"cannot read the Parquet file at row {row} ({exc}); is it damaged or cut short?")
+            "", f"cannot read the Parquet file from row {row} on ({exc}); is it damaged or cut short?")
 
 
 class ArrowDirSource:
