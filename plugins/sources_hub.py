@@ -60,6 +60,13 @@ def cached_snapshot(repo: str) -> Path | None:
         return None
 
 
+def holds_data(snapshot: Path) -> bool:
+    """Whether a snapshot holds data files: loading a data set online fetches its README into the
+    hub cache, and its data may come from the Parquet export, another revision."""
+    return any(path.is_file() and path.name != "README.md" and not path.name.startswith(".")
+               for path in snapshot.rglob("*"))
+
+
 def cached_revision(repo: str) -> str | None:
     """The commit the hub cache's ``refs/main`` names for the data set, or None."""
     import huggingface_hub.constants as hub
@@ -124,22 +131,32 @@ class HubSource:
         return self.loaded[spec]
 
     def open(self, spec: str, key: str) -> tuple[Any, str, str]:
-        import datasets
-
         repo, split = self.parse(spec, key)
         offline = offline_now()
         with offline_mode(offline):
-            snapshot = cached_snapshot(repo) if offline else None
-            try:
-                splits = datasets.load_dataset(str(snapshot or repo), name=self.config)
-            except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; each is said, none a traceback
-                raise ConfigError(load_failure(key, repo, exc, offline, self.config)) from None
-            revision = snapshot.name if snapshot else cached_revision(repo)
+            splits, revision = self.load_splits(repo, key, offline)
+            revision = revision or cached_revision(repo)
         if split not in splits:
             setting = key if "@" in spec else "dataset_split"
             raise ConfigError(f"{setting} {split!r}: hf:{repo} holds the splits {', '.join(splits)}; "
                               "name one of them")
         return splits[split], split, revision or prepared_revision(splits[split])
+
+    def load_splits(self, repo: str, key: str, offline: bool) -> tuple[Any, str | None]:
+        """All splits of the data set, and the snapshot's commit when read from one. Offline, a
+        snapshot holding data files is read first; then what ``datasets`` prepared before."""
+        import datasets
+
+        snapshot = cached_snapshot(repo) if offline else None
+        if snapshot is not None and holds_data(snapshot):
+            try:
+                return datasets.load_dataset(str(snapshot), name=self.config), snapshot.name
+            except Exception:  # noqa: BLE001 - an incomplete snapshot: try the prepared cache
+                pass
+        try:
+            return datasets.load_dataset(repo, name=self.config), None
+        except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; each is said, none a traceback
+            raise ConfigError(load_failure(key, repo, exc, offline, self.config)) from None
 
     def check(self, spec: str, key: str) -> None:
         self.load(spec, key)

@@ -24,7 +24,7 @@ spec = importlib.util.spec_from_file_location("source_fixtures", HERE.parent / "
 fixtures = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
 sys.modules["source_fixtures"] = fixtures
 spec.loader.exec_module(fixtures)  # type: ignore[union-attr]
-RECORDS, build, hub_cache = fixtures.RECORDS, fixtures.build, fixtures.hub_cache
+RECORDS, SHA, build, hub_cache = fixtures.RECORDS, fixtures.SHA, fixtures.build, fixtures.hub_cache
 write_parquet, write_parquet_dir = fixtures.write_parquet, fixtures.write_parquet_dir
 write_json = fixtures.write_json
 
@@ -85,9 +85,18 @@ def test_a_damaged_page_past_a_good_footer_is_an_error_at_its_row(registry: Any,
     assert "cannot read the Parquet file from row 20 on" in reads[20][2].message
 
 
-def test_a_hub_id_not_cached_offline_says_how_to_fetch_it(registry: Any, tmp_path: Path,
+@pytest.mark.parametrize("cached", ["nothing", "only its README"])
+def test_a_hub_id_not_cached_offline_says_how_to_fetch_it(cached: str, registry: Any, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not in the cache, or only its README (what an online load whose data came from the hub's
+    Parquet export leaves under refs/main)."""
     hub_cache(tmp_path, monkeypatch, RECORDS)  # holds org/prefs, not org/other
+    if cached != "nothing":
+        folder = tmp_path / "hub" / "datasets--org--other"
+        (folder / "snapshots" / SHA).mkdir(parents=True)
+        (folder / "snapshots" / SHA / "README.md").write_text("---\nlicense: mit\n---\n")
+        (folder / "refs").mkdir()
+        (folder / "refs" / "main").write_text(SHA)
     with pytest.raises(ConfigError) as caught:
         build(registry, "hf").check("org/other", "eval_dataset")
     assert str(caught.value) == (
