@@ -1,8 +1,9 @@
 """Arrow data as JSON records: which column types JSON can hold, and record batches as rows.
 
 Shared by the Parquet, ``save_to_disk`` and hub sources. Structs become dicts and lists lists;
-a column of a type JSON has no value for (bytes, dates, maps, decimals) is refused by name before
-anything loads, and a non-finite float (NaN, infinity) is an error at its row, as in JSONL.
+a column of a type JSON has no value for (bytes, dates, maps, decimals), or named twice, is
+refused by name before anything loads, and a non-finite float (NaN, infinity) is an error at
+its row, as in JSONL.
 """
 
 from __future__ import annotations
@@ -42,8 +43,24 @@ def leaf_types(schema: pa.Schema) -> Iterator[tuple[str, pa.DataType]]:
         stack.extend(reversed(children(path, kind)))
 
 
+def duplicate_name(schema: pa.Schema) -> str | None:
+    """The path of a column (or struct field) named twice at one level, or None: as a dict, a
+    row would keep one of them silently (which can swap chosen and rejected)."""
+    levels = [("", [field.name for field in schema])]
+    levels += [(path, [field.name for field in kind]) for path, kind in leaf_types(schema)
+               if pa.types.is_struct(kind)]
+    for path, names in levels:
+        twice = next((name for name in names if names.count(name) > 1), None)
+        if twice is not None:
+            return f"{path}.{twice}" if path else twice
+    return None
+
+
 def non_json_column(schema: pa.Schema) -> str | None:
     """A message naming the first column (or nested field) JSON cannot hold, or None."""
+    twice = duplicate_name(schema)
+    if twice is not None:
+        return f"column {twice!r} is named twice; which one is meant? (rename one)"
     for path, kind in leaf_types(schema):
         if not children(path, kind) and not any(test(kind) for test in JSON_SCALARS):
             return (f"column {path!r} is {kind}, which JSON has no value for; records hold strings, "

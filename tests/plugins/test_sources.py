@@ -231,6 +231,18 @@ def test_a_column_json_has_no_value_for_is_refused_by_name(registry: Any, tmp_pa
         build(registry, "parquet").check(str(path), "dataset")
 
 
+@pytest.mark.parametrize("table, twice", [
+    (pa.Table.from_arrays([pa.array(["a"]), pa.array(["b"])], names=["chosen", "chosen"]), "chosen"),
+    (pa.table({"chosen": pa.StructArray.from_arrays([pa.array(["a"]), pa.array(["b"])], names=["m", "m"])}),
+     "chosen.m"),
+])
+def test_a_column_named_twice_is_refused(table: pa.Table, twice: str, registry: Any, tmp_path: Path) -> None:
+    path = tmp_path / "d.parquet"
+    pq.write_table(table, path)
+    with pytest.raises(ConfigError, match=f"column '{twice}' is named twice"):
+        build(registry, "parquet").check(str(path), "dataset")
+
+
 def test_a_nan_in_a_parquet_row_is_an_error_at_that_row(registry: Any, tmp_path: Path) -> None:
     path = tmp_path / "d.parquet"
     pq.write_table(pa.table({"chosen": ["a", "b"], "score": [[1.0], [float("nan")]]}), path)
