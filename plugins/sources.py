@@ -121,13 +121,12 @@ class JsonListSource:
         if error is not None:
             yield where, None, error
             return
-        value, where, error = parse_list(spec, text)
-        if error is not None:
-            yield where, None, error
-            return
         surrogates = SURROGATE_ESCAPE.search(text) is not None
-        for row, record in enumerate(value):
-            yield Source(spec, row, "#"), *checked(record, surrogates)
+        for row, (value, where, error) in enumerate(elements(spec, text)):
+            if error is not None:
+                yield where, None, error
+                return
+            yield Source(spec, row, "#"), *checked(value, surrogates)
 
 
 def read_text(spec: str) -> tuple[str, Source, RecordError | None]:
@@ -149,22 +148,53 @@ def read_text(spec: str) -> tuple[str, Source, RecordError | None]:
                                                    f"at byte {column} of the line (save the file as UTF-8)")
 
 
-def parse_list(spec: str, text: str) -> tuple[list[Any], Source, RecordError | None]:
-    """The file's JSON list, or where (``file:line``) and why it is not one."""
-    try:
-        value = json.loads(text, object_pairs_hook=lenient_object, parse_constant=lenient_constant)
-    except json.JSONDecodeError as exc:
-        return [], Source(spec, exc.lineno), RecordError("", f"malformed JSON: {exc.msg} at column "
-                                                         f"{exc.colno} (is the file cut short?)")
-    except RecursionError:
-        return [], Source(spec, 1), RecordError("", "JSON nested too deeply to parse")
-    except ValueError as exc:  # an integer of thousands of digits
-        return [], Source(spec, 1), RecordError("", f"holds a number too long to read ({exc})")
-    if not isinstance(value, list):
-        what = "object" if isinstance(value, (dict, Refused)) else type(value).__name__
-        return [], Source(spec, 1), RecordError("", f"the file holds a JSON {what}, not a list of "
-                                                "records; a .json data set is one JSON list [{...}, ...]")
-    return value, Source(spec, 1), None
+def elements(spec: str, text: str) -> Iterator[tuple[Any, Source, RecordError | None]]:
+    """The list's elements one at a time (only one record is held as Python objects at once),
+    then, if the text is not one JSON list, where (``file:line``) and why."""
+    decoder = json.JSONDecoder(object_pairs_hook=lenient_object, parse_constant=lenient_constant)
+    pos = skip_space(text, 0)
+    if not text.startswith("[", pos):
+        what = "object" if text.startswith("{", pos) else "value"
+        yield None, Source(spec, line_of(text, pos)), RecordError(
+            "", f"the file holds a JSON {what}, not a list of records; a .json data set is one JSON "
+            "list [{...}, ...]")
+        return
+    pos = skip_space(text, pos + 1)
+    closed = text.startswith("]", pos)
+    while not closed:
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            yield None, Source(spec, exc.lineno), RecordError(
+                "", f"malformed JSON: {exc.msg} at column {exc.colno} (is the file cut short?)")
+            return
+        except (RecursionError, ValueError) as exc:  # nesting too deep, a number of thousands of digits
+            yield None, Source(spec, line_of(text, pos)), RecordError("", f"cannot parse the record: {exc!r}")
+            return
+        yield value, Source(spec, 0), None
+        pos = skip_space(text, pos)
+        closed = text.startswith("]", pos)
+        if not closed and not text.startswith(",", pos):
+            yield None, Source(spec, line_of(text, pos)), RecordError(
+                "", "malformed JSON: expected ',' or ']' after a record (is the file cut short?)")
+            return
+        pos = skip_space(text, pos + 1) if not closed else pos
+    end = skip_space(text, pos + 1)
+    if end < len(text):
+        yield None, Source(spec, line_of(text, end)), RecordError(
+            "", "malformed JSON: more text after the list's closing ']'")
+
+
+def skip_space(text: str, pos: int) -> int:
+    """The position of the first non-whitespace character from ``pos`` (JSON's whitespace)."""
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def line_of(text: str, pos: int) -> int:
+    """The 1-based line of a position in the text."""
+    return text.count("\n", 0, pos) + 1
 
 
 def checked(record: Any, surrogates: bool) -> tuple[Any, RecordError | None]:

@@ -178,15 +178,19 @@ def test_json_is_as_strict_as_jsonl_record_by_record(registry: Any, tmp_path: Pa
 
 
 @pytest.mark.parametrize("text, where, says", [
-    (b'[{"a": 1},\n {"a": 2}\n', 3, "malformed JSON"),
-    (b'[{"a": "\xff"}]', 1, "not valid UTF-8: byte 0xff"),
+    (b'[{"a": 1},\n {"a": 2}\n', 3, "malformed JSON: expected ',' or ']' after a record"),
+    (b'[{"a": 1},\n {"a": 2', 2, "malformed JSON: Expecting ',' delimiter at column 9"),
+    (b'[{"a": 1},\n {"a": 2}]\n]', 3, "more text after the list's closing ']'"),
+    (b'[{"a": 1}, {"a": "\xff"}]', 1, "not valid UTF-8: byte 0xff at byte 19"),
     (b'\xff\xfe[\x00]\x00', 1, "UTF-16"),
 ])
-def test_a_broken_json_file_is_one_error_at_its_line(text: bytes, where: int, says: str, registry: Any,
+def test_a_broken_json_file_is_an_error_at_its_line(text: bytes, where: int, says: str, registry: Any,
                                                     tmp_path: Path) -> None:
+    """Records are read one at a time: those before the break come through, then the error."""
     path = tmp_path / "d.json"
     path.write_bytes(text)
-    [(location, record, error)] = list(build(registry, "json").records(str(path)))
+    *good, (location, record, error) = list(build(registry, "json").records(str(path)))
+    assert [r for _, r, _ in good] == [{"a": 1}, {"a": 2}][:len(good)]
     assert (location, record) == (Source(str(path), where), None)
     assert says in error.message
 
