@@ -53,8 +53,8 @@ def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
     for kind, name in [("backend", config.backend)] + [("sink", s) for s in config.sinks] + (
             [("reference", config.reference)] if config.reference != "auto" else []):
         registry.check(kind, name, config)  # exists, and can use these settings
-    opened = check_inputs(registry, config)
-    check_outputs(config, cache_dir(config), plugin_outputs(registry, config))
+    check_outputs(config, cache_dir(config), plugin_outputs(registry, config))  # an input is never
+    opened = check_inputs(registry, config)  # written over, whatever else is wrong with it
     if config.resume:
         checkpoint.check_resumable(config.log_path)
     else:

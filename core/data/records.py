@@ -144,5 +144,5 @@ def load_pairs(path: str | Path, fmt: DatasetFormat) -> list[PreferencePair]:
     if result.problems:
         raise DataError(result.problems, total=result.records)
     if not result.pairs:
-        raise DataError([Problem(str(path), "", "the file holds no preference pairs")])
+        raise DataError([Problem(str(path), "", "the data set holds no preference pairs")])
     return result.pairs

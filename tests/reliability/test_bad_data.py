@@ -37,7 +37,7 @@ def test_a_key_given_twice_in_one_object_is_refused_not_last_one_wins(
         (3, "content", "given twice in one JSON object; which one is meant?")]
 
 
-def test_unknown_roles_tool_calls_and_non_assistant_responses_are_refused(
+def test_unknown_roles_malformed_tool_calls_and_non_assistant_responses_are_refused(
     tmp_path: Path, registry: Any, write_jsonl: Any
 ) -> None:
     def f2(input_: Any, chosen: Any, rejected: Any = "No.") -> dict[str, Any]:
@@ -53,8 +53,8 @@ def test_unknown_roles_tool_calls_and_non_assistant_responses_are_refused(
     ]
     found = problems_of(write_jsonl(tmp_path / "roles.jsonl", records), registry)
     assert [(line, field) for _, line, field, _ in found] == [
-        (1, "input"), (2, "preferred_output[0].tool_calls"), (3, "preferred_output")]
-    assert "role 'asistant'" in found[0][3] and "tool calls are not supported" in found[1][3]
+        (1, "input"), (2, "preferred_output[0].tool_calls[0].function"), (3, "preferred_output")]
+    assert "role 'asistant'" in found[0][3] and "expected an object" in found[1][3]
     assert "'user' turn; a response holds assistant turns only" in found[2][3]
 
 

@@ -79,7 +79,7 @@ def test_lora_targets_that_match_pass_the_check(make_config: Any, registry: Any,
                                     r"checkpoint"),
     ("tokenizer_model", "/no/tokenizer", r"tokenizer_model '/no/tokenizer': no such directory"),
     ("dataset", "/no/data.jsonl", r"dataset /no/data.jsonl: No such file or directory"),
-    ("dataset", "{dir}", r"dataset .*: is a directory; a data set is a JSONL file"),
+    ("dataset", "{dir}", r"dataset .*: no data source reads this directory; sources: arrow, hf, json"),
     ("eval_dataset", "/no/held.jsonl", r"eval_dataset /no/held.jsonl: No such file or directory"),
 ])
 def test_a_path_that_does_not_exist_is_refused_before_the_log_directory(

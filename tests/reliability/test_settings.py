@@ -58,7 +58,7 @@ def test_validate_refuses_a_file_with_no_pairs_as_run_does(tmp_path: Path, conte
     path.write_text(content)
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 1
-    assert f"{path}: the file holds no preference pairs" in result.output
+    assert f"{path}: the data set holds no preference pairs" in result.output
 
 
 def test_validate_refuses_a_file_whose_every_pair_is_too_long_as_run_does(
