@@ -204,10 +204,10 @@ def validate(
         config = make_config(settings, "validate")
         try:
             built = prepare(registry, config, make_format(registry, config),
-                            load_tokenizer(tokenizer) if tokenizer else None, notes.append,
+                            load_tokenizer(tokenizer) if tokenizer else None, lambda _: None,
                             progress=False)
             problems, records = built.problems, built.records
-            notes = [n for n in built.report.lines(config.max_seq_len)] if tokenizer else []
+            notes = built.report.lines(config.max_seq_len) if tokenizer else []
             if tokenizer and not built.pairs:  # as run refuses it
                 problems = problems + [Problem(str(data), "", f"no pair fits max_seq_len="
                                                f"{config.max_seq_len}: every prompt alone is at "

@@ -26,6 +26,9 @@ class RecordError(PreftuneError):
         self.field = field
         self.message = message
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # to and from a worker process
+        return type(self), (self.field, self.message)
+
 
 @dataclass(frozen=True)
 class Problem:

@@ -7,14 +7,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy
 import pytest
 import torch
 
 from preftune import Config, DataError
 from preftune.data import TokenizeReport, load_pairs, make_format, tokenize_pairs
 from preftune.data.pipeline import prepare
+from preftune.data.table import PairTable
 from preftune.data.tokcache import Tokenized, file_sha256, load_or_build
-from preftune.refcache import data_hash
 from preftune.tiny import tiny_tokenizer
 
 
@@ -84,7 +85,7 @@ def test_second_run_reuses_the_cache_without_rendering_and_gets_equal_data(
     fmt = make_format(registry, run.config)
     raw = load_pairs(train, fmt)[:25] + load_pairs(held, fmt)
     expected, report = tokenize_pairs(tiny_tokenizer(), raw, 64)
-    assert cold.pairs == expected and cold.report == report and cold.sha256 == data_hash(expected)
+    assert cold.pairs == expected and cold.report == report and cold.sha256 == PairTable.of(expected).sha256()
     assert report.truncated and report.dropped and len(expected) + len(report.dropped) == 31
 
     warm = run(no_rendering(monkeypatch, tiny_tokenizer()))
@@ -179,15 +180,18 @@ def test_a_damaged_or_foreign_cache_file_is_rebuilt_never_misread(
     assert again.pairs == good.pairs and "reusing" in (run(), run.log)[1]
 
 
-def test_the_cache_file_is_flat_tensors_readable_with_weights_only(
+def test_the_cache_is_flat_tensors_and_an_int32_token_file_that_is_memory_mapped(
     tmp_path: Path, registry: Any, data: tuple[Path, Path]
 ) -> None:
     run = Run(tmp_path, registry, dataset=str(data[0]))
     out = run()
-    content = torch.load(cache_files(run)[0], weights_only=True)
-    assert content["tokens"].dtype == torch.int32 and content["tokens"].dim() == 1
-    assert content["tokens"].numel() == sum(len(p.prompt) + len(p.chosen) + len(p.rejected)
-                                            for p in out.pairs)
+    [cache_file] = cache_files(run)
+    content = torch.load(cache_file, weights_only=True)
+    [tokens] = cache_file.parent.glob("*.i32")
+    total = sum(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in out.pairs)
+    assert tokens.stat().st_size == 4 * total and json.loads(content["meta"])["tokens"] == tokens.name
+    warm = run()
+    assert isinstance(warm.pairs.tokens, numpy.memmap) and warm.pairs == out.pairs
     assert content["lengths"].shape == (len(out.pairs), 3) and content["data_sha256"] == out.sha256
     assert json.loads(content["parts"])["max_seq_len"] == "64"
 
@@ -215,9 +219,9 @@ def test_a_file_that_changes_while_it_is_read_is_not_cached(tmp_path: Path, data
     lines: list[str] = []
     parts = {"dataset_sha256": file_sha256(train)}
 
-    def build() -> Tokenized:
+    def build(tokens_file: Path) -> Tokenized:
         train.write_text(train.read_text() + "\n")
-        return Tokenized([], TokenizeReport(), "x")
+        return Tokenized(PairTable.of([]), TokenizeReport(), "x")
 
     load_or_build(tmp_path / "c.pt", parts, build, [str(train)], lines.append,
                   lambda: {"dataset_sha256": file_sha256(train)})

@@ -16,11 +16,23 @@ def content(pair: TokenizedPair) -> tuple[tuple[int, ...], ...]:
     return pair.prompt, pair.chosen, pair.rejected
 
 
+def contents(pairs: Sequence[TokenizedPair]) -> Any:
+    """``index -> content`` of the pairs, from a table's digests where there are (no pair is built)."""
+    digest = getattr(pairs, "digest", None)
+    return digest if callable(digest) else (lambda i: content(pairs[i]))
+
+
+def source_of(pairs: Sequence[TokenizedPair], index: int) -> Any:
+    sources = getattr(pairs, "sources", None)
+    return sources[index] if sources is not None else pairs[index].source
+
+
 def check_held_out(pairs: Sequence[TokenizedPair], train: Sequence[int], held: Sequence[int]) -> None:
     """Refuse held-out pairs that are also training pairs (same tokens, whatever the files or
     formats): accuracy on them would measure memory, not preference."""
-    seen = {content(p): p.source for p in (pairs[i] for i in train)}
-    shared = [(pairs[i].source, seen[key]) for i in held if (key := content(pairs[i])) in seen]
+    key_of = contents(pairs)
+    seen = {key_of(i): source_of(pairs, i) for i in train}
+    shared = [(source_of(pairs, i), seen[key]) for i in held if (key := key_of(i)) in seen]
     if shared:
         where = "; ".join(f"{a} = {b}" for a, b in shared[:5]) + (" ..." if len(shared) > 5 else "")
         raise ConfigError(f"eval_dataset shares {len(shared)} of its {len(held)} pairs with dataset "
@@ -31,8 +43,9 @@ def keep_repeats_in_train(pairs: Sequence[TokenizedPair], train: list[int],
                           held: list[int]) -> tuple[list[int], list[int], int]:
     """A pair the data set holds more than once, split to both sides, is trained on and not held
     out (accuracy on it would measure memory). Returns train, held-out and how many moved."""
-    seen = {content(pairs[i]) for i in train}
-    repeats = [i for i in held if content(pairs[i]) in seen]
+    key_of = contents(pairs)
+    seen = {key_of(i) for i in train}
+    repeats = [i for i in held if key_of(i) in seen]
     if not repeats:
         return train, held, 0
     return sorted(train + repeats), [i for i in held if i not in set(repeats)], len(repeats)
@@ -66,5 +79,10 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 def length_batches(pairs: Sequence[TokenizedPair], indices: Sequence[int], size: int) -> list[list[int]]:
     """``indices`` sorted by length and cut into batches of ``size``: little padding, and the same
     batches every time, so evaluation and the reference pass see identically shaped inputs."""
-    ordered = sorted(indices, key=lambda i: (len(pairs[i].prompt) + len(pairs[i].chosen), i))
+    lengths = getattr(pairs, "lengths", None)
+    if lengths is not None:  # a table: its length columns, no pair built
+        size_of = (lengths[:, 0] + lengths[:, 1]).tolist()
+        ordered = sorted(indices, key=lambda i: (size_of[i], i))
+    else:
+        ordered = sorted(indices, key=lambda i: (len(pairs[i].prompt) + len(pairs[i].chosen), i))
     return [ordered[i : i + size] for i in range(0, len(ordered), size)]

@@ -14,13 +14,13 @@ atomically, and nothing is written for data that fails to parse or tokenize.
 
 from __future__ import annotations
 
-import array
 import hashlib
 import json
+import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate, chain
 from pathlib import Path
 from typing import Any
 
@@ -28,28 +28,30 @@ import numpy
 import torch
 
 from ..errors import DiskError, Problem
-from ..fileio import atomic_torch_save
+from ..fileio import atomic_torch_save, follow_umask, locked_temp, writing
 from ..hub import tokenizer_identity
-from ..refcache import data_hash, default_cache_dir
+from ..refcache import default_cache_dir
 from ..types import Source, TokenizedPair
+from .build import build
 from .policy import Raw, raw_text
-from .records import AutoFormat, parse_records
+from .records import AutoFormat
 from .sources import Opened
-from .tokenize import TokenizeReport, tokenize_all
+from .table import DIGEST, PairTable, TokenWriter, map_tokens
+from .tokenize import TokenizeReport
 
 FORMAT_VERSION = "7"  # 2: duplicate keys, 3: roles and control tokens, 4: identical after truncation,
 # 5: bytes (gzip, BOMs, lone surrogates, NaN refused), 6: reasoning text beside content refused,
 # 7: sources, TRL formats, tools, the end of turn, bad records kept
-PROBE = TokenizedPair((1,), (2,), (3,), (1.0,), (1.0,))  # fingerprints data_hash's definition
+PROBE = TokenizedPair((1,), (2,), (3,), (1.0,), (1.0,))  # fingerprints the data hash's definition
 
 
 @dataclass
 class Tokenized:
-    """A run's tokenized pairs (the training set's first, then the eval set's), what tokenization
-    had to change, ``refcache.data_hash`` of the pairs, the bad records and how many records
-    were read, and how many of the pairs are the training set's."""
+    """A run's tokenized pairs (the training set's first, then the eval set's) as a
+    :class:`PairTable`, what tokenization had to change, the sha256 of the pairs, the bad records,
+    how many records were read, and how many of the pairs are the training set's."""
 
-    pairs: list[TokenizedPair]
+    pairs: PairTable
     report: TokenizeReport
     sha256: str
     problems: list[Problem] = field(default_factory=list)
@@ -58,28 +60,21 @@ class Tokenized:
 
 
 def build_tokenized(config: Any, opened: Sequence[Opened], fmt: Any, tokenizer: Any,
-                    progress: bool = True) -> Tokenized:
+                    progress: bool = True, tokens_file: Path | None = None) -> Tokenized:
     """Read, parse, check and tokenize the data sets (the first ``max_pairs`` of the training
-    set); every bad record is collected, none raised."""
-    sets, problems, records = [], [], 0
-    for index, data in enumerate(opened):
-        parsed = parse_records(data.records(), fmt, config.max_pairs if index == 0 else None)
-        if not parsed.pairs and not parsed.problems:
-            parsed.problems.append(Problem(data.name, "", "the data set holds no preference pairs"))
-        sets.append(parsed.pairs)
-        problems += parsed.problems
-        records += parsed.records
-    if tokenizer is None:  # validate without a tokenizer: parsing only
-        return Tokenized([], TokenizeReport(), "", problems, records, len(sets[0]))
-    kept, report = [], TokenizeReport()
-    for pairs in sets:
-        tokenized, changed, bad = tokenize_all(tokenizer, pairs, config.max_seq_len, progress=progress)
-        kept.append(tokenized)
-        report.dropped += changed.dropped
-        report.truncated += changed.truncated
-        problems += bad
-    pairs = [p for tokenized in kept for p in tokenized]
-    return Tokenized(pairs, report, data_hash(pairs), problems, records, len(kept[0]))
+    set) into ``tokens_file``; every bad record is collected, none raised. Without a tokenizer
+    (``validate`` without one) records are parsed and checked only."""
+    if tokenizer is None or tokens_file is None:
+        built = build(config, opened, fmt, tokenizer, None, progress)
+        return Tokenized(PairTable.of([]), built.report, "", built.problems, built.records,
+                         built.counts[0])
+    writer = TokenWriter(tokens_file)
+    try:
+        built = build(config, opened, fmt, tokenizer, writer, progress)
+    finally:
+        writer.close()
+    table = writer.table()
+    return Tokenized(table, built.report, table.sha256(), built.problems, built.records, built.counts[0])
 
 
 def tokenize_datasets(config: Any, opened: Sequence[Opened], fmt: Any, tokenizer: Any,
@@ -92,42 +87,82 @@ def tokenize_datasets(config: Any, opened: Sequence[Opened], fmt: Any, tokenizer
     cache_file = cache_file_for(cache_dir, config.tokenizer_model or config.base_model, names)
     parts = key_parts(config, fmt, tokenizer, opened)
 
-    def build() -> Tokenized:
-        return build_tokenized(config, opened, fmt, tokenizer, progress)
+    def make(tokens_file: Path) -> Tokenized:
+        return build_tokenized(config, opened, fmt, tokenizer, progress, tokens_file)
 
     def keep(built: Tokenized) -> bool:
         return not built.problems or config.on_bad_record == "skip"
 
-    return load_or_build(cache_file, parts, build, names, log,
-                         lambda: identity_parts(opened), keep)
+    return load_or_build(cache_file, parts, make, names, log, lambda: identity_parts(opened), keep)
 
 
-def load_or_build(cache_file: Path, parts: dict[str, str], build: Callable[[], Tokenized],
+def tokens_path(cache_file: Path, sha256: str) -> Path:
+    """The token file a cache file names: content-addressed, so a run that still maps an older
+    one is never handed other tokens under its name."""
+    return cache_file.with_name(f"{cache_file.stem}.{sha256[:16]}.i32")
+
+
+def load_or_build(cache_file: Path, parts: dict[str, str], make: Callable[[Path], Tokenized],
                   datasets: Sequence[str], log: Callable[[str], None] = print,
                   identity: Callable[[], dict[str, str]] | None = None,
                   keep: Callable[[Tokenized], bool] = lambda built: True) -> Tokenized:
-    """Reuse ``cache_file`` when its key parts equal ``parts``; otherwise build, then save unless a
-    data set changed while it was read (``identity`` differs from its part of the key) or
-    ``keep`` refuses the build."""
+    """Reuse ``cache_file`` when its key parts equal ``parts``; otherwise build (``make`` writes
+    the tokens to the file it is given), then save unless a data set changed while it was read
+    (``identity`` differs from its part of the key) or ``keep`` refuses the build."""
     parts = {**parts, "format_version": FORMAT_VERSION}
     cached = read_cache(cache_file, parts, datasets, log)
     if cached is not None:
         log(f"tokenized data: reusing cache {cache_file} ({len(cached.pairs)} pairs)")
         return cached
     start = time.perf_counter()
-    built = build()
-    seconds = time.perf_counter() - start
-    if identity is not None and any(parts.get(k) != v for k, v in identity().items()):
-        log(f"tokenized data: a data set changed while it was read; not caching {cache_file}")
-        return built
-    if not keep(built):
-        return built
     try:
-        atomic_torch_save(pack(built, parts, datasets), cache_file)
+        with writing(cache_file):
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp, lock = locked_temp(cache_file.parent, f".{cache_file.stem}.", ".i32.tmp")
+    except DiskError as exc:  # the cache only saves time: build beside it, keep nothing
+        log(f"tokenized data: {exc}; not cached")
+        return uncached(make)
+    try:  # the lock keeps another run's clean-up off the file while it is written
+        built = make(Path(tmp))
+        seconds = time.perf_counter() - start
+        if identity is not None and any(parts.get(k) != v for k, v in identity().items()):
+            log(f"tokenized data: a data set changed while it was read; not caching {cache_file}")
+            return in_memory(built, Path(tmp))
+        if not keep(built):
+            return in_memory(built, Path(tmp))
+        final = tokens_path(cache_file, built.sha256)
+        with writing(final):
+            follow_umask(tmp)
+            os.replace(tmp, final)
+        atomic_torch_save(pack(built, parts, datasets, final), cache_file)
     except DiskError as exc:  # the cache only saves time: the run goes on without it
         log(f"tokenized data: {exc}; not cached")
-        return built
+        return in_memory(built, Path(tmp))
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+        os.close(lock)
+    for stale in cache_file.parent.glob(f"{cache_file.stem}.*.i32"):
+        if stale != final:  # a run that maps it keeps its pages (the file lives on unlinked)
+            stale.unlink(missing_ok=True)
     log(f"tokenized data: {len(built.pairs)} pairs in {seconds:.1f} s, cached in {cache_file}")
+    return built
+
+
+def uncached(make: Callable[[Path], Tokenized]) -> Tokenized:
+    """A build whose tokens go to a temporary file, read into memory, then removed."""
+    fd, tmp = tempfile.mkstemp(suffix=".i32")
+    os.close(fd)
+    try:
+        return in_memory(make(Path(tmp)), Path(tmp))
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def in_memory(built: Tokenized, tokens_file: Path) -> Tokenized:
+    """The build with its tokens read into memory, so its temporary file can go."""
+    table = built.pairs
+    if tokens_file.exists():
+        table.tokens = numpy.array(table.tokens)
     return built
 
 
@@ -150,7 +185,7 @@ def read_cache(cache_file: Path, parts: dict[str, str], datasets: Sequence[str],
         log(f"tokenized-data cache {cache_file} is stale ({', '.join(changed)} changed); rebuilding")
         return None
     try:
-        return unpack(data, datasets)
+        return unpack(data, datasets, cache_file)
     except Exception as exc:
         log(f"tokenized-data cache {cache_file} is inconsistent ({exc}); rebuilding")
         return None
@@ -167,7 +202,7 @@ def key_parts(config: Any, fmt: Any, tokenizer: Any, opened: Sequence[Opened]) -
              "special_tokens": json.dumps(getattr(tokenizer, "special_tokens_map", {}), sort_keys=True,
                                          default=str),
              "renderer": f"transformers {transformers.__version__}, tokenizers {tokenizers.__version__}",
-             "data_hash_probe": data_hash([PROBE])}
+             "data_hash_probe": PairTable.of([PROBE]).sha256()}
     return {k: str(v) for k, v in parts.items()}
 
 
@@ -206,58 +241,53 @@ def cache_file_for(cache_dir: Path, tokenizer_name: str, datasets: Sequence[str]
     return cache_dir / "tokenized" / f"{hashlib.sha256(name.encode()).hexdigest()[:24]}.pt"
 
 
-def pack(tokenized: Tokenized, parts: dict[str, str], datasets: Sequence[str]) -> dict[str, Any]:
+def pack(tokenized: Tokenized, parts: dict[str, str], datasets: Sequence[str],
+         tokens_file: Path) -> dict[str, Any]:
     """The cache file's content: flat int32 tokens, per-pair lengths and sources, the report, the
     bad records. Sources are (origin index, line or row) into a table of origins, where an
     origin that is one of the run's data set names is stored as its index (a hit then reports
     it as this run spells it)."""
-    pairs = tokenized.pairs
+    table = tokenized.pairs
     origins = Origins(datasets)
-    seqs = (seq for p in pairs for seq in (p.prompt, p.chosen, p.rejected))
-    tokens = array.array("i", chain.from_iterable(seqs))  # int32; ~2x faster than a list
     problems = [{"where": origins.row(p.where) if isinstance(p.where, Source) else str(p.where),
                  "field": p.field, "reason": p.reason, "record": raw_text(p.record)}
                 for p in tokenized.problems]
     return {
         "parts": json.dumps(parts, sort_keys=True),
-        "tokens": torch.from_numpy(numpy.frombuffer(tokens, dtype=numpy.int32).copy()),
-        "lengths": torch.tensor([[len(p.prompt), len(p.chosen), len(p.rejected)] for p in pairs],
-                                dtype=torch.int64).reshape(-1, 3),
-        "sources": origins.table([p.source for p in pairs]),
-        "truncated": torch.tensor([p.truncated for p in pairs], dtype=torch.bool),
+        "lengths": torch.from_numpy(table.lengths.copy()),
+        "digests": torch.from_numpy(numpy.array(table.digests, dtype=numpy.uint8)),
+        "sources": origins.table(list(table.sources)),
+        "truncated": torch.from_numpy(numpy.array(table.truncated, dtype=bool)),
         "dropped": origins.table(tokenized.report.dropped),
         "data_sha256": tokenized.sha256,
-        "meta": json.dumps({"origins": origins.saved(), "problems": problems,
+        "meta": json.dumps({"origins": origins.saved(), "problems": problems, "tokens": tokens_file.name,
                             "records": tokenized.records, "train_count": tokenized.train_count}),
     }
 
 
-def unpack(data: dict[str, Any], datasets: Sequence[str]) -> Tokenized:
-    """The :class:`Tokenized` a cache file holds; a ``ValueError`` when its tensors disagree."""
-    lengths, tokens = data["lengths"], data["tokens"]
+def unpack(data: dict[str, Any], datasets: Sequence[str], cache_file: Path) -> Tokenized:
+    """The :class:`Tokenized` a cache file holds, its tokens memory-mapped; a ``ValueError`` when
+    its tables disagree with each other or with the token file."""
+    lengths, digests = data["lengths"].numpy(), data["digests"].numpy()
     meta = json.loads(data["meta"])
     origins = Origins.load(meta["origins"], datasets)
     n = lengths.shape[0]
-    if (tokens.dtype != torch.int32 or lengths.dim() != 2 or lengths.shape[1] != 3
-            or (n and int(lengths.min()) < 0) or int(lengths.sum()) != tokens.numel()
-            or tuple(data["sources"].shape) != (n, 2) or tuple(data["truncated"].shape) != (n,)
-            or not 0 <= meta["train_count"] <= n):
-        raise ValueError("the token, length and source tables do not match")
-    sources = origins.sources(data["sources"])
-    flat = array.array("i", tokens.numpy().tobytes())  # slices ~2x faster than of tolist()
-    ends = list(accumulate(lengths.reshape(-1).tolist()))
-    starts = [0] + ends[:-1]
-    seqs = [tuple(flat[a:b]) for a, b in zip(starts, ends)]
-    pairs = []
-    for i, (source, truncated) in enumerate(zip(sources, data["truncated"].tolist())):
-        prompt, chosen, rejected = seqs[3 * i : 3 * i + 3]
-        pairs.append(TokenizedPair(prompt, chosen, rejected, (1.0,) * len(chosen),
-                                   (1.0,) * len(rejected), source, truncated))
-    report = TokenizeReport(origins.sources(data["dropped"]), [p.source for p in pairs if p.truncated])
+    if (lengths.ndim != 2 or lengths.shape[1] != 3 or (n and int(lengths.min()) < 0)
+            or tuple(digests.shape) != (n, DIGEST) or tuple(data["sources"].shape) != (n, 2)
+            or tuple(data["truncated"].shape) != (n,) or not 0 <= meta["train_count"] <= n
+            or "/" in meta["tokens"]):
+        raise ValueError("the length, digest and source tables do not match")
+    tokens = map_tokens(cache_file.with_name(meta["tokens"]), int(lengths.sum()))
+    table = PairTable(tokens, lengths, origins.sources(data["sources"]), data["truncated"].numpy(),
+                      digests)
+    if table.sha256() != str(data["data_sha256"]):
+        raise ValueError("the pair digests do not give the data's sha256")
+    report = TokenizeReport(origins.sources(data["dropped"]),
+                            [s for s, t in zip(table.sources, table.truncated) if t])
     problems = [Problem(origins.source(p["where"]) if isinstance(p["where"], list) else p["where"],
                         p["field"], p["reason"], Raw(p["record"]) if p["record"] is not None else None)
                 for p in meta["problems"]]
-    return Tokenized(pairs, report, str(data["data_sha256"]), problems, int(meta["records"]),
+    return Tokenized(table, report, str(data["data_sha256"]), problems, int(meta["records"]),
                      int(meta["train_count"]))
 
 

@@ -1,0 +1,140 @@
+"""Tokenized pairs held as int32 arrays (memory-mapped from the cache), built into
+:class:`TokenizedPair` objects only when a micro-batch asks for them.
+
+A :class:`PairTable` is a ``Sequence[TokenizedPair]``: ``table[i]`` builds pair ``i`` from one
+flat int32 token array and an ``[n, 3]`` table of prompt, chosen and rejected lengths. What whole-
+set code needs (lengths for batching, a digest per pair for the held-out checks) is read from the
+arrays without building pairs, so a million pairs cost their tokens' bytes, not Python objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, overload
+
+import numpy
+
+from ..types import Source, TokenizedPair
+
+DIGEST = 16  # bytes of a pair's content digest (blake2b)
+
+
+def pair_digest(prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[int]) -> bytes:
+    """What makes two pairs the same pair, whatever the files or formats they came from."""
+    digest = hashlib.blake2b(digest_size=DIGEST)
+    for seq in (prompt, chosen, rejected):
+        digest.update(len(seq).to_bytes(4, "little"))
+        digest.update(numpy.asarray(seq, dtype=numpy.int32).tobytes())
+    return digest.digest()
+
+
+class PairTable(Sequence[TokenizedPair]):
+    """``n`` tokenized pairs over a flat int32 ``tokens`` array (a memory map or an array)."""
+
+    def __init__(self, tokens: numpy.ndarray, lengths: numpy.ndarray, sources: Sequence[Source | None],
+                 truncated: numpy.ndarray, digests: numpy.ndarray):
+        self.tokens, self.lengths = tokens, lengths.reshape(-1, 3).astype(numpy.int64)
+        self.sources, self.truncated, self.digests = sources, truncated, digests
+        ends = numpy.cumsum(self.lengths.reshape(-1))
+        self.starts = (ends - self.lengths.reshape(-1)).reshape(-1, 3)
+
+    @classmethod
+    def of(cls, pairs: Sequence[TokenizedPair]) -> PairTable:
+        """A table of pairs built in memory (tests, small data)."""
+        flat = [t for p in pairs for seq in (p.prompt, p.chosen, p.rejected) for t in seq]
+        lengths = numpy.array([[len(p.prompt), len(p.chosen), len(p.rejected)] for p in pairs],
+                              dtype=numpy.int64).reshape(-1, 3)
+        digests = numpy.frombuffer(b"".join(pair_digest(p.prompt, p.chosen, p.rejected) for p in pairs),
+                                   dtype=numpy.uint8).reshape(-1, DIGEST)
+        return cls(numpy.array(flat, dtype=numpy.int32), lengths, [p.source for p in pairs],
+                   numpy.array([p.truncated for p in pairs], dtype=bool), digests)
+
+    def __len__(self) -> int:
+        return int(self.lengths.shape[0])
+
+    @overload
+    def __getitem__(self, index: int) -> TokenizedPair: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[TokenizedPair]: ...
+
+    def __getitem__(self, index: int | slice) -> TokenizedPair | list[TokenizedPair]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        index %= len(self)
+        prompt, chosen, rejected = (
+            tuple(self.tokens[a : a + n].tolist()) for a, n in zip(self.starts[index], self.lengths[index]))
+        return TokenizedPair(prompt, chosen, rejected, (1.0,) * len(chosen), (1.0,) * len(rejected),
+                             self.sources[index], bool(self.truncated[index]))
+
+    def __iter__(self) -> Iterator[TokenizedPair]:
+        return (self[i] for i in range(len(self)))
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to any sequence of the same pairs (a list, another table)."""
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def digest(self, index: int) -> bytes:
+        return self.digests[index].tobytes()
+
+    def sha256(self) -> str:
+        """sha256 of the pairs' content, in order (keys the reference cache and checkpoints)."""
+        digest = hashlib.sha256()
+        digest.update(numpy.ascontiguousarray(self.digests).tobytes())
+        return digest.hexdigest()
+
+
+class TokenWriter:
+    """Appends tokenized pairs to an int32 token file as they are made (a million pairs never sit
+    in memory as Python objects); :meth:`table` maps the file back."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.handle: Any = open(path, "wb")
+        self.lengths: list[numpy.ndarray] = []
+        self.digests: list[bytes] = []
+        self.sources: list[Source | None] = []
+        self.truncated: list[bool] = []
+        self.count = 0
+
+    def add(self, pairs: Sequence[TokenizedPair]) -> None:
+        if not pairs:
+            return
+        flat = [t for p in pairs for seq in (p.prompt, p.chosen, p.rejected) for t in seq]
+        self.handle.write(numpy.asarray(flat, dtype=numpy.int32).tobytes())
+        self.lengths.append(numpy.array([[len(p.prompt), len(p.chosen), len(p.rejected)] for p in pairs],
+                                        dtype=numpy.int64))
+        self.digests += [pair_digest(p.prompt, p.chosen, p.rejected) for p in pairs]
+        self.sources += [p.source for p in pairs]
+        self.truncated += [p.truncated for p in pairs]
+        self.count += len(pairs)
+
+    def close(self) -> None:
+        self.handle.close()
+
+    def table(self) -> PairTable:
+        """The pairs written, their tokens memory-mapped from the file."""
+        self.close()
+        lengths = numpy.concatenate(self.lengths) if self.lengths else numpy.zeros((0, 3), numpy.int64)
+        return PairTable(map_tokens(self.path, int(lengths.sum())), lengths, self.sources,
+                         numpy.array(self.truncated, dtype=bool),
+                         numpy.frombuffer(b"".join(self.digests), dtype=numpy.uint8).reshape(-1, DIGEST))
+
+
+def map_tokens(path: Path, count: int) -> numpy.ndarray:
+    """The int32 tokens of ``path``, memory-mapped read-only; a ``ValueError`` when the file does
+    not hold exactly ``count`` of them."""
+    size = path.stat().st_size
+    if size != 4 * count:
+        raise ValueError(f"{path} holds {size} bytes, expected {4 * count} ({count} tokens)")
+    if count == 0:
+        return numpy.zeros(0, dtype=numpy.int32)
+    return numpy.memmap(path, dtype=numpy.int32, mode="r", shape=(count,))

@@ -1,0 +1,55 @@
+"""Records to token files a chunk at a time, on worker processes: the same result as one process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from preftune import Config
+from preftune.data import make_format
+from preftune.data.pipeline import prepare
+from preftune.tiny import tiny_tokenizer
+
+
+def mixed(tmp_path: Path, pair_record: Any, n: int = 90) -> Path:
+    """Good pairs, bad lines (broken JSON, a control token) and pairs dropped at max_seq_len."""
+    lines = []
+    for i in range(n):
+        record = pair_record(f"Question {i}: " + ("long " * 40 if i % 17 == 3 else "short?"),
+                             f"Answer {i} yes.", f"Answer {i} no.")
+        if i % 13 == 5:
+            record["chosen"]["messages"][-1]["content"] += "<|im_start|>"
+        lines.append("{oops" if i % 11 == 7 else json.dumps(record))
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def build(tmp_path: Path, registry: Any, data: Path, workers: int, **settings: Any) -> Any:
+    config = Config(base_model="builtin:tiny", dataset=str(data), max_seq_len=48, on_bad_record="skip",
+                    max_bad_fraction=1.0, data_workers=workers,
+                    cache_dir=str(tmp_path / f"cache-{workers}-{len(settings)}"), **settings)
+    return prepare(registry, config, make_format(registry, config), tiny_tokenizer(), lambda _: None,
+                   progress=False)
+
+
+@pytest.mark.parametrize("settings", [{}, {"max_pairs": 37}])
+def test_workers_and_chunks_give_what_one_process_gives(
+    tmp_path: Path, registry: Any, pair_record: Any, monkeypatch: pytest.MonkeyPatch, settings: Any
+) -> None:
+    import preftune.data.build as build_module
+
+    data = mixed(tmp_path, pair_record)
+    whole = build(tmp_path, registry, data, 1, **settings)  # one chunk: everything at once
+    monkeypatch.setattr(build_module, "CHUNK_RECORDS", 8)  # 12 chunks, on two forked workers
+    parallel = build(tmp_path, registry, data, 2, **settings)
+    assert len(whole.pairs) > 20 and whole.problems and whole.report.dropped
+    assert parallel.pairs == whole.pairs and parallel.sha256 == whole.sha256
+    assert [p.as_tuple() for p in parallel.problems] == [p.as_tuple() for p in whole.problems]
+    assert parallel.report == whole.report and parallel.records == whole.records
+    if settings:  # reading stops at the record of the 37th pair that parses, in every mode
+        parsing = [i for i in range(90) if i % 11 != 7]
+        assert whole.records == parsing[36] + 1
