@@ -59,6 +59,9 @@ class Config(BaseModel):
         "list it in log_path/skipped.jsonl (skip).")
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="With on_bad_record = skip: the run "
                                     "stops when more than this share of the records is bad.")
+    template_ignores: Literal["error", "allow"] = Field(
+        "error", description="A key a record holds that the chat template ignores (tools, a message's "
+        "name, tool_call_id): refuse the record (error), or train without it and say so (allow).")
     data_workers: int = Field(0, ge=0, description="Processes that parse and tokenize the data; 0 = one per "
                               "CPU core.")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="Share of dataset held out.")

@@ -50,8 +50,9 @@ REFUSED_RECORD_KEYS = {  # record-level keys TRL reads: ignoring them would chan
 
 
 def canonical(value: Any) -> str:
-    """The canonical JSON text ``Message.tool_calls`` and ``PreferencePair.tools`` hold."""
-    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    """The JSON text ``Message.tool_calls`` and ``PreferencePair.tools`` hold: compact, keys in
+    the record's order (a template's ``tojson`` writes them as the model will see them)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def without_none(value: Any) -> Any:

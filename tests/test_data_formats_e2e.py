@@ -129,10 +129,6 @@ def test_text_pairs_tokenize_as_trl_prepares_them(form: str, registry: Any, toke
     assert all(o["chosen_ids"][-1] == tokenizer.eos_token_id for o in ours)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: core/data/tokenize.py check_control_tokens refuses a text completion that already ends "
-    "with the EOS token (field 'chosen': control token '<|im_end|>'), though slots() is written to "
-    "keep such an EOS (not add a second one) as TRL's add_eos does; TRL trains on the record"))
 def test_a_text_completion_already_ending_in_eos_is_read_as_trl_reads_it(registry: Any,
                                                                           tokenizer: Any) -> None:
     row = standard("Done?", "Yes." + tokenizer.eos_token, "No.")

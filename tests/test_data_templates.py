@@ -20,8 +20,8 @@ runner = CliRunner()
 
 # A ChatML template with tools, modelled on Qwen2.5's: the tool schemas in a system turn, an
 # assistant's tool calls as <tool_call> blocks, tool results as user turns of <tool_response>. Unlike
-# Qwen2.5's it writes a result's tool_call_id (as Mistral's templates write call ids): a template
-# that drops it has the record refused (see the report of this proof).
+# Qwen2.5's it writes each call's id and a result's tool_call_id (as Mistral's templates write call
+# ids): a template that drops them has the record refused, unless template_ignores = "allow".
 TOOLS_TEMPLATE = """
 {%- if tools %}<|im_start|>system
 {% if messages[0].role == 'system' %}{{ messages[0].content }}
@@ -44,7 +44,8 @@ TOOLS_TEMPLATE = """
 {% if message.content %}{{ message.content }}{% endif %}
 {%- for call in message.tool_calls or [] %}
 <tool_call>
-{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
+{"name": "{{ call.function.name }}", "id": "{{ call.id }}",
+"arguments": {{ call.function.arguments | tojson }}}
 </tool_call>
 {%- endfor %}<|im_end|>
 {% elif message.role == 'tool' %}<|im_start|>user
@@ -103,15 +104,8 @@ def parse(registry: Any, record: dict[str, Any], name: str = "chosen_rejected") 
 
 # ---- tools ----------------------------------------------------------------------------------------
 
-KEY_ORDER = pytest.mark.xfail(strict=True, reason=(
-    "bug: plugins/formats.py canonical() keeps tools and tool_calls as JSON text with sort_keys=True, "
-    "so the template's tojson renders every schema and every call's arguments with their keys "
-    "sorted ({\"function\": ..., \"type\": ...}), not in the record's order as "
-    "apply_chat_template(tools=...) and TRL render them: the model trains on a prompt it never sees"))
-
-
 @pytest.mark.parametrize("name", ["chosen_rejected", "trl_conversational"])
-@pytest.mark.parametrize("sorted_keys", [True, pytest.param(False, marks=KEY_ORDER)],
+@pytest.mark.parametrize("sorted_keys", [True, False],
                          ids=["keys-sorted", "keys-as-written"])
 def test_a_tool_calling_conversation_renders_as_apply_chat_template(name: str, sorted_keys: bool,
                                                                     registry: Any) -> None:
@@ -144,7 +138,7 @@ def test_a_tool_conversation_through_a_template_without_tools_is_refused_by_line
                                        {"role": "assistant", "content": f"Go {i}."}]}} for i in range(8)]
     path = tmp_path / "tools.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in [*good[:4], tool_record(), *good[4:], no_tools]))
-    expected = {(f"{path}:5", "tools"), (f"{path}:10", "chosen.tool_calls")}
+    expected = {(f"{path}:5", "tools"), (f"{path}:10", "prompt[1].tool_calls")}
 
     result = runner.invoke(app, ["validate", str(path), "--tokenizer", "builtin:tiny"])
     assert result.exit_code == 1
@@ -165,10 +159,6 @@ def test_a_tool_conversation_through_a_template_without_tools_is_refused_by_line
     assert all("tool_calls" in r["record"] for r in rows)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: core/data/tokenize.py check_template_reads names a message key the template ignores "
-    "as f'{side}.{key}' ('chosen.name') whatever message holds it, here a prompt message; the "
-    "field should be where the record holds it (chosen.messages[0].name, or prompt[0].name)"))
 def test_an_ignored_message_key_is_named_where_the_record_holds_it(registry: Any, tokenizer: Any) -> None:
     record = {"prompt": [{"role": "user", "content": "Hi", "name": "bob"}],
               "chosen": [{"role": "assistant", "content": "Hey."}],
@@ -255,14 +245,9 @@ ZEPHYR = (
     "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\\n' + message['content'] + eos_token }}"
     "{% endif %}{% if loop.last and add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}{% endfor %}")
 MARKED = {"llama2": LLAMA2, "zephyr": ZEPHYR}
-ZEPHYR_GLUED = pytest.mark.xfail(strict=True, reason=(
-    "bug: core/data/tokenize.py template_markers splits the template's frame on whitespace only; "
-    "Zephyr writes eos_token right before the next '<|user|>' / '<|assistant|>', so the word is "
-    "'<|im_end|><|user|>', which control_tokens then drops for holding a special token: those two "
-    "markers are never refused (only '<|system|>', which starts the render, is)"))
 MARKERS = [("llama2", "[INST]"), ("llama2", "[/INST]"), ("llama2", "<<SYS>>"), ("llama2", "<</SYS>>"),
-           ("zephyr", "<|system|>"), pytest.param("zephyr", "<|user|>", marks=ZEPHYR_GLUED),
-           pytest.param("zephyr", "<|assistant|>", marks=ZEPHYR_GLUED)]
+           ("zephyr", "<|system|>"), ("zephyr", "<|user|>"),
+           ("zephyr", "<|assistant|>")]
 ORDINARY = ["if a[0] < b: return b[1:]", "Wrap it in <div> and </div>.", "[1, 2] or [x]", "a <| b |> c",
             "Use [INSTANCE] and <SYSTEM> names", "user: hi | assistant: hey"]
 
@@ -290,3 +275,20 @@ def test_chatml_has_no_plain_text_markers(tokenizer: Any) -> None:
     pair = tokenize_pair(tokenizer, chat_pair([("user", "What does [INST] mean in Llama-2?")],
                                               "A turn marker.", "No idea."), 4096)
     assert "[INST]" in tokenizer.decode(pair.prompt)
+
+
+def test_keys_a_template_ignores_are_trained_without_and_counted_when_allowed(registry: Any) -> None:
+    from preftune.data import tokenize_pairs
+    from preftune.data.tokenize import tokenize_all
+
+    qwen_like = TOOLS_TEMPLATE.replace(', "id": "{{ call.id }}"', "").replace(
+        ' id="{{ message.tool_call_id }}"', "")
+    tokenizer = with_template(qwen_like)
+    pair = parse(registry, tool_record(), "chosen_rejected")
+    with pytest.raises(DataError, match=r"field 'prompt\[2\]\.tool_call_id': the chat template ignores "
+                       r"'tool_call_id'.*template_ignores = \"allow\""):
+        tokenize_pairs(tokenizer, [pair], 4096)
+    kept, report, problems = tokenize_all(tokenizer, [pair], 4096, ignored="allow")
+    assert len(kept) == 1 and not problems
+    assert report.ignored == {"tool call id": 1, "tool_call_id": 1}
+    assert "the chat template ignores tool call id (1 pairs), tool_call_id (1 pairs)" in report.lines(4096)[0]

@@ -42,6 +42,7 @@ class Chunk:
     dropped: list[tuple[int, Source | None]] = field(default_factory=list)
     truncated: list[tuple[int, Source | None]] = field(default_factory=list)
     problems: list[tuple[int, Problem]] = field(default_factory=list)
+    ignored: dict[str, int] = field(default_factory=dict)
 
     def cut(self, parsed: int) -> Chunk:
         """This chunk up to (and with) the record of its ``parsed``-th good pair: what a reader
@@ -51,7 +52,7 @@ class Chunk:
         return Chunk(last + 1, [self.pairs[i] for i in keep], [self.positions[i] for i in keep], parsed,
                      self.parsed_positions[:parsed], [d for d in self.dropped if d[0] <= last],
                      [t for t in self.truncated if t[0] <= last],
-                     [p for p in self.problems if p[0] <= last])
+                     [p for p in self.problems if p[0] <= last], self.ignored)
 
 
 # what a worker needs, set before the pool forks (a format or tokenizer need not pickle)
@@ -61,6 +62,7 @@ _WORK: dict[str, Any] = {}
 def work_chunk(reads: list[Read]) -> Chunk:
     """Parse, check and tokenize one chunk of reads."""
     fmt, tokenizer, max_seq_len = _WORK["fmt"], _WORK["tokenizer"], _WORK["max_seq_len"]
+    ignored = _WORK.get("ignored", "error")
     parsed = parse_records(reads, fmt)
     where = {id(read[0]): i for i, read in enumerate(reads)}
     at = {id(p): where[id(p.source)] for p in parsed.pairs}
@@ -69,11 +71,12 @@ def work_chunk(reads: list[Read]) -> Chunk:
     chunk.problems = [(where[id(p.where)], p) for p in parsed.problems]
     if tokenizer is None:  # parsing only
         return chunk
-    pairs, report, bad = tokenize_all(tokenizer, parsed.pairs, max_seq_len)
+    pairs, report, bad = tokenize_all(tokenizer, parsed.pairs, max_seq_len, ignored=ignored)
     position = {id(p.source): at[id(p)] for p in parsed.pairs}
     chunk.pairs, chunk.positions = pairs, [position[id(p.source)] for p in pairs]
     chunk.dropped = [(position[id(s)], s) for s in report.dropped]
     chunk.truncated = [(position[id(s)], s) for s in report.truncated]
+    chunk.ignored = report.ignored
     chunk.problems = sorted(chunk.problems + [(position[id(p.where)], p) for p in bad],
                             key=lambda item: item[0])
     return chunk
@@ -97,10 +100,11 @@ def default_workers() -> int:
 
 
 @contextmanager
-def worker_pool(workers: int, fmt: Any, tokenizer: Any, max_seq_len: int) -> Iterator[Any]:
+def worker_pool(workers: int, fmt: Any, tokenizer: Any, max_seq_len: int,
+                ignored: str = "error") -> Iterator[Any]:
     """A pool of ``workers`` forked processes that run :func:`work_chunk` (None for one worker,
     or where fork is not available: chunks then run here)."""
-    _WORK.update(fmt=fmt, tokenizer=tokenizer, max_seq_len=max_seq_len)
+    _WORK.update(fmt=fmt, tokenizer=tokenizer, max_seq_len=max_seq_len, ignored=ignored)
     if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         yield None
         return
@@ -138,15 +142,14 @@ def build(config: Any, opened: Sequence[Opened], fmt: Any, tokenizer: Any, write
         for index, data in enumerate(opened):
             limit = config.max_pairs if index == 0 else None
             before = len(built.problems)
-            parsed, kept = read_one(data, limit, workers, fmt, tokenizer, config.max_seq_len, writer,
-                                    built, bar)
+            parsed, kept = read_one(data, limit, workers, fmt, tokenizer, config, writer, built, bar)
             if not parsed and len(built.problems) == before:
                 built.problems.append(Problem(data.name, "", "the data set holds no preference pairs"))
             built.counts.append(kept)
     return built
 
 
-def read_one(data: Opened, limit: int | None, workers: int, fmt: Any, tokenizer: Any, max_seq_len: int,
+def read_one(data: Opened, limit: int | None, workers: int, fmt: Any, tokenizer: Any, config: Any,
              writer: TokenWriter | None, built: Built, bar: Any) -> tuple[int, int]:
     """One data set into ``writer`` and ``built``; returns how many of its records parsed into
     pairs, and how many pairs were kept (not dropped at max_seq_len)."""
@@ -157,7 +160,8 @@ def read_one(data: Opened, limit: int | None, workers: int, fmt: Any, tokenizer:
     second = next(stream, None)
     todo = [first] + ([second] if second is not None else [])
     parsed = kept = 0
-    with worker_pool(workers if second is not None else 1, fmt, tokenizer, max_seq_len) as pool:
+    with worker_pool(workers if second is not None else 1, fmt, tokenizer, config.max_seq_len,
+                     config.template_ignores) as pool:
         reads = (chunk for source in (todo, stream) for chunk in source)
         results = pool.imap(work_chunk, reads) if pool is not None else map(work_chunk, reads)
         for chunk in results:
@@ -179,3 +183,5 @@ def add(chunk: Chunk, writer: TokenWriter | None, built: Built) -> None:
     built.problems += [p for _, p in chunk.problems]
     built.report.dropped += [s for _, s in chunk.dropped]
     built.report.truncated += [s for _, s in chunk.truncated]
+    for key, count in chunk.ignored.items():
+        built.report.ignored[key] = built.report.ignored.get(key, 0) + count

@@ -199,6 +199,7 @@ def key_parts(config: Any, fmt: Any, tokenizer: Any, opened: Sequence[Opened]) -
     parts = {**identity_parts(opened), **tokenizer_identity(tokenizer),
              "format": format_identity(config, fmt),
              "max_pairs": str(config.max_pairs), "max_seq_len": str(config.max_seq_len),
+             "template_ignores": str(config.template_ignores),
              "special_tokens": json.dumps(getattr(tokenizer, "special_tokens_map", {}), sort_keys=True,
                                          default=str),
              "renderer": f"transformers {transformers.__version__}, tokenizers {tokenizers.__version__}",
@@ -261,6 +262,7 @@ def pack(tokenized: Tokenized, parts: dict[str, str], datasets: Sequence[str],
         "dropped": origins.table(tokenized.report.dropped),
         "data_sha256": tokenized.sha256,
         "meta": json.dumps({"origins": origins.saved(), "problems": problems, "tokens": tokens_file.name,
+                            "ignored": tokenized.report.ignored,
                             "records": tokenized.records, "train_count": tokenized.train_count}),
     }
 
@@ -283,7 +285,8 @@ def unpack(data: dict[str, Any], datasets: Sequence[str], cache_file: Path) -> T
     if table.sha256() != str(data["data_sha256"]):
         raise ValueError("the pair digests do not give the data's sha256")
     report = TokenizeReport(origins.sources(data["dropped"]),
-                            [s for s, t in zip(table.sources, table.truncated) if t])
+                            [s for s, t in zip(table.sources, table.truncated) if t],
+                            {str(k): int(v) for k, v in meta["ignored"].items()})
     problems = [Problem(origins.source(p["where"]) if isinstance(p["where"], list) else p["where"],
                         p["field"], p["reason"], Raw(p["record"]) if p["record"] is not None else None)
                 for p in meta["problems"]]

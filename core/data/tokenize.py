@@ -201,19 +201,26 @@ def template_markers(tokenizer: Any) -> set[str]:
             text = tokenizer.apply_chat_template(messages, tokenize=False)
         except (TemplateError, ValueError, TypeError):
             continue
-        frame = re.split("|".join(SENTINELS), str(text))
+        specials = sorted(special_texts(tokenizer), key=len, reverse=True)
+        frame = re.split("|".join(map(re.escape, [*SENTINELS, *specials])), str(text))
         words = {w for piece in frame for w in piece.split()}
         return {w for w in words if len(w) >= 3 and re.search(r"[\[\]<>|]", w)}
     return set()
 
 
-def control_tokens(tokenizer: Any) -> re.Pattern[str] | None:
-    """A pattern matching the tokenizer's special tokens (``<|im_end|>``, ``</s>``...) and its
-    template's plain-text turn markers (``[INST]``) in text."""
+def special_texts(tokenizer: Any) -> set[str]:
+    """The text of the tokenizer's special tokens (``<|im_end|>``, ``</s>``...)."""
     specials = set(getattr(tokenizer, "all_special_tokens", None) or [])
     for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
         if getattr(token, "special", False):
             specials.add(str(token))
+    return {t for t in specials if t}
+
+
+def control_tokens(tokenizer: Any) -> re.Pattern[str] | None:
+    """A pattern matching the tokenizer's special tokens (``<|im_end|>``, ``</s>``...) and its
+    template's plain-text turn markers (``[INST]``) in text."""
+    specials = special_texts(tokenizer)
     if getattr(tokenizer, "chat_template", None):
         markers = template_markers(tokenizer)
         specials |= {m for m in markers if not any(s and s in m for s in specials)}
@@ -221,23 +228,24 @@ def control_tokens(tokenizer: Any) -> re.Pattern[str] | None:
     return re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True)))) if specials else None
 
 
-def texts_of(pair: PreferencePair) -> Iterator[tuple[str, int, str]]:
-    """``(side, message index, text)`` of every text a pair holds."""
+def texts_of(pair: PreferencePair, eos: str = "") -> Iterator[tuple[str, int, str]]:
+    """``(side, message index, text)`` of every text a pair holds; a text completion's own final
+    EOS (kept, not doubled, as TRL does) is no text of its."""
     for side in ("prompt", *SIDES):
         value = getattr(pair, side)
         if isinstance(value, str):
-            yield side, 0, value
+            yield side, 0, value[: -len(eos)] if side != "prompt" and eos and value.endswith(eos) else value
             continue
         for i, message in enumerate(value):
             yield side, i, message.content
 
 
-def check_control_tokens(pair: PreferencePair, pattern: re.Pattern[str] | None) -> None:
+def check_control_tokens(pair: PreferencePair, pattern: re.Pattern[str] | None, eos: str = "") -> None:
     """Refuse message text holding the chat template's own control tokens or turn markers:
     rendered, they would become real turn boundaries, a turn injected into the training data."""
     if pattern is None:
         return
-    for side, i, text in texts_of(pair):
+    for side, i, text in texts_of(pair, eos):
         found = pattern.search(text)
         if found:
             what = "text" if pair.is_text else f"message {i}"
@@ -275,7 +283,7 @@ def tokenize_pair(tokenizer: Any, pair: PreferencePair, max_seq_len: int) -> Tok
     Completions longer than ``max_seq_len - len(prompt)`` are truncated from their end.
     """
     vocab = Vocab.of(tokenizer)
-    check_control_tokens(pair, vocab.control)
+    check_control_tokens(pair, vocab.control, vocab.eos)
     check_template_reads(tokenizer, pair)
     prompt, *fulls = render_pairs(tokenizer, [pair], vocab)[0]
     return assemble(pair, prompt, fulls, max_seq_len, vocab, tokenizer)
@@ -294,31 +302,70 @@ def render_pairs(tokenizer: Any, pairs: Sequence[PreferencePair],
 MESSAGE_KEYS = ("name", "tool_calls", "tool_call_id")
 
 
-def check_template_reads(tokenizer: Any, pair: PreferencePair) -> None:
+def check_template_reads(tokenizer: Any, pair: PreferencePair, ignored: str = "error") -> list[str]:
     """Refuse what the chat template would drop: a record's ``tools``, a message's ``name``,
-    ``tool_calls`` or ``tool_call_id``, a ``tool`` turn. Each is rendered with and without it;
-    the same tokens mean the template ignores it, and the model would train on less than the
-    record says."""
+    ``tool_calls`` (or the ``id`` of a call) or ``tool_call_id``, a ``tool`` turn. Each is
+    rendered with and without it; the same tokens mean the template ignores it, and the model
+    would train on less than the record says. With ``ignored = "allow"`` (the setting
+    ``template_ignores``) the pair is kept and the keys it loses are returned, to be reported."""
     if pair.is_text or not needs_template_check(pair):
-        return
+        return []
+    lost = []
     for side in SIDES:
-        conversation = pair.prompt + getattr(pair, side)
-        full = try_render(tokenizer, conversation, False, side, pair.tools)
-        if isinstance(full, RecordError):
-            return  # the render's own error is the pair's problem, said by assemble
-        if pair.tools is not None and full == try_render(tokenizer, conversation, False, side):
-            raise RecordError("tools", "the chat template ignores the record's tools: it does not "
-                              "support tool definitions (use a model whose template does)")
-        for key in MESSAGE_KEYS:
-            if any(getattr(m, key) is not None for m in conversation):
-                bare = tuple(replace(m, **{key: None}) for m in conversation)
-                if full == try_render(tokenizer, bare, False, side, pair.tools):
-                    raise RecordError(f"{side}.{key}", f"the chat template ignores the messages' "
-                                      f"{key!r}: rendered with and without it, the tokens are the same")
-        if any(m.role == "tool" for m in conversation):
-            bare = tuple(m for m in conversation if m.role != "tool")
+        for where, what, label in ignored_keys(tokenizer, pair, side):
+            if ignored != "allow":
+                raise RecordError(where, f"the chat template ignores {what}: rendered with and without "
+                                  "it, the tokens are the same (set template_ignores = \"allow\" to "
+                                  "train without it)")
+            lost.append(label)
+    return sorted(set(lost))
+
+
+def ignored_keys(tokenizer: Any, pair: PreferencePair, side: str) -> Iterator[tuple[str, str, str]]:
+    """``(field, what, key)`` of each key of ``prompt + side`` that the template renders as if absent;
+    ``field`` is where the pair holds it (``prompt[0].name``)."""
+    conversation = pair.prompt + getattr(pair, side)
+    full = try_render(tokenizer, conversation, False, side, pair.tools)
+    if isinstance(full, RecordError):
+        return  # the render's own error is the pair's problem, said by assemble
+    if pair.tools is not None and full == try_render(tokenizer, conversation, False, side):
+        yield "tools", "the record's tools (it does not support tool definitions)", "tools"
+    for key in MESSAGE_KEYS:
+        if any(getattr(m, key) is not None for m in conversation):
+            bare = tuple(replace(m, **{key: None}) for m in conversation)
             if full == try_render(tokenizer, bare, False, side, pair.tools):
-                raise RecordError("prompt", "the chat template drops 'tool' turns (tool results)")
+                yield (where_held(pair, side, lambda m, k=key: getattr(m, k) is not None, key), repr(key),
+                       key)
+    if any(call_ids(m) for m in conversation):
+        bare = tuple(replace(m, tool_calls=without_ids(m.tool_calls)) if call_ids(m) else m
+                     for m in conversation)
+        if full == try_render(tokenizer, bare, False, side, pair.tools):
+            yield where_held(pair, side, call_ids, "tool_calls"), "the 'id' of each tool call", "tool call id"
+    if any(m.role == "tool" for m in conversation):
+        bare = tuple(m for m in conversation if m.role != "tool")
+        if full == try_render(tokenizer, bare, False, side, pair.tools):
+            yield (where_held(pair, side, lambda m: m.role == "tool", ""), "'tool' turns (tool results)",
+                   "tool turns")
+
+
+def where_held(pair: PreferencePair, side: str, holds: Any, key: str) -> str:
+    """The field of the first message of ``prompt`` or ``side`` that ``holds`` says has ``key``."""
+    for name in ("prompt", side):
+        for i, message in enumerate(getattr(pair, name)):
+            if holds(message):
+                return f"{name}[{i}]" + (f".{key}" if key else "")
+    return side
+
+
+def call_ids(message: Message) -> bool:
+    calls = json.loads(message.tool_calls) if message.tool_calls else []
+    return any(isinstance(c, dict) and "id" in c for c in calls)
+
+
+def without_ids(tool_calls: str | None) -> str | None:
+    calls = json.loads(tool_calls) if tool_calls else []
+    return json.dumps([{k: v for k, v in c.items() if k != "id"} if isinstance(c, dict) else c
+                       for c in calls], ensure_ascii=False, separators=(",", ":"))
 
 
 def needs_template_check(pair: PreferencePair) -> bool:
@@ -338,6 +385,7 @@ class TokenizeReport:
 
     dropped: list[Source | None] = field(default_factory=list)
     truncated: list[Source | None] = field(default_factory=list)
+    ignored: dict[str, int] = field(default_factory=dict)  # key the template ignores -> pairs
 
     def lines(self, max_seq_len: int) -> list[str]:
         out = []
@@ -346,6 +394,9 @@ class TokenizeReport:
             if items:
                 where = ", ".join(str(s) for s in items[:5]) + (" ..." if len(items) > 5 else "")
                 out.append(f"{len(items)} pair(s) {what} max_seq_len={max_seq_len}: {where}")
+        if self.ignored:
+            keys = ", ".join(f"{k} ({n} pairs)" for k, n in sorted(self.ignored.items()))
+            out.append(f"the chat template ignores {keys}: trained without them (template_ignores = allow)")
         return out
 
 
@@ -357,7 +408,8 @@ def pair_record(pair: PreferencePair) -> dict[str, Any]:
 
 
 def tokenize_all(
-    tokenizer: Any, pairs: Sequence[PreferencePair], max_seq_len: int, *, progress: bool = False
+    tokenizer: Any, pairs: Sequence[PreferencePair], max_seq_len: int, *, progress: bool = False,
+    ignored: str = "error",
 ) -> tuple[list[TokenizedPair], TokenizeReport, list[Problem]]:
     """Tokenize all pairs, as :func:`tokenize_pair` does each but rendered in batches; the pairs
     that cannot be tokenized are returned as problems."""
@@ -368,8 +420,8 @@ def tokenize_all(
             chunk = pairs[start : start + PAIRS_PER_STEP]
             for pair, (prompt, *fulls) in zip(chunk, render_pairs(tokenizer, chunk, vocab)):
                 try:
-                    check_control_tokens(pair, vocab.control)
-                    check_template_reads(tokenizer, pair)
+                    check_control_tokens(pair, vocab.control, vocab.eos)
+                    lost = check_template_reads(tokenizer, pair, ignored)
                     tokenized = assemble(pair, prompt, fulls, max_seq_len, vocab, tokenizer)
                 except RecordError as exc:
                     problems.append(Problem(pair.source or "?", exc.field, exc.message, pair_record(pair)))
@@ -379,6 +431,8 @@ def tokenize_all(
                     continue
                 if tokenized.truncated:
                     report.truncated.append(pair.source)
+                for key in lost:
+                    report.ignored[key] = report.ignored.get(key, 0) + 1
                 out.append(tokenized)
             bar.update(len(chunk))
     return out, report, problems
