@@ -22,7 +22,9 @@ def test_the_repo_root_is_not_importable() -> None:
 
 
 def test_builtins_register_every_kind(registry: Any) -> None:
-    assert registry.names("format") == ["chosen_rejected", "input_output"]
+    assert registry.names("format") == ["chosen_rejected", "input_output", "trl_conversational",
+                                        "trl_implicit", "trl_standard"]
+    assert registry.names("source") == ["arrow", "hf", "json", "jsonl", "parquet"]
     assert registry.names("loss") == ["dpo", "orpo"]
     assert registry.names("reference") == ["lora_shared", "none", "separate"]
     assert registry.names("backend") == ["fireworks", "local", "tinker"]
@@ -32,7 +34,7 @@ def test_builtins_register_every_kind(registry: Any) -> None:
 
 def test_the_core_imports_no_plugin() -> None:
     core = Path(preftune.__file__).parent
-    for path in core.glob("*.py"):
+    for path in core.rglob("*.py"):
         source = path.read_text()
         assert "from .plugins" not in source and "import preftune.plugins" not in source, path
         assert "from preftune.plugins" not in source, path
