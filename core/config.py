@@ -46,8 +46,10 @@ class Config(BaseModel):
     init_from: str | None = Field(
         None, description="Start from these weights: a checkpoint, HF model or PEFT adapter dir."
     )
-    dataset: str = Field(description="Training preference pairs: a JSONL (or .jsonl.gz), JSON or Parquet "
-                         "file, a directory of Parquet shards or of datasets.save_to_disk, or hf:org/name.")
+    dataset: str | None = Field(
+        None, description="Training preference pairs: a JSONL (or .jsonl.gz), JSON or Parquet file, a "
+        "directory of Parquet shards or of datasets.save_to_disk, or hf:org/name (from Python, "
+        "run(config, dataset=...) also takes a datasets.Dataset).")
     eval_dataset: str | None = Field(
         None, description="Held-out pairs (any form dataset takes); default: split eval_fraction off dataset."
     )

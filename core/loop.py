@@ -39,8 +39,11 @@ from .types import AdamParams, Loss, Metrics, PairLogps, TokenizedPair, resolve
 from .weights import check_local_name
 
 
-def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
-    """Train with ``config``; return the final summary. This is the cookbook's ``main(cfg)``."""
+def run(config: Config, pm: PluginManager | None = None, *, dataset: Any = None,
+        eval_dataset: Any = None) -> dict[str, Any]:
+    """Train with ``config``; return the final summary. This is the cookbook's ``main(cfg)``.
+    ``dataset`` / ``eval_dataset`` take a ``datasets.Dataset`` (or any sized iterable of record
+    dicts) in place of the settings of the same names."""
     registry = get_registry(pm)
     config.check_plugin_tables(registry)
     # Build the cheap components first so a misspelled plugin name fails before any loading.
@@ -53,8 +56,9 @@ def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
     for kind, name in [("backend", config.backend)] + [("sink", s) for s in config.sinks] + (
             [("reference", config.reference)] if config.reference != "auto" else []):
         registry.check(kind, name, config)  # exists, and can use these settings
-    check_outputs(config, cache_dir(config), plugin_outputs(registry, config))  # an input is never
-    opened = check_inputs(registry, config)  # written over, whatever else is wrong with it
+    # outputs first: an input named like an output is refused as one, whatever else is wrong
+    check_outputs(config, cache_dir(config), plugin_outputs(registry, config))
+    opened = check_inputs(registry, config, {"dataset": dataset, "eval_dataset": eval_dataset})
     if config.resume:
         checkpoint.check_resumable(config.log_path)
     else:
@@ -65,10 +69,10 @@ def run(config: Config, pm: PluginManager | None = None) -> dict[str, Any]:
         return train(config, registry, loss, fmt, log_path, opened)
 
 
-def check_inputs(registry: Registry, config: Config) -> list[Opened]:
+def check_inputs(registry: Registry, config: Config, objects: dict[str, Any] | None = None) -> list[Opened]:
     """The data sets can be read and the tokenizer's name can be found: said before the log
     directory is made (the model's name is its backend's to check)."""
-    opened = open_datasets(registry, config)
+    opened = open_datasets(registry, config, objects)
     if config.tokenizer_model and not tiny.is_builtin(config.tokenizer_model):
         check_local_name(config.tokenizer_model, "tokenizer_model")
     return opened

@@ -60,7 +60,7 @@ def run_outputs(config: Any, cache_dir: Path) -> list[Output]:
 
 def run_inputs(config: Any, cache_dir: Path) -> list[Input]:
     """What a run reads: its data files, its config file, local model directories, the cache."""
-    inputs = [Input(Path(config.dataset), "dataset")]
+    inputs = [Input(Path(config.dataset), "dataset")] if config.dataset else []
     if config.eval_dataset:
         inputs.append(Input(Path(config.eval_dataset), "eval_dataset"))
     source = getattr(config, "source_file", None)

@@ -154,3 +154,38 @@ def test_one_changed_answer_changes_the_first_step(baseline: dict[str, Any], tmp
     assert got["step"]["logps_rejected"] != baseline["step"]["logps_rejected"]
     assert not torch.equal(got["reference"]["rejected_sum"], baseline["reference"]["rejected_sum"])
     assert torch.equal(got["reference"]["chosen_sum"], baseline["reference"]["chosen_sum"])
+
+
+def test_run_takes_a_datasets_dataset_from_python(tmp_path: Path) -> None:
+    """``run(config, dataset=ds)``: the pairs of a ``datasets.Dataset`` give what the same pairs
+    give from JSONL; a DatasetDict asks for a split; a bad row is named ``dataset#row``."""
+    import datasets
+
+    from preftune import ConfigError, DataError, run
+
+    records = [{"chosen": [{"role": "user", "content": f"Say yes {i}."},
+                           {"role": "assistant", "content": f"Yes {i}."}],
+                "rejected": [{"role": "user", "content": f"Say yes {i}."},
+                             {"role": "assistant", "content": f"No {i}."}]} for i in range(8)]
+    path = tmp_path / "same.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    common = {"base_model": "builtin:tiny", "eval_fraction": 0, "max_seq_len": 64, "batch_size": 8,
+              "sinks": ["jsonl"], "cache_dir": str(tmp_path / "cache")}
+    from preftune import Config
+
+    from_file = run(Config(dataset=str(path), log_path=str(tmp_path / "file"), **common))
+    ds = datasets.Dataset.from_list(records)
+    from_python = run(Config(log_path=str(tmp_path / "py"), **common), dataset=ds)
+    assert from_python["status"] == "completed"
+    first = [json.loads(x) for x in (tmp_path / "file" / "metrics.jsonl").read_text().splitlines()][0]
+    second = [json.loads(x) for x in (tmp_path / "py" / "metrics.jsonl").read_text().splitlines()][0]
+    assert first["loss"] == second["loss"] and from_file["tokens"] == from_python["tokens"]
+
+    with pytest.raises(ConfigError, match=r"dataset: a DatasetDict of splits \(train\); pass one split"):
+        run(Config(log_path=str(tmp_path / "dict"), **common), dataset=datasets.DatasetDict(train=ds))
+    with pytest.raises(ConfigError, match="dataset: required"):
+        run(Config(log_path=str(tmp_path / "none"), **common))
+    same = [dict(r, rejected=r["chosen"]) if i == 3 else r for i, r in enumerate(records)]
+    broken = datasets.Dataset.from_list(same)
+    with pytest.raises(DataError, match=r"dataset#3: field 'rejected.*identical"):
+        run(Config(log_path=str(tmp_path / "bad"), **common), dataset=broken)

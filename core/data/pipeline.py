@@ -9,16 +9,25 @@ from typing import Any
 
 from ..errors import ConfigError, DataError
 from . import policy
-from .sources import Opened, open_source
+from .sources import Opened, open_object, open_source
 from .tokcache import Tokenized, build_tokenized, tokenize_datasets
 
 
-def open_datasets(registry: Any, config: Any) -> list[Opened]:
+def open_datasets(registry: Any, config: Any, objects: dict[str, Any] | None = None) -> list[Opened]:
     """The run's data sets (``dataset``, then ``eval_dataset``), each with the source that reads
-    it, checked before anything loads."""
-    opened = [open_source(registry, config, "dataset", config.dataset)]
-    if config.eval_dataset:
-        opened.append(open_source(registry, config, "eval_dataset", config.eval_dataset))
+    it, checked before anything loads. ``objects`` holds data sets handed over from Python
+    (``run(config, dataset=ds)``), which take the place of the settings."""
+    objects = {k: v for k, v in (objects or {}).items() if v is not None}
+    opened = []
+    for key in ("dataset", "eval_dataset"):
+        if key in objects:
+            opened.append(open_object(key, objects[key]))
+        elif getattr(config, key):
+            opened.append(open_source(registry, config, key, getattr(config, key)))
+        elif key == "dataset":
+            raise ConfigError("dataset: required: a JSONL, JSON or Parquet file, a directory, "
+                              "hf:org/name, or from Python run(config, dataset=...)")
+    if len(opened) == 2:
         if same_data(opened[0], opened[1]):
             raise ConfigError("eval_dataset is the training dataset; held-out pairs must be other pairs")
     return opened

@@ -7,6 +7,8 @@ directory (a FIFO, a socket, a device) is refused before it is opened: reading a
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import stat
 from collections.abc import Iterator
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..types import DataSource, Read
+from ..types import DataSource, Read, Source
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,47 @@ def open_source(registry: Any, config: Any, key: str, value: str) -> Opened:
         raise ConfigError(unclaimed(registry, key, value))
     claims[0][1].check(value, key)
     return Opened(key, value, claims[0][1], value)
+
+
+class ObjectSource:
+    """Records of a Python object: a ``datasets.Dataset`` (or any sized iterable of dicts) handed
+    to ``run(config, dataset=...)``; record ``i`` is at ``dataset#i``, as ``dataset[i]`` finds it."""
+
+    def __init__(self, key: str, data: Any):
+        if isinstance(data, dict):  # a DatasetDict is a dict of splits
+            splits = ", ".join(map(str, data.keys()))
+            raise ConfigError(f"{key}: a {type(data).__name__} of splits ({splits}); pass one split, "
+                              f"e.g. {key}=ds[{next(iter(data.keys()), 'train')!r}]")
+        if not hasattr(data, "__iter__") or isinstance(data, (str, bytes)):
+            raise ConfigError(f"{key}: a {type(data).__name__} is not a data set; pass a path, "
+                              "hf:org/name, or a datasets.Dataset")
+        self.key, self.data = key, data
+
+    def claims(self, spec: str) -> bool:
+        return False
+
+    def check(self, spec: str, key: str) -> None:
+        pass
+
+    def identity(self, spec: str) -> dict[str, str]:
+        """The dataset's fingerprint (``datasets`` changes it with every transform), else the
+        sha256 of its records."""
+        fingerprint = getattr(self.data, "_fingerprint", None)
+        if fingerprint:
+            return {"fingerprint": str(fingerprint)}
+        digest = hashlib.sha256()
+        for record in self.data:
+            digest.update(json.dumps(record, sort_keys=True, default=repr).encode())
+        return {"sha256": digest.hexdigest()}
+
+    def records(self, spec: str) -> Iterator[Read]:
+        for row, record in enumerate(self.data):
+            yield Source(self.key, row, "#"), record, None
+
+
+def open_object(key: str, data: Any) -> Opened:
+    """A Python object as the data set ``key`` (``run(config, dataset=ds)``)."""
+    return Opened(key, key, ObjectSource(key, data), "")
 
 
 def refuse_special(value: str, key: str) -> None:
