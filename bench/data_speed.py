@@ -55,7 +55,7 @@ def write_data(path: Path, n: int, words: int) -> Path:
     rng = random.Random(0)
     with open(path, "w", encoding="utf-8") as handle:
         for _ in range(n):
-            handle.write(json.dumps(record(rng), ensure_ascii=False) + "\n")
+            handle.write(json.dumps(record(rng, words), ensure_ascii=False) + "\n")
     return path
 
 
@@ -122,7 +122,8 @@ def contender(name: str, data: Path, cache: Path, args: argparse.Namespace) -> d
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=20_000)
     parser.add_argument("--words", type=int, default=300, help="about this many words a pair")
     parser.add_argument("--rounds", type=int, default=3)

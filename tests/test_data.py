@@ -262,3 +262,42 @@ def test_a_prompt_that_is_not_a_token_prefix_is_reported_as_per_pair_does(tokeni
         tokenize_pairs(thinking, pairs, max_seq_len=99)
     assert [p.as_tuple() for p in info.value.problems] == per_pair(thinking, pairs, 99)[2]
     assert len(info.value.problems) == 8 and info.value.problems[0].field == "chosen"
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3-like"])
+def test_the_fast_paths_give_exactly_the_ids_of_apply_chat_template(template: str) -> None:
+    """Rendered texts encoded by the Rust tokenizer, and the prompt encoded once (conversations cut
+    at the prompt's last added token), give the ids of ``apply_chat_template(tokenize=True)``."""
+    import random
+
+    from preftune.data.tokenize import direct_encoder, prompt_splitter, tokenize_pairs
+    from preftune.tiny import tiny_tokenizer
+
+    def fresh() -> Any:
+        tokenizer = tiny_tokenizer()
+        if template != "chatml":
+            tokenizer.chat_template = (
+                "{% for m in messages %}<|im_start|>{{ m['role'] }}<|endoftext|>\n\n{{ m['content'] }}"
+                "<|im_end|>{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant"
+                "<|endoftext|>\n\n{% endif %}")
+        return tokenizer
+
+    rng = random.Random(3)
+    words = ["a", " b", "\n", "  ", "\t", "héllo", "日本", "<b>", "[1]", "x.", " ", "\n\n"]
+
+    def say() -> str:
+        return "".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
+
+    pairs = []
+    for i in range(60):
+        turns = [Message("system", say())] if i % 3 == 0 else []
+        for _ in range(i % 3):
+            turns += [Message("user", say()), Message("assistant", say())]
+        prompt = (*turns, Message("user", say()))
+        pairs.append(PreferencePair(prompt, (Message("assistant", say() + "!"),),
+                                    (Message("assistant", say() + "?"),), Source("r.jsonl", i + 1)))
+    fast = fresh()
+    assert direct_encoder(fast) is not None and prompt_splitter(fast) is not None
+    slow = fresh()
+    slow._preftune_direct = slow._preftune_split = None  # apply_chat_template(tokenize=True) only
+    assert tokenize_pairs(fast, pairs, 4096) == tokenize_pairs(slow, pairs, 4096)
