@@ -20,10 +20,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..errors import Problem, RecordError
-from ..types import Read, Source, TokenizedPair
+from ..types import Read, Source
 from .records import parse_records
 from .sources import Opened
-from .table import TokenWriter
+from .table import Packed, TokenWriter
 from .tokenize import TokenizeReport, tokenize_all
 
 CHUNK_RECORDS = 1024  # records parsed and tokenized together: bounds a worker's memory
@@ -35,7 +35,7 @@ class Chunk:
     the chunk), its pairs dropped or truncated at max_seq_len, its bad records."""
 
     records: int
-    pairs: list[TokenizedPair] = field(default_factory=list)
+    pairs: Packed = field(default_factory=lambda: Packed.of([]))
     positions: list[int] = field(default_factory=list)
     parsed: int = 0  # records that parsed into a pair (max_pairs counts these)
     parsed_positions: list[int] = field(default_factory=list)
@@ -48,8 +48,8 @@ class Chunk:
         """This chunk up to (and with) the record of its ``parsed``-th good pair: what a reader
         that stops at ``max_pairs`` would have read."""
         last = self.parsed_positions[parsed - 1]
-        keep = [i for i, at in enumerate(self.positions) if at <= last]
-        return Chunk(last + 1, [self.pairs[i] for i in keep], [self.positions[i] for i in keep], parsed,
+        keep = sum(1 for at in self.positions if at <= last)  # positions ascend: a prefix
+        return Chunk(last + 1, self.pairs.head(keep), self.positions[:keep], parsed,
                      self.parsed_positions[:parsed], [d for d in self.dropped if d[0] <= last],
                      [t for t in self.truncated if t[0] <= last],
                      [p for p in self.problems if p[0] <= last], self.ignored)
@@ -73,7 +73,7 @@ def work_chunk(reads: list[Read]) -> Chunk:
         return chunk
     pairs, report, bad = tokenize_all(tokenizer, parsed.pairs, max_seq_len, ignored=ignored)
     position = {id(p.source): at[id(p)] for p in parsed.pairs}
-    chunk.pairs, chunk.positions = pairs, [position[id(p.source)] for p in pairs]
+    chunk.pairs, chunk.positions = Packed.of(pairs), [position[id(p.source)] for p in pairs]
     chunk.dropped = [(position[id(s)], s) for s in report.dropped]
     chunk.truncated = [(position[id(s)], s) for s in report.truncated]
     chunk.ignored = report.ignored

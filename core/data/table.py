@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
 
@@ -92,6 +93,49 @@ class PairTable(Sequence[TokenizedPair]):
         return digest.hexdigest()
 
 
+@dataclass
+class Packed:
+    """Tokenized pairs as arrays, the form a worker hands them back in: flat int32 tokens, their
+    ``[n, 3]`` lengths, a digest per pair, their sources and truncation flags."""
+
+    tokens: numpy.ndarray
+    lengths: numpy.ndarray
+    digests: bytes
+    sources: list[Source | None]
+    truncated: list[bool]
+
+    @classmethod
+    def of(cls, pairs: Sequence[TokenizedPair]) -> Packed:
+        flat = numpy.fromiter((t for p in pairs for seq in (p.prompt, p.chosen, p.rejected) for t in seq),
+                              dtype=numpy.int32)
+        lengths = numpy.array([[len(p.prompt), len(p.chosen), len(p.rejected)] for p in pairs],
+                              dtype=numpy.int64).reshape(-1, 3)
+        ends = numpy.cumsum(lengths.sum(axis=1))
+        digests = b"".join(packed_digest(lengths[i], flat[end - lengths[i].sum() : end])
+                           for i, end in enumerate(ends.tolist()))
+        return cls(flat, lengths, digests, [p.source for p in pairs], [p.truncated for p in pairs])
+
+    def __len__(self) -> int:
+        return int(self.lengths.shape[0])
+
+    def head(self, count: int) -> Packed:
+        """The first ``count`` pairs."""
+        size = int(self.lengths[:count].sum())
+        return Packed(self.tokens[:size], self.lengths[:count], self.digests[: count * DIGEST],
+                      self.sources[:count], self.truncated[:count])
+
+
+def packed_digest(lengths: numpy.ndarray, tokens: numpy.ndarray) -> bytes:
+    """:func:`pair_digest` of a pair held as its lengths and its flat tokens."""
+    digest = hashlib.blake2b(digest_size=DIGEST)
+    start = 0
+    for n in lengths.tolist():
+        digest.update(int(n).to_bytes(4, "little"))
+        digest.update(tokens[start : start + n].tobytes())
+        start += n
+    return digest.digest()
+
+
 class TokenWriter:
     """Appends tokenized pairs to an int32 token file as they are made (a million pairs never sit
     in memory as Python objects); :meth:`table` maps the file back."""
@@ -105,17 +149,15 @@ class TokenWriter:
         self.truncated: list[bool] = []
         self.count = 0
 
-    def add(self, pairs: Sequence[TokenizedPair]) -> None:
-        if not pairs:
+    def add(self, packed: Packed) -> None:
+        if not len(packed):
             return
-        flat = [t for p in pairs for seq in (p.prompt, p.chosen, p.rejected) for t in seq]
-        self.handle.write(numpy.asarray(flat, dtype=numpy.int32).tobytes())
-        self.lengths.append(numpy.array([[len(p.prompt), len(p.chosen), len(p.rejected)] for p in pairs],
-                                        dtype=numpy.int64))
-        self.digests += [pair_digest(p.prompt, p.chosen, p.rejected) for p in pairs]
-        self.sources += [p.source for p in pairs]
-        self.truncated += [p.truncated for p in pairs]
-        self.count += len(pairs)
+        self.handle.write(packed.tokens.astype(numpy.int32, copy=False).tobytes())
+        self.lengths.append(packed.lengths)
+        self.digests.append(packed.digests)
+        self.sources += packed.sources
+        self.truncated += packed.truncated
+        self.count += len(packed)
 
     def close(self) -> None:
         self.handle.close()

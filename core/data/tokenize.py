@@ -422,11 +422,10 @@ class PromptSplitter:
         end = max((m.end() for m in self.added.finditer(text)), default=0) if self.added else 0
         if not end:
             return "", []
-        ids, offsets = encoding.ids, encoding.offsets
-        count = next((i for i, (_, stop) in enumerate(offsets) if stop > end), len(ids))
-        if count == 0 or offsets[count - 1][1] != end:
+        last = encoding.char_to_token(end - 1)  # the token holding the added token's last character
+        if last is None or encoding.token_to_chars(last)[1] != end:
             return "", []
-        return text[:end], ids[:count]
+        return text[:end], encoding.ids[: last + 1]
 
 
 def prompt_splitter(tokenizer: Any) -> PromptSplitter | None:
