@@ -9,9 +9,11 @@ arrays without building pairs, so a million pairs cost their tokens' bytes, not 
 
 from __future__ import annotations
 
+import array
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any, overload
 
@@ -106,8 +108,8 @@ class Packed:
 
     @classmethod
     def of(cls, pairs: Sequence[TokenizedPair]) -> Packed:
-        flat = numpy.fromiter((t for p in pairs for seq in (p.prompt, p.chosen, p.rejected) for t in seq),
-                              dtype=numpy.int32)
+        seqs = (seq for p in pairs for seq in (p.prompt, p.chosen, p.rejected))
+        flat = numpy.frombuffer(array.array("i", chain.from_iterable(seqs)), dtype=numpy.int32)
         lengths = numpy.array([[len(p.prompt), len(p.chosen), len(p.rejected)] for p in pairs],
                               dtype=numpy.int64).reshape(-1, 3)
         ends = numpy.cumsum(lengths.sum(axis=1))
