@@ -211,9 +211,11 @@ def per_pair(tokenizer: Any, pairs: list[PreferencePair], max_seq_len: int) -> t
 def test_batched_tokenization_equals_tokenizing_each_pair(
     tokenizer: Any, monkeypatch: pytest.MonkeyPatch, chunk: int
 ) -> None:
+    import importlib
+
     import preftune.data.tokenize as data
 
-    monkeypatch.setattr(data, "CHUNK", chunk)
+    monkeypatch.setattr(importlib.import_module("preftune.data.render"), "CHUNK", chunk)
     monkeypatch.setattr(data, "PAIRS_PER_STEP", 5 * chunk)
     pairs = varied_pairs()
     out, report = tokenize_pairs(tokenizer, pairs, max_seq_len=120)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,20 @@ def test_workers_and_chunks_give_what_one_process_gives(
 
     data = mixed(tmp_path, pair_record)
     whole = build(tmp_path, registry, data, 1, **settings)  # one chunk: everything at once
-    monkeypatch.setattr(build_module, "CHUNK_RECORDS", 8)  # 12 chunks, on two forked workers
-    parallel = build(tmp_path, registry, data, 2, **settings)
+    monkeypatch.setattr(build_module, "CHUNK_RECORDS", 8)  # 12 chunks, on forked workers:
+    monkeypatch.setattr(build_module, "default_workers", lambda: 2)  # data_workers = 0, the default
+    pools: list[Any] = []
+    real_pool = build_module.worker_pool
+
+    @contextmanager
+    def watched(*args: Any) -> Any:
+        with real_pool(*args) as pool:
+            pools.append(pool)
+            yield pool
+
+    monkeypatch.setattr(build_module, "worker_pool", watched)
+    parallel = build(tmp_path, registry, data, 0, **settings)
+    assert pools and all(pool is not None for pool in pools)  # the chunks ran on worker processes
     assert len(whole.pairs) > 20 and whole.problems and whole.report.dropped
     assert parallel.pairs == whole.pairs and parallel.sha256 == whole.sha256
     assert [p.as_tuple() for p in parallel.problems] == [p.as_tuple() for p in whole.problems]

@@ -10,14 +10,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from preftune import Config, run
+from preftune.testing.hubdata import hub_cache, write_parquet
 
-SHA = "0123456789abcdef0123456789abcdef01234567"
 STEP_KEYS = ("loss", "logps_chosen", "logps_rejected", "grad_norm", "tokens")
 
 
@@ -42,30 +40,6 @@ def conversational(record: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
 
 
-def write_parquet(path: Path, rows: list[Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), path)
-    return path
-
-
-def hub_cache(home: Path, monkeypatch: pytest.MonkeyPatch, rows: list[Any], repo: str = "org/prefs") -> str:
-    """A hub cache as ``hf download org/prefs --repo-type dataset`` leaves it, read offline; the
-    settings ``datasets`` and ``huggingface_hub`` read at import point at it too."""
-    import datasets.config
-    import huggingface_hub.constants
-
-    folder = home / "hub" / ("datasets--" + repo.replace("/", "--"))
-    write_parquet(folder / "snapshots" / SHA / "data" / "train-00000-of-00001.parquet", rows)
-    (folder / "refs").mkdir(exist_ok=True)
-    (folder / "refs" / "main").write_text(SHA)
-    for name, value in (("HF_HOME", home), ("HF_HUB_CACHE", home / "hub"),
-                        ("HF_DATASETS_CACHE", home / "datasets")):
-        monkeypatch.setenv(name, str(value))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", home / "datasets")
-    return repo
 
 
 def write_form(form: str, root: Path, monkeypatch: pytest.MonkeyPatch, rows: list[Any]) -> str:

@@ -8,138 +8,36 @@ distinct conversation once; the result is exactly that of tokenizing each pair a
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from ..errors import DataError, Problem, RecordError
-from ..types import Message, PreferencePair, Source, TokenizedPair
-
-SIDES = ("chosen", "rejected")
-
-
-CHUNK = 512  # conversations per batched template call: bounds the memory of the encodings
-
+from ..types import PreferencePair, Source, TokenizedPair
+from .render import (  # noqa: F401  (re-exported: the tokenizer's side of tokenizing)
+    Rendered,
+    Slot,
+    _as_dicts,
+    direct_encoder,
+    encode_many,
+    prompt_splitter,
+    render,
+    render_chat_rows,
+    render_many,
+    try_render,
+)
+from .template import (  # noqa: F401
+    SIDES,
+    check_control_tokens,
+    check_template_reads,
+    control_tokens,
+    template_markers,
+)
 
 PAIRS_PER_STEP = 2048  # pairs rendered before they are assembled: bounds the memory of the ids
-
-
-Rendered = list[int] | RecordError  # token ids, or why the template could not render them
-Slot = tuple[str, object, bool, "str | None"]  # ("chat", messages, generation prompt, tools) or ("text", ...)
-
-
-def _as_dicts(messages: Sequence[Message]) -> list[dict[str, Any]]:
-    return [m.as_dict() for m in messages]
-
-
-def _ids(out: Any) -> Any:
-    return out["input_ids"] if hasattr(out, "keys") else out
-
-
-def _tools(tools: str | None) -> dict[str, Any]:
-    """The ``tools`` argument of ``apply_chat_template``, only when a record has tools (a
-    template that takes none is then not handed an argument it never saw before)."""
-    return {"tools": json.loads(tools)} if tools is not None else {}
-
-
-def render(tokenizer: Any, messages: Sequence[Message], generation_prompt: bool,
-           tools: str | None = None) -> list[int]:
-    """Token ids of ``messages`` rendered with the tokenizer's chat template."""
-    out = tokenizer.apply_chat_template(
-        _as_dicts(messages), tokenize=True, add_generation_prompt=generation_prompt, **_tools(tools)
-    )
-    return list(_ids(out))
-
-
-def try_render(tokenizer: Any, messages: Sequence[Message], generation_prompt: bool,
-               field: str, tools: str | None = None) -> Rendered:
-    """:func:`render`, with an error the template raises (e.g. roles that must alternate)
-    returned as a :class:`RecordError` naming ``field``."""
-    from jinja2 import TemplateError
-
-    try:
-        return render(tokenizer, messages, generation_prompt, tools)
-    except TemplateError as exc:
-        return RecordError(field, f"the chat template failed: {exc}")
-
-
-def render_many(tokenizer: Any, conversations: Sequence[Sequence[Message]],
-                generation_prompt: bool, tools: str | None = None) -> list[Rendered]:
-    """:func:`try_render` of each conversation, batched for a Hugging Face tokenizer (its batch
-    path renders and encodes exactly as one-by-one calls do, and encodes on all cores). Where
-    :func:`direct_encoder` vouches for it, the rendered texts are encoded by the Rust tokenizer
-    itself, without transformers' per-sequence wrapping (the same ids, a third less time)."""
-    from jinja2 import TemplateError
-    from transformers import PreTrainedTokenizerBase
-
-    if not isinstance(tokenizer, PreTrainedTokenizerBase):
-        return [try_render(tokenizer, c, generation_prompt, "", tools) for c in conversations]
-    encode = direct_encoder(tokenizer)
-    out: list[Rendered] = []
-    for start in range(0, len(conversations), CHUNK):
-        chunk = conversations[start : start + CHUNK]
-        try:
-            batch = tokenizer.apply_chat_template([_as_dicts(c) for c in chunk], tokenize=encode is None,
-                                                  add_generation_prompt=generation_prompt,
-                                                  **_tools(tools))
-        except TemplateError:  # find which ones fail, one by one
-            out.extend(try_render(tokenizer, c, generation_prompt, "", tools) for c in chunk)
-        else:
-            out.extend(encode(batch) if encode is not None else [list(ids) for ids in _ids(batch)])
-    return out
-
-
-PROBES = ([{"role": "system", "content": " Be  brief.\n"}, {"role": "user", "content": "héllo  wörld\n\n x"},
-           {"role": "assistant", "content": "\tSure <b>, [1]  ok.\n"}],
-          [{"role": "user", "content": "日本語 ñandú Straße?"}, {"role": "assistant", "content": "  "}])
-
-
-def direct_encoder(tokenizer: Any) -> Any:
-    """A function from rendered chat texts to their ids by the Rust tokenizer's ``encode_batch``,
-    or None where that would not give exactly what ``apply_chat_template(tokenize=True)`` gives:
-    no backend, truncation or padding set on it, special tokens split, or any probe conversation
-    encoded differently. Decided once per tokenizer."""
-    cached = getattr(tokenizer, "_preftune_direct", "unset")
-    if cached != "unset":
-        return cached
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    encode = None
-    if backend is not None and backend.truncation is None and backend.padding is None \
-            and not getattr(tokenizer, "split_special_tokens", False) \
-            and not getattr(backend, "encode_special_tokens", False):
-        def encode(texts: Sequence[str]) -> list[list[int]]:
-            return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=False)]
-        try:
-            for probe in PROBES:
-                for gen in (False, True):
-                    text = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=gen)
-                    slow = list(_ids(tokenizer.apply_chat_template(probe, tokenize=True,
-                                                                   add_generation_prompt=gen)))
-                    if encode([text])[0] != slow:
-                        encode = None
-                        break
-                if encode is None:
-                    break
-        except Exception:  # a template that refuses a probe (roles, system turns): stay on the slow path
-            encode = None
-    try:
-        tokenizer._preftune_direct = encode
-    except AttributeError:
-        pass
-    return encode
-
-
-def encode_many(tokenizer: Any, texts: Sequence[str]) -> list[Rendered]:
-    """Token ids of plain texts (text pairs: no chat template), special tokens added as the
-    tokenizer adds them (a BOS), as TRL tokenizes its "standard" records."""
-    out: list[Rendered] = []
-    for start in range(0, len(texts), CHUNK):
-        out.extend(list(ids) for ids in _ids(tokenizer(list(texts[start : start + CHUNK]))))
-    return out
 
 
 def _unwrap(rendered: Rendered) -> list[int]:
@@ -228,74 +126,6 @@ def assemble(pair: PreferencePair, prompt: Rendered, fulls: Sequence[Rendered], 
     )
 
 
-SENTINELS = ("PREFTUNE0SYSTEM", "PREFTUNE1USER", "PREFTUNE2ASSISTANT")
-
-
-def template_markers(tokenizer: Any) -> set[str]:
-    """Plain-text turn markers a chat template writes (Llama-2's ``[INST]``, ``<<SYS>>``, Zephyr's
-    ``<|user|>``): the words of its frame, around sentinel contents, that hold brackets. A template
-    made of special tokens has none; role names and whitespace are never markers."""
-    from jinja2 import TemplateError
-
-    roles = ("system", "user", "assistant")
-    for messages in ([{"role": r, "content": c} for r, c in zip(roles, SENTINELS)],
-                     [{"role": r, "content": c} for r, c in zip(roles[1:], SENTINELS[1:])]):
-        try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False)
-        except (TemplateError, ValueError, TypeError):
-            continue
-        specials = sorted(special_texts(tokenizer), key=len, reverse=True)
-        frame = re.split("|".join(map(re.escape, [*SENTINELS, *specials])), str(text))
-        words = {w for piece in frame for w in piece.split()}
-        return {w for w in words if len(w) >= 3 and re.search(r"[\[\]<>|]", w)}
-    return set()
-
-
-def special_texts(tokenizer: Any) -> set[str]:
-    """The text of the tokenizer's special tokens (``<|im_end|>``, ``</s>``...)."""
-    specials = set(getattr(tokenizer, "all_special_tokens", None) or [])
-    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
-        if getattr(token, "special", False):
-            specials.add(str(token))
-    return {t for t in specials if t}
-
-
-def control_tokens(tokenizer: Any) -> re.Pattern[str] | None:
-    """A pattern matching the tokenizer's special tokens (``<|im_end|>``, ``</s>``...) and its
-    template's plain-text turn markers (``[INST]``) in text."""
-    specials = special_texts(tokenizer)
-    if getattr(tokenizer, "chat_template", None):
-        markers = template_markers(tokenizer)
-        specials |= {m for m in markers if not any(s and s in m for s in specials)}
-    specials = {t for t in specials if t}
-    return re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True)))) if specials else None
-
-
-def texts_of(pair: PreferencePair, eos: str = "") -> Iterator[tuple[str, int, str]]:
-    """``(side, message index, text)`` of every text a pair holds; a text completion's own final
-    EOS (kept, not doubled, as TRL does) is no text of its."""
-    for side in ("prompt", *SIDES):
-        value = getattr(pair, side)
-        if isinstance(value, str):
-            yield side, 0, value[: -len(eos)] if side != "prompt" and eos and value.endswith(eos) else value
-            continue
-        for i, message in enumerate(value):
-            yield side, i, message.content
-
-
-def check_control_tokens(pair: PreferencePair, pattern: re.Pattern[str] | None, eos: str = "") -> None:
-    """Refuse message text holding the chat template's own control tokens or turn markers:
-    rendered, they would become real turn boundaries, a turn injected into the training data."""
-    if pattern is None:
-        return
-    for side, i, text in texts_of(pair, eos):
-        found = pattern.search(text)
-        if found:
-            what = "text" if pair.is_text else f"message {i}"
-            raise RecordError(side, f"{what} contains the tokenizer's control token "
-                              f"{found.group()!r}; as text it would end or start a turn")
-
-
 def slots(pair: PreferencePair, eos: str) -> list[Slot]:
     """What is rendered for a pair: its prompt, prompt + chosen, prompt + rejected. A text pair's
     completions end in EOS (added when missing, as TRL does)."""
@@ -344,194 +174,6 @@ def render_pairs(tokenizer: Any, pairs: Sequence[PreferencePair],
     if chat:
         done.update(render_chat_rows(tokenizer, chat, split))
     return [tuple(_named(done[key], f) for key, f in zip(row, ("prompt",) + SIDES)) for row in rows]
-
-
-def render_texts(tokenizer: Any, keys: Sequence[Slot]) -> dict[Slot, str | RecordError]:
-    """Each chat slot's rendered text (not encoded), batched by generation flag and tools."""
-    from jinja2 import TemplateError
-
-    groups: dict[tuple[bool, str | None], list[Slot]] = {}
-    for key in keys:
-        groups.setdefault((key[2], key[3]), []).append(key)
-    out: dict[Slot, str | RecordError] = {}
-    for (gen, tools), todo in groups.items():
-        for start in range(0, len(todo), CHUNK):
-            chunk = todo[start : start + CHUNK]
-            dicts = [_as_dicts(key[1]) for key in chunk]  # type: ignore[arg-type]
-            try:
-                texts = tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=gen,
-                                                      **_tools(tools))
-            except TemplateError:  # find which ones fail, one by one
-                texts = []
-                for one in dicts:
-                    try:
-                        texts.append(tokenizer.apply_chat_template(
-                            one, tokenize=False, add_generation_prompt=gen, **_tools(tools)))
-                    except TemplateError as exc:
-                        texts.append(RecordError("", f"the chat template failed: {exc}"))
-            out.update(zip(chunk, texts))
-    return out
-
-
-def render_chat_rows(tokenizer: Any, rows: Sequence[list[Slot]], split: Any) -> dict[Slot, Rendered]:
-    """Chat slots of whole pairs, the prompt encoded once: each conversation's ids are its
-    prompt's ids up to the prompt's last added token (``<|im_start|>``), where the tokenizer cuts
-    text into pieces it encodes apart, then the ids of the rest of the conversation's text."""
-    keys = list(dict.fromkeys(key for row in rows for key in row))
-    texts = render_texts(tokenizer, keys)
-    prompts = list(dict.fromkeys(row[0] for row in rows if isinstance(texts[row[0]], str)))
-    encoded = split.encode([texts[k] for k in prompts])  # type: ignore[misc]
-    done: dict[Slot, Rendered] = {k: e.ids for k, e in zip(prompts, encoded)}
-    heads = {k: split.head(texts[k], e) for k, e in zip(prompts, encoded)}  # (text, ids) of each head
-    tails: list[tuple[Slot, list[int], str]] = []
-    for row in rows:
-        for key in row[1:]:
-            text = texts[key]
-            if key in done or isinstance(text, RecordError):
-                continue
-            head_text, head_ids = heads.get(row[0], ("", []))
-            if not text.startswith(head_text):  # the template renders the prompt otherwise here
-                head_text, head_ids = "", []
-            tails.append((key, head_ids, text[len(head_text):]))
-    for (key, head_ids, _), ids in zip(tails, split.encode_ids([t for _, _, t in tails])):
-        done[key] = head_ids + ids
-    done.update({k: t for k, t in texts.items() if isinstance(t, RecordError)})
-    return done
-
-
-class PromptSplitter:
-    """Encodes rendered chat texts with the Rust tokenizer, and cuts a text at its last added
-    token: added tokens are matched before anything else, so the text before and after one is
-    encoded apart, and a conversation's ids start with its prompt's ids up to there."""
-
-    def __init__(self, tokenizer: Any):
-        self.backend = tokenizer.backend_tokenizer
-        added = [str(t) for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values()]
-        added = sorted({t for t in added if t}, key=len, reverse=True)
-        self.added = re.compile("|".join(map(re.escape, added))) if added else None
-
-    def encode(self, texts: Sequence[str]) -> list[Any]:
-        return self.backend.encode_batch(list(texts), add_special_tokens=False) if texts else []
-
-    def encode_ids(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.encode(texts)]
-
-    def head(self, text: str, encoding: Any) -> tuple[str, list[int]]:
-        """``text`` through its last added token, and those ids; ("", []) when it has none, or
-        when no token ends exactly there."""
-        end = max((m.end() for m in self.added.finditer(text)), default=0) if self.added else 0
-        if not end:
-            return "", []
-        last = encoding.char_to_token(end - 1)  # the token holding the added token's last character
-        if last is None or encoding.token_to_chars(last)[1] != end:
-            return "", []
-        return text[:end], encoding.ids[: last + 1]
-
-
-def prompt_splitter(tokenizer: Any) -> PromptSplitter | None:
-    """A :class:`PromptSplitter` where the direct encoder is exact and splitting at the last added
-    token gives the same ids as encoding whole, on probe conversations; else None."""
-    cached = getattr(tokenizer, "_preftune_split", "unset")
-    if cached != "unset":
-        return cached
-    split = None
-    if direct_encoder(tokenizer) is not None:
-        split = PromptSplitter(tokenizer)
-        try:
-            for probe in PROBES:
-                for cut in (i for i in range(1, len(probe)) if probe[i]["role"] == "assistant"):
-                    prompt = tokenizer.apply_chat_template(probe[:cut], tokenize=False,
-                                                           add_generation_prompt=True)
-                    whole = tokenizer.apply_chat_template(probe[: cut + 1], tokenize=False)
-                    head_text, head_ids = split.head(prompt, split.encode([prompt])[0])
-                    tail = split.encode_ids([whole[len(head_text):]])[0]
-                    if not whole.startswith(head_text) or head_ids + tail != split.encode_ids([whole])[0]:
-                        split = None
-                        break
-                if split is None:
-                    break
-        except Exception:  # a template that refuses a probe: encode conversations whole
-            split = None
-    try:
-        tokenizer._preftune_split = split
-    except AttributeError:
-        pass
-    return split
-
-
-MESSAGE_KEYS = ("name", "tool_calls", "tool_call_id")
-
-
-def check_template_reads(tokenizer: Any, pair: PreferencePair, ignored: str = "error") -> list[str]:
-    """Refuse what the chat template would drop: a record's ``tools``, a message's ``name``,
-    ``tool_calls`` (or the ``id`` of a call) or ``tool_call_id``, a ``tool`` turn. Each is
-    rendered with and without it; the same tokens mean the template ignores it, and the model
-    would train on less than the record says. With ``ignored = "allow"`` (the setting
-    ``template_ignores``) the pair is kept and the keys it loses are returned, to be reported."""
-    if pair.is_text or not needs_template_check(pair):
-        return []
-    lost = []
-    for side in SIDES:
-        for where, what, label in ignored_keys(tokenizer, pair, side):
-            if ignored != "allow":
-                raise RecordError(where, f"the chat template ignores {what}: rendered with and without "
-                                  "it, the tokens are the same (set template_ignores = \"allow\" to "
-                                  "train without it)")
-            lost.append(label)
-    return sorted(set(lost))
-
-
-def ignored_keys(tokenizer: Any, pair: PreferencePair, side: str) -> Iterator[tuple[str, str, str]]:
-    """``(field, what, key)`` of each key of ``prompt + side`` that the template renders as if absent;
-    ``field`` is where the pair holds it (``prompt[0].name``)."""
-    conversation = pair.prompt + getattr(pair, side)
-    full = try_render(tokenizer, conversation, False, side, pair.tools)
-    if isinstance(full, RecordError):
-        return  # the render's own error is the pair's problem, said by assemble
-    if pair.tools is not None and full == try_render(tokenizer, conversation, False, side):
-        yield "tools", "the record's tools (it does not support tool definitions)", "tools"
-    for key in MESSAGE_KEYS:
-        if any(getattr(m, key) is not None for m in conversation):
-            bare = tuple(replace(m, **{key: None}) for m in conversation)
-            if full == try_render(tokenizer, bare, False, side, pair.tools):
-                yield (where_held(pair, side, lambda m, k=key: getattr(m, k) is not None, key), repr(key),
-                       key)
-    if any(call_ids(m) for m in conversation):
-        bare = tuple(replace(m, tool_calls=without_ids(m.tool_calls)) if call_ids(m) else m
-                     for m in conversation)
-        if full == try_render(tokenizer, bare, False, side, pair.tools):
-            yield where_held(pair, side, call_ids, "tool_calls"), "the 'id' of each tool call", "tool call id"
-    if any(m.role == "tool" for m in conversation):
-        bare = tuple(m for m in conversation if m.role != "tool")
-        if full == try_render(tokenizer, bare, False, side, pair.tools):
-            yield (where_held(pair, side, lambda m: m.role == "tool", ""), "'tool' turns (tool results)",
-                   "tool turns")
-
-
-def where_held(pair: PreferencePair, side: str, holds: Any, key: str) -> str:
-    """The field of the first message of ``prompt`` or ``side`` that ``holds`` says has ``key``."""
-    for name in ("prompt", side):
-        for i, message in enumerate(getattr(pair, name)):
-            if holds(message):
-                return f"{name}[{i}]" + (f".{key}" if key else "")
-    return side
-
-
-def call_ids(message: Message) -> bool:
-    calls = json.loads(message.tool_calls) if message.tool_calls else []
-    return any(isinstance(c, dict) and "id" in c for c in calls)
-
-
-def without_ids(tool_calls: str | None) -> str | None:
-    calls = json.loads(tool_calls) if tool_calls else []
-    return json.dumps([{k: v for k, v in c.items() if k != "id"} if isinstance(c, dict) else c
-                       for c in calls], ensure_ascii=False, separators=(",", ":"))
-
-
-def needs_template_check(pair: PreferencePair) -> bool:
-    messages = pair.prompt + pair.chosen + pair.rejected
-    return pair.tools is not None or any(
-        m.role == "tool" or any(getattr(m, k) is not None for k in MESSAGE_KEYS) for m in messages)
 
 
 def _named(rendered: Rendered, field_name: str) -> Rendered:

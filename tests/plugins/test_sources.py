@@ -15,13 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from preftune import Config, ConfigError, Source
+from preftune.testing.hubdata import SHA, hub_cache, write_parquet
 
 RECORDS = [{"chosen": {"messages": [{"role": "user", "content": f"Question {i}?"},
                                     {"role": "assistant", "content": f"A kind answer {i}."}]},
             "rejected": {"messages": [{"role": "user", "content": f"Question {i}?"},
                                       {"role": "assistant", "content": f"Go away {i}."}]}}
            for i in range(6)]
-SHA = "0123456789abcdef0123456789abcdef01234567"
 PATH_SOURCES = ("jsonl", "json", "parquet", "arrow")
 
 
@@ -40,11 +40,6 @@ def write_json(path: Path, records: list[Any]) -> Path:
     return path
 
 
-def write_parquet(path: Path, records: list[Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(records), path)
-    return path
-
 
 def write_parquet_dir(root: Path, records: list[Any], split: str = "train", shards: int = 3) -> Path:
     """HF's layout: ``data/<split>-0000i-of-0000n.parquet``, the records cut in order."""
@@ -61,26 +56,6 @@ def write_saved(path: Path, records: list[Any]) -> Path:
     datasets.Dataset.from_list(records).save_to_disk(str(path))
     return path
 
-
-def hub_cache(home: Path, monkeypatch: pytest.MonkeyPatch, records: list[Any], sha: str = SHA,
-              repo: str = "org/prefs") -> str:
-    """A hub cache as ``hf download org/prefs --repo-type dataset`` leaves it, offline; the
-    settings ``datasets`` and ``huggingface_hub`` read at import are pointed at it too."""
-    import datasets.config
-    import huggingface_hub.constants
-
-    folder = home / "hub" / ("datasets--" + repo.replace("/", "--"))
-    write_parquet(folder / "snapshots" / sha / "data" / "train-00000-of-00001.parquet", records)
-    (folder / "refs").mkdir(exist_ok=True)
-    (folder / "refs" / "main").write_text(sha)
-    for name, value in (("HF_HOME", home), ("HF_HUB_CACHE", home / "hub"),
-                        ("HF_DATASETS_CACHE", home / "datasets")):
-        monkeypatch.setenv(name, str(value))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", home / "datasets")
-    return repo
 
 
 def written(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
