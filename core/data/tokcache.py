@@ -127,9 +127,9 @@ def load_or_build(cache_file: Path, parts: dict[str, str], make: Callable[[Path]
         seconds = time.perf_counter() - start
         if identity is not None and any(parts.get(k) != v for k, v in identity().items()):
             log(f"tokenized data: a data set changed while it was read; not caching {cache_file}")
-            return in_memory(built, Path(tmp))
+            return built
         if not keep(built):
-            return in_memory(built, Path(tmp))
+            return built  # its tokens stay mapped from the temporary file, unlinked below
         final = tokens_path(cache_file, built.sha256)
         with writing(final):
             follow_umask(tmp)
@@ -137,8 +137,8 @@ def load_or_build(cache_file: Path, parts: dict[str, str], make: Callable[[Path]
         atomic_torch_save(pack(built, parts, datasets, final), cache_file)
     except DiskError as exc:  # the cache only saves time: the run goes on without it
         log(f"tokenized data: {exc}; not cached")
-        return in_memory(built, Path(tmp))
-    finally:
+        return built
+    finally:  # unlinked while mapped: the pages stay readable and the disk space goes with the run
         Path(tmp).unlink(missing_ok=True)
         os.close(lock)
     for stale in cache_file.parent.glob(f"{cache_file.stem}.*.i32"):
@@ -149,21 +149,14 @@ def load_or_build(cache_file: Path, parts: dict[str, str], make: Callable[[Path]
 
 
 def uncached(make: Callable[[Path], Tokenized]) -> Tokenized:
-    """A build whose tokens go to a temporary file, read into memory, then removed."""
+    """A build whose tokens go to a temporary file, memory-mapped and unlinked at once (a
+    million pairs' tokens never need to fit in memory)."""
     fd, tmp = tempfile.mkstemp(suffix=".i32")
     os.close(fd)
     try:
-        return in_memory(make(Path(tmp)), Path(tmp))
+        return make(Path(tmp))
     finally:
         Path(tmp).unlink(missing_ok=True)
-
-
-def in_memory(built: Tokenized, tokens_file: Path) -> Tokenized:
-    """The build with its tokens read into memory, so its temporary file can go."""
-    table = built.pairs
-    if tokens_file.exists():
-        table.tokens = numpy.array(table.tokens)
-    return built
 
 
 def read_cache(cache_file: Path, parts: dict[str, str], datasets: Sequence[str],
