@@ -176,7 +176,8 @@ def plugins(
 
 @app.command()
 def validate(
-    data: Annotated[Path, typer.Argument(help="A JSONL file of preference pairs.")],
+    data: Annotated[str | None, typer.Argument(
+        help="A data set: a JSONL, JSON or Parquet file, a directory, or hf:org/name.")] = None,
     format: Annotated[str, typer.Option(help="Dataset format; auto picks per record.")] = "auto",
     tokenizer: Annotated[
         str | None, typer.Option(help="Also tokenize with this tokenizer (id, path, builtin:tiny).")
@@ -184,10 +185,12 @@ def validate(
     max_seq_len: Annotated[int | None, typer.Option(
         min=2, help="With --tokenizer: the length limit (default as run's: 4096, or the model's "
         "context when --tokenizer names a model with a shorter one).")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="Check a run's data as that run would read it: its data sets, format, "
+        "tokenizer, max_seq_len and template_ignores.")] = None,
 ) -> None:
     """Check every record of a data set as run reads it; print each bad one with its reason.
     Exit 1 if any."""
-    from .config import make_config
     from .data import make_format
     from .data.pipeline import prepare
     from .errors import DataError
@@ -197,20 +200,16 @@ def validate(
     notes: list[str] = []
     with user_errors():
         registry = get_registry()
-        settings = {"base_model": tokenizer or "builtin:tiny", "dataset": str(data), "format": format,
-                    "on_bad_record": "skip", "max_bad_fraction": 1.0}  # list every bad record
-        if tokenizer:
-            settings["max_seq_len"] = max_seq_len or default_max_seq_len(tokenizer)
-        config = make_config(settings, "validate")
+        settings, name = validate_settings(data, format, tokenizer, max_seq_len, config)
+        tokenizing = bool(tokenizer or config)
         try:
-            built = prepare(registry, config, make_format(registry, config),
-                            load_tokenizer(tokenizer) if tokenizer else None, lambda _: None,
-                            progress=False)
+            built = prepare(registry, settings, make_format(registry, settings),
+                            load_tokenizer(name) if tokenizing else None, lambda _: None, progress=False)
             problems, records = built.problems, built.records
-            notes = built.report.lines(config.max_seq_len) if tokenizer else []
-            if tokenizer and not built.pairs:  # as run refuses it
-                problems = problems + [Problem(str(data), "", f"no pair fits max_seq_len="
-                                               f"{config.max_seq_len}: every prompt alone is at "
+            notes = built.report.lines(settings.max_seq_len) if tokenizing else []
+            if tokenizing and not built.pairs:  # as run refuses it
+                problems = problems + [Problem(settings.dataset, "", f"no pair fits max_seq_len="
+                                               f"{settings.max_seq_len}: every prompt alone is at "
                                                "least that long")]
         except DataError as exc:  # the data set as a whole (it holds no pairs)
             problems, records = exc.problems, 0
@@ -219,9 +218,35 @@ def validate(
     for note in notes:
         typer.echo(f"note: {note}")
     bad = len({str(p.where) for p in problems if hasattr(p.where, "sep")})
-    typer.echo(f"{data}: {records} records, {records - bad} ok, {bad} bad")
+    names = " and ".join(n for n in (settings.dataset, settings.eval_dataset) if n)
+    typer.echo(f"{names}: {records} records, {records - bad} ok, {bad} bad")
     if problems:
         raise typer.Exit(1)
+
+
+def validate_settings(data: str | None, format: str, tokenizer: str | None, max_seq_len: int | None,
+                      config: Path | None) -> tuple[Any, str]:
+    """The settings ``validate`` reads with (every bad record listed, none stopping it), and the
+    tokenizer's name: from a run's config file, or from the command line."""
+    from .config import load_config, make_config
+    from .errors import ConfigError
+
+    listing = {"on_bad_record": "skip", "max_bad_fraction": 1.0}
+    if config is not None:
+        if data is not None:
+            raise ConfigError("validate: give a data set or --config, not both")
+        run = load_config(config)
+        name = run.tokenizer_model or run.base_model
+        if "max_seq_len" not in run.model_fields_set:  # as run lowers it to the model's context
+            listing["max_seq_len"] = default_max_seq_len(name)
+        return run.model_copy(update=listing), name
+    if data is None:
+        raise ConfigError("validate: give a data set (a file, a directory or hf:org/name) or --config")
+    settings: dict[str, Any] = {"base_model": tokenizer or "builtin:tiny", "dataset": data,
+                                "format": format, **listing}
+    if tokenizer:
+        settings["max_seq_len"] = max_seq_len or default_max_seq_len(tokenizer)
+    return make_config(settings, "validate"), tokenizer or "builtin:tiny"
 
 
 def default_max_seq_len(name: str) -> int:

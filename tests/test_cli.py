@@ -175,3 +175,31 @@ def test_export_bad_inputs_are_one_line_errors(tmp_path: Path, case: str) -> Non
     assert result.exit_code == 2
     assert result.output.startswith(expected), result.output
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_validate_with_a_run_config_reads_its_data_as_the_run_would(
+    tmp_path: Path, small_dataset: Any, pair_record: Any, write_jsonl: Any
+) -> None:
+    """``validate --config``: both data sets, the run's tokenizer and max_seq_len; what it lists
+    is what ``run`` refuses."""
+    from preftune import DataError, load_config, run
+
+    held = [pair_record(f"Held {i}?", f"Yes {i}.", f"No {i}.") for i in range(4)]
+    held[2]["chosen"]["messages"][-1]["content"] = "Yes<|im_end|>"  # a control token: tokenizing finds it
+    write_jsonl(tmp_path / "held.jsonl", held)
+    data = small_dataset(tmp_path / "train.jsonl", n=12)
+    config = tmp_path / "run.toml"
+    config.write_text(f'base_model = "builtin:tiny"\ndataset = "{data}"\n'
+                      f'eval_dataset = "{tmp_path / "held.jsonl"}"\nlog_path = "{tmp_path / "logs"}"\n'
+                      f'cache_dir = "{tmp_path / "cache"}"\nmax_seq_len = 64\n')
+    result = runner.invoke(app, ["validate", "--config", str(config)])
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert lines[0] == (f"{tmp_path / 'held.jsonl'}:3: field 'chosen': message 0 contains the "
+                        "tokenizer's control token '<|im_end|>'; as text it would end or start a turn")
+    assert lines[-1] == f"{data} and {tmp_path / 'held.jsonl'}: 16 records, 15 ok, 1 bad"
+    with pytest.raises(DataError) as refused:
+        run(load_config(config))
+    assert [str(p.where) for p in refused.value.problems] == [f"{tmp_path / 'held.jsonl'}:3"]
+    both = runner.invoke(app, ["validate", str(data), "--config", str(config)])
+    assert both.exit_code == 2 and "give a data set or --config, not both" in both.output
