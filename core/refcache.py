@@ -25,8 +25,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import keyed_cache
 from .errors import DiskError
 from .fileio import atomic_torch_save
+from .keyed_cache import read_fresh
 from .types import ForwardClient, PairLogps, TokenizedPair, TokenLogps, resolve
 
 FORMAT_VERSION = "2"  # 1: per-token rows of every pair; 2: sums and counts (+ optional rows)
@@ -188,30 +190,18 @@ def read_if_fresh(cache_file: Path, parts: dict[str, str], n: int,
                   log: Callable[[str], None]) -> ReferenceLogps | None:
     """The cached numbers when the file exists, is whole and its key matches; else None (and
     the log says why it will be rebuilt)."""
-    if not cache_file.exists():
-        return None
-    try:
-        cached_parts, data = ReferenceLogps.read(cache_file)
-    except Exception as exc:  # a truncated or foreign file: rebuild, say so
-        log(f"reference cache {cache_file} is unreadable ({type(exc).__name__}); rebuilding")
-        return None
-    changed = sorted(k for k in parts.keys() | cached_parts.keys()
-                     if parts.get(k) != cached_parts.get(k))
-    if changed:
-        log(f"reference cache {cache_file} is stale ({', '.join(changed)} changed); rebuilding")
-        return None
-    try:
+    def interpret(data: dict[str, Tensor]) -> ReferenceLogps:
         cached = ReferenceLogps.from_tensors(data)
         if len(cached) != n:
             raise ValueError(f"{len(cached)} pairs, expected {n}")
-    except (KeyError, ValueError, RuntimeError) as exc:
-        log(f"reference cache {cache_file} is damaged ({exc}); rebuilding")
-        return None
-    log(f"reference log-probs: reusing cache {cache_file}")
+        return cached
+
+    cached = read_fresh(cache_file, parts, "reference cache", log, interpret)
+    if cached is not None:
+        log(f"reference log-probs: reusing cache {cache_file}")
     return cached
 
 
 def cache_file_for(cache_dir: Path, model_name: str, datasets: Sequence[str]) -> Path:
-    """The cache file of one model on one set of dataset files."""
-    name = json.dumps([model_name, [str(Path(d).resolve()) for d in datasets]])
-    return cache_dir / "reference" / f"{hashlib.sha256(name.encode()).hexdigest()[:24]}.pt"
+    """The cache file of one model on one set of data sets."""
+    return keyed_cache.cache_file_for(cache_dir, "reference", model_name, datasets)

@@ -175,7 +175,7 @@ def test_a_damaged_or_foreign_cache_file_is_rebuilt_never_misread(
         content["lengths"][0, 0] += 1
         torch.save(content, path)
     again = run()
-    reason = "inconsistent" if damage == "tampered" else "unreadable"
+    reason = "damaged" if damage == "tampered" else "unreadable"
     assert f"is {reason}" in run.log and "rebuilding" in run.log and "cached in" in run.log
     assert again.pairs == good.pairs and "reusing" in (run(), run.log)[1]
 

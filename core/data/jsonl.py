@@ -47,7 +47,7 @@ def check_readable(path: str | Path, key: str) -> None:
     """Refuse, before anything loads, a data file setting ``key`` that names no readable file."""
     file = Path(path)
     if file.is_dir():
-        raise ConfigError(f"{key} {path}: is a directory; a data set is a JSONL file")
+        raise ConfigError(f"{key} {path}: is a directory; the jsonl source reads one file")
     try:
         with open(file, "rb"):
             pass

@@ -24,15 +24,6 @@ from ..types import Source, TokenizedPair
 DIGEST = 16  # bytes of a pair's content digest (blake2b)
 
 
-def pair_digest(prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[int]) -> bytes:
-    """What makes two pairs the same pair, whatever the files or formats they came from."""
-    digest = hashlib.blake2b(digest_size=DIGEST)
-    for seq in (prompt, chosen, rejected):
-        digest.update(len(seq).to_bytes(4, "little"))
-        digest.update(numpy.asarray(seq, dtype=numpy.int32).tobytes())
-    return digest.digest()
-
-
 class PairTable(Sequence[TokenizedPair]):
     """``n`` tokenized pairs over a flat int32 ``tokens`` array (a memory map or an array)."""
 
@@ -46,13 +37,9 @@ class PairTable(Sequence[TokenizedPair]):
     @classmethod
     def of(cls, pairs: Sequence[TokenizedPair]) -> PairTable:
         """A table of pairs built in memory (tests, small data)."""
-        flat = [t for p in pairs for seq in (p.prompt, p.chosen, p.rejected) for t in seq]
-        lengths = numpy.array([[len(p.prompt), len(p.chosen), len(p.rejected)] for p in pairs],
-                              dtype=numpy.int64).reshape(-1, 3)
-        digests = numpy.frombuffer(b"".join(pair_digest(p.prompt, p.chosen, p.rejected) for p in pairs),
-                                   dtype=numpy.uint8).reshape(-1, DIGEST)
-        return cls(numpy.array(flat, dtype=numpy.int32), lengths, [p.source for p in pairs],
-                   numpy.array([p.truncated for p in pairs], dtype=bool), digests)
+        packed = Packed.of(pairs)
+        return cls(packed.tokens, packed.lengths, packed.sources, numpy.array(packed.truncated, dtype=bool),
+                   numpy.frombuffer(packed.digests, dtype=numpy.uint8).reshape(-1, DIGEST))
 
     def __len__(self) -> int:
         return int(self.lengths.shape[0])
@@ -128,7 +115,8 @@ class Packed:
 
 
 def packed_digest(lengths: numpy.ndarray, tokens: numpy.ndarray) -> bytes:
-    """:func:`pair_digest` of a pair held as its lengths and its flat tokens."""
+    """What makes two pairs the same pair, whatever the files or formats they came from: a
+    digest of the pair's prompt, chosen and rejected lengths and tokens (its flat tokens)."""
     digest = hashlib.blake2b(digest_size=DIGEST)
     start = 0
     for n in lengths.tolist():

@@ -1,15 +1,14 @@
 """Tokenized data: rendered with the chat template once, cached on disk, reused across runs.
 
-Rendering a large file's conversations is most of the start-up time of a run, so the tokenized
-pairs of a set of dataset files are stored in ``<cache_dir>/tokenized/<name>.pt``, the name coming
-from the tokenizer's name and the dataset paths (as the reference cache's does). Inside, the key
-parts are stored with the data: the sha256 of each dataset file's bytes, the format selection,
-``max_pairs``, ``max_seq_len``, the tokenizer's vocabulary and chat template, the library versions
-that render and encode, and this file's format version. A file whose parts differ from the run's is
-rebuilt and the changed parts are named; an unreadable or inconsistent file is rebuilt, never
-misread. Tokens are stored as flat int32 tensors with lengths and sources as (file index, line),
-so a hit reports the paths as this run spells them (relative or absolute). Files are written
-atomically, and nothing is written for data that fails to parse or tokenize.
+Rendering a large data set's conversations is most of the start-up time of a run, so the tokens
+of a run's data sets are stored under ``<cache_dir>/tokenized/``: one int32 token file, memory-
+mapped by the runs that read it, named by the digest of its content, and beside it ``<name>.pt``,
+the index (lengths, locations, a digest per pair, the report, the bad records) with the key parts
+it was built under: what each data set is (as its source says), the format selection,
+``max_pairs``, ``max_seq_len``, ``template_ignores``, the tokenizer's vocabulary and chat template,
+the library versions that render and encode, and this file's format version (see
+:mod:`preftune.keyed_cache`). Locations are stored as (origin index, line or row), so a hit reports
+the paths as this run spells them. A build with bad records is cached only when the run skips them.
 """
 
 from __future__ import annotations
@@ -27,9 +26,11 @@ from typing import Any
 import numpy
 import torch
 
+from .. import keyed_cache
 from ..errors import DiskError, Problem
 from ..fileio import atomic_torch_save, follow_umask, locked_temp, writing
 from ..hub import tokenizer_identity
+from ..keyed_cache import read_fresh
 from ..refcache import default_cache_dir
 from ..types import Source, TokenizedPair
 from .build import build
@@ -162,26 +163,8 @@ def uncached(make: Callable[[Path], Tokenized]) -> Tokenized:
 def read_cache(cache_file: Path, parts: dict[str, str], datasets: Sequence[str],
                log: Callable[[str], None]) -> Tokenized | None:
     """The cached data when ``cache_file`` holds it under ``parts``; None (and why) otherwise."""
-    if not cache_file.exists():
-        return None
-    try:
-        data = torch.load(cache_file, map_location="cpu", weights_only=True)
-        cached_parts = json.loads(data["parts"]) if isinstance(data, dict) else None
-        if not isinstance(cached_parts, dict):
-            raise ValueError("not a tokenized-data cache file")
-    except Exception as exc:  # a truncated or foreign file: rebuild, say so
-        log(f"tokenized-data cache {cache_file} is unreadable ({exc}); rebuilding")
-        return None
-    if cached_parts != parts:
-        changed = sorted(k for k in parts.keys() | cached_parts.keys()
-                         if parts.get(k) != cached_parts.get(k))
-        log(f"tokenized-data cache {cache_file} is stale ({', '.join(changed)} changed); rebuilding")
-        return None
-    try:
-        return unpack(data, datasets, cache_file)
-    except Exception as exc:
-        log(f"tokenized-data cache {cache_file} is inconsistent ({exc}); rebuilding")
-        return None
+    return read_fresh(cache_file, parts, "tokenized-data cache", log,
+                      lambda data: unpack(data, datasets, cache_file))
 
 
 def key_parts(config: Any, fmt: Any, tokenizer: Any, opened: Sequence[Opened]) -> dict[str, str]:
@@ -230,9 +213,8 @@ def format_identity(config: Any, fmt: Any) -> str:
 
 
 def cache_file_for(cache_dir: Path, tokenizer_name: str, datasets: Sequence[str]) -> Path:
-    """The cache file of one tokenizer on one set of dataset files."""
-    name = json.dumps([tokenizer_name, [str(Path(d).resolve()) for d in datasets]])
-    return cache_dir / "tokenized" / f"{hashlib.sha256(name.encode()).hexdigest()[:24]}.pt"
+    """The cache file of one tokenizer on one set of data sets."""
+    return keyed_cache.cache_file_for(cache_dir, "tokenized", tokenizer_name, datasets)
 
 
 def pack(tokenized: Tokenized, parts: dict[str, str], datasets: Sequence[str],
