@@ -64,20 +64,19 @@ def work_chunk(reads: list[Read]) -> Chunk:
     fmt, tokenizer, max_seq_len = _WORK["fmt"], _WORK["tokenizer"], _WORK["max_seq_len"]
     ignored = _WORK.get("ignored", "error")
     parsed = parse_records(reads, fmt)
-    where = {id(read[0]): i for i, read in enumerate(reads)}
-    at = {id(p): where[id(p.source)] for p in parsed.pairs}
+    where = {id(read[0]): i for i, read in enumerate(reads)}  # a record's position in the chunk,
+    # by its location object, which its pair, problems and report entries all carry
     chunk = Chunk(len(reads), parsed=len(parsed.pairs),
-                  parsed_positions=[at[id(p)] for p in parsed.pairs])
+                  parsed_positions=[where[id(p.source)] for p in parsed.pairs])
     chunk.problems = [(where[id(p.where)], p) for p in parsed.problems]
     if tokenizer is None:  # parsing only
         return chunk
     pairs, report, bad = tokenize_all(tokenizer, parsed.pairs, max_seq_len, ignored=ignored)
-    position = {id(p.source): at[id(p)] for p in parsed.pairs}
-    chunk.pairs, chunk.positions = Packed.of(pairs), [position[id(p.source)] for p in pairs]
-    chunk.dropped = [(position[id(s)], s) for s in report.dropped]
-    chunk.truncated = [(position[id(s)], s) for s in report.truncated]
+    chunk.pairs, chunk.positions = Packed.of(pairs), [where[id(p.source)] for p in pairs]
+    chunk.dropped = [(where[id(s)], s) for s in report.dropped]
+    chunk.truncated = [(where[id(s)], s) for s in report.truncated]
     chunk.ignored = report.ignored
-    chunk.problems = sorted(chunk.problems + [(position[id(p.where)], p) for p in bad],
+    chunk.problems = sorted(chunk.problems + [(where[id(p.where)], p) for p in bad],
                             key=lambda item: item[0])
     return chunk
 

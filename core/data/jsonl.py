@@ -52,9 +52,16 @@ def check_readable(path: str | Path, key: str) -> None:
         with open(file, "rb"):
             pass
     except OSError as exc:
-        tried = "" if file.is_absolute() else f" (tried {file.absolute()}: relative paths are "
-        raise ConfigError(f"{key} {path}: {exc.strerror}{tried}"
-                          + ("relative to the current directory)" if tried else "")) from None
+        raise unreadable(path, key, exc) from None
+
+
+def unreadable(path: str | Path, key: str, exc: OSError) -> ConfigError:
+    """The setting ``key`` names a path the system refuses: its reason, and for a relative path,
+    where it was looked for."""
+    file = Path(path)
+    tried = "" if file.is_absolute() else (f" (tried {file.absolute()}: relative paths are "
+                                           "relative to the current directory)")
+    return ConfigError(f"{key} {path}: {exc.strerror}{tried}")
 
 
 def read_records(path: str | Path) -> Iterator[tuple[Source, Any, RecordError | None]]:

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..types import DataSource, Read, Source
+from .jsonl import unreadable
 
 
 @dataclass(frozen=True)
@@ -104,9 +105,7 @@ def refuse_special(value: str, key: str) -> None:
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
-        tried = "" if path.is_absolute() else (f" (tried {path.absolute()}: relative paths are "
-                                               "relative to the current directory)")
-        raise ConfigError(f"{key} {value}: {exc.strerror}{tried}") from None
+        raise unreadable(value, key, exc) from None
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         what = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
                 else "a device")
