@@ -47,20 +47,34 @@ def root(log_path: str | Path) -> Path:
 
 
 def save(log_path: str | Path, step: int, backend: Any, state: dict[str, Any],
-         keep: int) -> Path:
+         keep: int, world: Any = None) -> Path:
     """Write checkpoint ``step`` atomically, then delete the older ones beyond ``keep`` (never
-    the one just written, nor one from a later step)."""
+    the one just written, nor one from a later step). Under several processes (``world``) the
+    main rank writes it; the others take part in gathering sharded state (``save_state(None)``)
+    and wait until it is written."""
     path = root(log_path) / f"step-{step:08d}"
-    with atomic_dir(path) as tmp:
-        backend.save_state(str(Path(tmp) / "backend"))
-        with open(Path(tmp) / "rng.pt", "wb") as handle:  # a handle: torch keeps the OS's error
-            torch.save(rng_state(), handle)
-        (Path(tmp) / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
-    older = [p for p in complete(log_path) if p.name < path.name]
-    for old in older[: max(len(older) - (keep - 1), 0)] if keep > 0 else []:
-        doomed = old.with_name(f".{old.name}.pruned")  # a kill mid-delete leaves a temporary name
-        old.rename(doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+    if world is not None and not world.is_main:
+        with world.collective(f"saving checkpoint {path.name}"):
+            backend.save_state(None)
+        world.first(f"writing checkpoint {path}", lambda: None)
+        return path
+
+    def write() -> None:
+        with atomic_dir(path) as tmp:
+            backend.save_state(str(Path(tmp) / "backend"))
+            with open(Path(tmp) / "rng.pt", "wb") as handle:  # a handle: torch keeps the OS's error
+                torch.save(rng_state(), handle)
+            (Path(tmp) / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
+        older = [p for p in complete(log_path) if p.name < path.name]
+        for old in older[: max(len(older) - (keep - 1), 0)] if keep > 0 else []:
+            doomed = old.with_name(f".{old.name}.pruned")  # a kill mid-delete leaves a temporary name
+            old.rename(doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+    if world is None:
+        write()
+    else:
+        world.first(f"writing checkpoint {path}", write)
     return path
 
 

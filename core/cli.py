@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from .errors import PreftuneError, Problem
+from .messages import processes, quiet, tag
 from .secrets import mask_secrets
 
 app = typer.Typer(
@@ -68,11 +69,11 @@ def user_errors() -> Iterator[None]:
     except Stopped:
         raise  # not an error: the command that ran says how to go on
     except PreftuneError as exc:
-        typer.echo(f"error: {mask_secrets(str(exc))}", err=True)
+        typer.echo(f"error: {mask_secrets(tag(str(exc)))}", err=True)
         raise typer.Exit(2) from None
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
-        typer.echo(mask_secrets(f"error: {where}{exc.strerror or exc}"), err=True)
+        typer.echo(mask_secrets(f"error: {tag(where + str(exc.strerror or exc))}"), err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:  # before training starts, or a second Ctrl-C: nothing to resume
         typer.echo("interrupted (Ctrl-C); nothing was trained past the last checkpoint", err=True)
@@ -117,12 +118,18 @@ def run(
         shown = [masked_set(s) for s in set_ or []]  # a secret is not repeated: type it again
         sets = " ".join(f"--set {shlex.quote(s)}" for s in shown)
         command = " ".join(["preftune run", shlex.quote(str(config)), sets, "--resume"]).replace("  ", " ")
+        if quiet():  # the main rank says it
+            raise typer.Exit(stopped.exit_code) from None
         typer.echo(f"{stopped}", err=True)
         if stopped.checkpoint is not None:
             masked = " (*** stands for a secret you gave: give it again)" if shown != (set_ or []) else ""
-            typer.echo(f"resume with: {command}{masked}", err=True)
+            args = command.removeprefix("preftune ")
+            launcher = (f" (under torchrun: torchrun ... -m preftune {args}, on any number of "
+                        "processes)") if processes() > 1 else ""
+            typer.echo(f"resume with: {command}{masked}{launcher}", err=True)
         raise typer.Exit(stopped.exit_code) from None
-    typer.echo(json.dumps(summary, indent=2))
+    if not quiet():  # one summary, the main rank's
+        typer.echo(json.dumps(summary, indent=2))
 
 
 @app.command()

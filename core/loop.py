@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
+import signal
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,13 +40,15 @@ from .signals import Stopped, StopSignals
 from .sinks import open_sinks
 from .types import AdamParams, Loss, Metrics, PairLogps, TokenizedPair, resolve
 from .weights import check_local_name
+from .world import DEFAULT_TIMEOUT_S, World, make_world, world_env
 
 
 def run(config: Config, pm: PluginManager | None = None, *, dataset: Any = None,
         eval_dataset: Any = None) -> dict[str, Any]:
     """Train with ``config``; return the final summary. This is the cookbook's ``main(cfg)``.
     ``dataset`` / ``eval_dataset`` take a ``datasets.Dataset`` (or any sized iterable of record
-    dicts) in place of the settings of the same names."""
+    dicts) in place of the settings of the same names. Started by ``torchrun``, every process
+    runs this; they train as one (see :mod:`preftune.world`)."""
     registry = get_registry(pm)
     config.check_plugin_tables(registry)
     # Build the cheap components first so a misspelled plugin name fails before any loading.
@@ -56,17 +61,57 @@ def run(config: Config, pm: PluginManager | None = None, *, dataset: Any = None,
     for kind, name in [("backend", config.backend)] + [("sink", s) for s in config.sinks] + (
             [("reference", config.reference)] if config.reference != "auto" else []):
         registry.check(kind, name, config)  # exists, and can use these settings
+    check_parallel(registry, config)
     # outputs first: an input named like an output is refused as one, whatever else is wrong
     check_outputs(config, cache_dir(config), plugin_outputs(registry, config))
     opened = check_inputs(registry, config, {"dataset": dataset, "eval_dataset": eval_dataset})
-    if config.resume:
-        checkpoint.check_resumable(config.log_path)
-    else:
-        checkpoint.check_fresh(config.log_path)
-    ensure_dir(cache_dir(config), "cache_dir")  # a file, unwritable: said before loading
-    log_path = ensure_dir(config.log_path, "log_path")
-    with run_lock(log_path):  # a second run on this log_path stops here, naming the first
-        return train(config, registry, loss, fmt, log_path, opened)
+    world = make_world(dist_timeout(registry, config))
+    try:
+        config = restarted(config, world)
+        if config.resume:
+            checkpoint.check_resumable(config.log_path)
+        else:
+            checkpoint.check_fresh(config.log_path)
+        ensure_dir(cache_dir(config), "cache_dir")  # a file, unwritable: said before loading
+        log_path = ensure_dir(config.log_path, "log_path")
+        with ExitStack() as held:  # a second run on this log_path stops here, naming the first
+            world.first("taking the lock of log_path", lambda: held.enter_context(run_lock(log_path)))
+            return train(config, registry, loss, fmt, log_path, opened, world)
+    finally:
+        world.close()
+
+
+def check_parallel(registry: Registry, config: Config) -> None:
+    """Under torchrun, a backend that cannot train as several processes (a remote service) is
+    refused before anything starts."""
+    _, size, _ = world_env()
+    if size > 1 and not takes_world(registry.get("backend", config.backend).factory):
+        raise ConfigError(f"backend {config.backend!r} does not train as several processes "
+                          f"(WORLD_SIZE is {size}: started by torchrun?); start it as one process")
+
+
+def takes_world(factory: Any) -> bool:
+    """Whether a backend factory takes the run's :class:`World` (a ``world`` keyword)."""
+    try:
+        return "world" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def dist_timeout(registry: Registry, config: Config) -> float:
+    """The backend's ``dist_timeout_s`` option (how long a collective may wait), if it has one."""
+    component = registry.get("backend", config.backend)
+    options = config.options_for(config.backend, component.options) if component.options else None
+    return float(getattr(options, "dist_timeout_s", DEFAULT_TIMEOUT_S))
+
+
+def restarted(config: Config, world: World) -> Config:
+    """A job torchrun restarted (``--max-restarts``) resumes from its newest checkpoint."""
+    if world.restarts and not config.resume and checkpoint.complete(config.log_path):
+        log(f"torchrun restarted this job (restart {world.restarts}): resuming from the newest "
+            f"checkpoint in {checkpoint.root(config.log_path)}")
+        return config.model_copy(update={"resume": True})
+    return config
 
 
 def check_inputs(registry: Registry, config: Config, objects: dict[str, Any] | None = None) -> list[Opened]:
@@ -92,32 +137,39 @@ def plugin_outputs(registry: Registry, config: Config) -> list[Output]:
 
 
 def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Path,
-          opened: list[Opened]) -> dict[str, Any]:
+          opened: list[Opened], world: World | None = None) -> dict[str, Any]:
     """The run itself, once its components are known to exist and ``log_path`` is ours."""
-    remove_interrupted_saves(log_path, cache_dir(config))
-    (log_path / checkpoint.SUMMARY).unlink(missing_ok=True)  # an earlier run's; this one is on
+    world = world or World()
     resolved = config.redacted(registry)  # secrets masked: what logs and sinks may see
-    atomic_write_json(log_path / "config.json", resolved)
+
+    def start_log() -> None:
+        remove_interrupted_saves(log_path, cache_dir(config))
+        (log_path / checkpoint.SUMMARY).unlink(missing_ok=True)  # an earlier run's; this one is on
+        atomic_write_json(log_path / "config.json", resolved)
+
+    world.first("writing config.json", start_log)
     seed_everything(config.seed)
 
     # the revision names a commit of base_model: it applies to the tokenizer only if they coincide
     same_repo = config.tokenizer_model in (None, config.base_model)
     tokenizer = hub.load_tokenizer(config.tokenizer_model or config.base_model,
                                    config.base_model_revision if same_repo else None)
-    data = prepare_data(config, registry, fmt, tokenizer, opened, log_path)
-    sinks = open_sinks(registry, config)
+    data = prepare_data(config, registry, fmt, tokenizer, opened, log_path, world)
+    sinks = world.first("starting the sinks", lambda: open_sinks(registry, config)) \
+        or open_sinks(registry, config, names=[])  # the main rank's alone
     summary: dict[str, Any] = {"status": "failed"}
     backend: Any = None
     stop = StopSignals().install()  # SIGTERM, Ctrl-C: stop at the next step boundary
     try:
-        backend = registry.build("backend", config.backend, config, tokenizer)
+        backend = registry.build("backend", config.backend, config, tokenizer,
+                                 **({"world": world} if world.size > 1 else {}))
         stop.check(step=0)  # provisioning a remote trainer can take minutes: a signal ends it here
         reference, reference_s = None, time.perf_counter()
         if loss.needs_reference:
             name = resolve_reference(config, loss, backend)
             provider = registry.build("reference", name, config, backend)
             try:
-                reference = reference_logps(config, provider, tokenizer, data, token_level(loss))
+                reference = reference_logps(config, provider, tokenizer, data, token_level(loss), world)
             finally:
                 close_quietly(provider)  # a frozen model is freed, a remote job deleted, now
         reference_s = time.perf_counter() - reference_s
@@ -126,7 +178,8 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
                                                             registry.operational_keys()),
                   "data_sha256": data.sha256}
         state = resume_state(config, backend, hashes)
-        info = {**data.info(config), "resume_step": state.get("step", 0), "config": resolved}
+        info = {**data.info(config), "resume_step": state.get("step", 0), "config": resolved,
+                "processes": world.size}
         for note in schedule_notes(config, info["total_steps"], len(data.eval)):
             log(note)
         sinks.run_start(config=config, info=info, backend=backend)  # on failure, ends every sink
@@ -135,7 +188,7 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
         saved: Path | None = None
 
         def evaluate(step: int) -> dict[str, float]:
-            evals[step] = evaluate_pairs(backend, loss, reference, data, config)
+            evals[step] = evaluate_pairs(backend, loss, reference, data, config, world)
             if evals[step]:
                 sinks.hook.preftune_eval(step=step, metrics=evals[step])
             return evals[step]
@@ -143,7 +196,7 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
         def save_checkpoint(step: int, epoch: int, tokens: int, elapsed: float) -> Path:
             path = checkpoint.save(log_path, step, backend, {
                 **hashes, "tokens": tokens, "elapsed_s": elapsed, "epoch": epoch,
-                "first_eval": first_eval}, config.keep_checkpoints)
+                "first_eval": first_eval}, config.keep_checkpoints, world)
             sinks.hook.preftune_checkpoint(step=step, path=str(path))
             return path
 
@@ -156,20 +209,11 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
             for position, chunk in enumerate(chunks(order, config.batch_size * config.grad_accum)):
                 if epoch * info["steps_per_epoch"] + position < step:
                     continue  # done before the checkpoint this run resumed from
-                # One optimizer step: micro-batches weighted by their share of the step's pairs,
-                # so the accumulated gradient equals the gradient of the whole step's batch.
-                submitted = []
-                for micro in chunks(chunk, config.batch_size):
-                    pairs = [data.pairs[i] for i in micro]
-                    ref = reference.select(micro) if reference is not None else None
-                    weight = len(micro) / len(chunk)
-                    out = backend.forward_backward(pairs, BoundLoss(loss, ref, weight))
-                    submitted.append((out, weight))
-                    tokens += sum(p.num_tokens for p in pairs)
                 lr = learning_rate(config, step, info["total_steps"])
                 step += 1
-                metrics = optimizer_step(backend, submitted, adam_params(config, lr), step,
-                                         [data.pairs[i] for i in chunk])
+                metrics, signum = train_step(backend, loss, reference, data, chunk, config,
+                                             adam_params(config, lr), step, world, stop.signum)
+                tokens += sum(data.pairs[i].num_tokens for i in chunk)
                 elapsed = time.perf_counter() - start
                 row = {"epoch": epoch, **metrics, "lr": lr, "tokens": tokens,
                        "tokens_per_s": tokens / max(elapsed, 1e-9), "elapsed_s": elapsed,
@@ -179,13 +223,13 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
                     evaluate(step)
                 if config.checkpoint_interval and step % config.checkpoint_interval == 0:
                     saved = save_checkpoint(step, epoch, tokens, elapsed)
-                if stop.signum is not None:
+                if signum is not None:  # asked on any rank: every rank stops after this step
                     if config.checkpoint_interval and step % config.checkpoint_interval:
                         saved = save_checkpoint(step, epoch, tokens, elapsed)
-                    raise Stopped(stop.signum, step, saved)  # None when checkpointing is off
+                    raise Stopped(signum, step, saved)  # None when checkpointing is off
 
         final_eval = evals[step] if step in evals else evaluate(step)
-        weights, remote = save_final(backend, tokenizer, log_path / "final")
+        weights, remote = save_final(backend, tokenizer, log_path / "final", world)
         sinks.hook.preftune_checkpoint(step=step, path=weights)
         elapsed = time.perf_counter() - start
         summary = {"status": "completed", "steps": step, "tokens": tokens,
@@ -195,6 +239,7 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
                    "truncated_pairs": len(data.report.truncated), "skipped_records": data.skipped,
                    "prepare_s": data.prepare_s, "reference_s": reference_s,
                    "peak_rss_mb": peak_rss_mb(), "peak_mem_mb": peak_mem_mb(backend),
+                   **({"processes": world.size} if world.size > 1 else {}),
                    **backend_summary(backend), **remote}
         return summary
     except BaseException as exc:
@@ -203,12 +248,45 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
         raise
     finally:
         stop.restore()
-        write_summary(log_path, summary)
+        if world.is_main:
+            write_summary(log_path, summary)
         sink_error = sinks.run_end(summary)  # every sink's run_end, even when one raises
         if backend is not None:
             backend.close(summary["status"])  # a remote backend ends its jobs and sessions
         if sink_error is not None:
             raise sink_error
+
+
+def train_step(backend: Any, loss: Loss, reference: Any, data: Data, chunk: list[int],
+               config: Config, params: AdamParams, step: int, world: World,
+               signum: int | None) -> tuple[dict[str, float], int | None]:
+    """Optimizer step ``step`` on the pairs of ``chunk``, in micro-batches of ``batch_size``
+    pairs weighted by their share of the step's pairs, so that the accumulated gradient is the
+    gradient of the whole step's mean loss. Under several processes every rank takes its share of
+    each micro-batch (:meth:`World.share`); its weight is multiplied by the number of ranks, as
+    DDP and FSDP average gradients over them. Returns the step's metrics (summed over the ranks)
+    and the stop signal any rank received (``signum`` is this rank's)."""
+    submitted = []
+    micros = chunks(chunk, config.batch_size)
+    for k, micro in enumerate(micros):
+        index, stand_in = world.share(micro)
+        ref = reference.select(index) if reference is not None else None
+        part = 0.0 if stand_in else len(index) / len(chunk)
+        bound = BoundLoss(loss, ref, part * world.size, syncs=k == len(micros) - 1)
+        with world.collective(f"step {step}"):
+            out = backend.forward_backward([data.pairs[i] for i in index], bound)
+        submitted.append((out, part))
+    with world.collective(f"step {step}"):
+        metrics = optimizer_step(backend, submitted, params, step, [data.pairs[i] for i in chunk],
+                                 world.size)
+    if world.size == 1:
+        return metrics, signum
+    shared = [k for k in metrics if k not in STEP_METRICS]  # the loss's: summed over the ranks
+    stops = [float(signum == signal.SIGTERM), float(signum == signal.SIGINT)]
+    *sums, terms, ints = world.sum([metrics[k] for k in shared] + stops)
+    metrics.update(zip(shared, sums))
+    check_finite(metrics, step, [data.pairs[i] for i in chunk])
+    return metrics, signal.SIGTERM if terms else signal.SIGINT if ints else None
 
 
 def write_summary(log_path: Path, summary: dict[str, Any]) -> None:
@@ -231,15 +309,28 @@ def resume_state(config: Config, backend: Any, hashes: dict[str, str]) -> dict[s
     return checkpoint.resume(config.log_path, backend, hashes) if config.resume else {}
 
 
-def save_final(backend: Any, tokenizer: Any, path: Path) -> tuple[str, dict[str, Any]]:
+def save_final(backend: Any, tokenizer: Any, path: Path,
+               world: World | None = None) -> tuple[str, dict[str, Any]]:
     """The final weights, the tokenizer and its chat template as one directory: written beside
     ``path`` under a temporary name and renamed once, so a kill leaves no ``final/`` (or the
     previous one), never weights without their tokenizer. Returns where they are, and what a
-    remote backend says names its copy on the service (for the summary)."""
-    with atomic_dir(path) as tmp:
-        remote = backend.save_weights(tmp) or {}
-        tokenizer.save_pretrained(tmp)
-    return str(path), remote
+    remote backend says names its copy on the service (for the summary). Under several
+    processes the main rank writes; the others take part in gathering sharded weights
+    (``save_weights(None)``)."""
+    world = world or World()
+    if not world.is_main:
+        with world.collective("gathering the final weights"):
+            backend.save_weights(None)
+        world.first("writing final/", lambda: None)
+        return str(path), {}
+
+    def write() -> dict[str, Any]:
+        with atomic_dir(path) as tmp:
+            remote = backend.save_weights(tmp) or {}
+            tokenizer.save_pretrained(tmp)
+        return remote
+
+    return str(path), world.first("writing final/", write) or {}
 
 
 def cache_dir(config: Config) -> Path:
@@ -282,11 +373,22 @@ class Data:
 
 
 def prepare_data(config: Config, registry: Registry, fmt: Any, tokenizer: Any,
-                 opened: list[Opened] | None = None, log_path: Path | None = None) -> Data:
-    """Read, check and tokenize the data sets, then split off the held-out pairs."""
+                 opened: list[Opened] | None = None, log_path: Path | None = None,
+                 world: World | None = None) -> Data:
+    """Read, check and tokenize the data sets, then split off the held-out pairs. Under several
+    processes the main rank builds the tokenized-data cache first; the others then read it."""
+    world = world or World()
     start = time.perf_counter()
     opened = opened if opened is not None else open_datasets(registry, config)
-    tokenized = prepare(registry, config, fmt, tokenizer, log, log_path, opened=opened)
+
+    def build() -> Any:
+        return prepare(registry, config, fmt, tokenizer, log, log_path, opened=opened)
+
+    tokenized = world.first("tokenizing the data", build) or prepare(
+        registry, config, fmt, tokenizer, log, None, progress=False, opened=opened)
+    if len(set(world.gather(tokenized.sha256))) > 1:
+        raise ConfigError(f"{world.tag}the ranks read different data from {config.dataset} (their "
+                          "tokenized pairs differ): every machine needs the same files")
     pairs, report = tokenized.pairs, tokenized.report
     for line in report.lines(config.max_seq_len):
         log(line)
@@ -326,7 +428,7 @@ def token_level(loss: Loss) -> bool:
 
 
 def reference_logps(config: Config, provider: Any, tokenizer: Any, data: Data,
-                    token_logps: bool) -> refcache.ReferenceLogps:
+                    token_logps: bool, world: World | None = None) -> refcache.ReferenceLogps:
     """Reference numbers of all pairs, from the on-disk cache when its key still matches."""
     if provider is None:
         raise ConfigError(f"loss {config.loss!r} needs a reference, but reference is 'none'")
@@ -337,7 +439,7 @@ def reference_logps(config: Config, provider: Any, tokenizer: Any, data: Data,
     size = eval_batch_size(config)
     batches = length_batches(data.pairs, data.train, size) + data.eval_batches(size)
     return refcache.load_or_compute(cache_file, parts, provider, data.pairs, batches,
-                                    token_logps, log)
+                                    token_logps, log, world=world or World())
 
 
 def close_quietly(component: Any) -> None:
@@ -348,11 +450,14 @@ def close_quietly(component: Any) -> None:
 
 class BoundLoss:
     """The loss of one micro-batch: its reference numbers bound, scaled by its share of the
-    step's pairs, so the accumulated gradient is the gradient of the whole step's mean loss."""
+    step's pairs, so the accumulated gradient is the gradient of the whole step's mean loss.
+    ``syncs`` tells a backend of several processes that this is the step's last micro-batch (the
+    one after which DDP or FSDP synchronise the gradients)."""
 
-    def __init__(self, loss: Loss, reference: PairLogps | None, weight: float):
+    def __init__(self, loss: Loss, reference: PairLogps | None, weight: float, syncs: bool = True):
         self.loss, self.reference, self.weight = loss, reference, weight
         self.needs_token_logps = token_level(loss)
+        self.syncs = syncs  # the step's last micro-batch: gradients are synchronised after it
 
     def __call__(self, policy: PairLogps) -> tuple[torch.Tensor, Metrics]:
         ref = self.reference.to(policy.chosen.device) if self.reference is not None else None
@@ -361,19 +466,25 @@ class BoundLoss:
 
 
 def evaluate_pairs(backend: Any, loss: Loss, reference: Any, data: Data,
-                   config: Config) -> dict[str, float]:
-    """Held-out metrics (``eval_`` + each loss metric), means over the held-out pairs."""
+                   config: Config, world: World | None = None) -> dict[str, float]:
+    """Held-out metrics (``eval_`` + each loss metric), means over the held-out pairs (each
+    rank of several computes its share of every batch; the sums are added up)."""
+    world = world or World()
     if not data.eval:
         return {}
     submitted = []
-    for index in data.eval_batches(eval_batch_size(config)):
-        out = backend.forward([data.pairs[i] for i in index], token_level(loss))
+    for batch in data.eval_batches(eval_batch_size(config)):
+        index, stand_in = world.share(batch)
+        with world.collective("evaluating"):
+            out = backend.forward([data.pairs[i] for i in index], token_level(loss))
         ref = reference.select(index) if reference is not None else None
-        submitted.append((out, ref, len(index) / len(data.eval)))
+        submitted.append((out, ref, 0.0 if stand_in else len(index) / len(data.eval)))
     with torch.no_grad():
         results = [(BoundLoss(loss, ref, 1.0)(resolve(out))[1], weight)
                    for out, ref, weight in submitted]
-    return {f"eval_{k}": v for k, v in resolve_metrics(results).items()}
+    metrics = resolve_metrics(results)
+    metrics = dict(zip(metrics, world.sum(list(metrics.values()))))
+    return {f"eval_{k}": v for k, v in metrics.items()}
 
 
 def eval_batch_size(config: Config) -> int:
@@ -399,13 +510,17 @@ def resolve_metrics(submitted: Sequence[tuple[Any, float]]) -> dict[str, float]:
     return {k: out[k] for k in keys}
 
 
+STEP_METRICS = ("grad_norm", "step_skipped")  # the optimizer's: the same on every rank
+
+
 def optimizer_step(backend: Any, submitted: list[tuple[Any, float]], params: AdamParams, step: int,
-                   pairs: Sequence[TokenizedPair]) -> dict[str, float]:
+                   pairs: Sequence[TokenizedPair], ranks: int = 1) -> dict[str, float]:
     """Apply optimizer step ``step`` to the gradient of the ``submitted`` micro-batches; their
     metrics and the step's, with the step's one host sync. A NaN or infinite loss or gradient is
     never applied: a backend that keeps it out of the weights itself (``guards_nonfinite``: the
     local one, on the device) is stepped before the sync; any other only once the loss is known to
-    be finite. A step the backend skipped (``step_skipped``: fp16 overflow) is no error."""
+    be finite. A step the backend skipped (``step_skipped``: fp16 overflow) is no error. Under
+    several ``ranks`` the loss is checked once summed over them (by the caller)."""
     if getattr(backend, "guards_nonfinite", False):
         metrics = resolve_metrics([*submitted, (backend.optim_step(params), 1.0)])  # host sync
     else:
@@ -414,7 +529,8 @@ def optimizer_step(backend: Any, submitted: list[tuple[Any, float]], params: Ada
         metrics.update(resolve_metrics([(backend.optim_step(params), 1.0)]))
     if metrics.get("step_skipped"):
         metrics.pop("grad_norm", None)  # the norm of an overflowed gradient measures nothing
-    check_finite(metrics, step, pairs)
+    if ranks == 1:
+        check_finite(metrics, step, pairs)
     return metrics
 
 

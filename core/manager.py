@@ -304,11 +304,11 @@ class Registry:
             check(config, config.options_for(name, component.options) if component.options else None)
         return component
 
-    def build(self, kind: str, name: str, config: Any, *args: Any) -> Any:
+    def build(self, kind: str, name: str, config: Any, *args: Any, **kwargs: Any) -> Any:
         """Build the component ``name`` of ``kind`` with its validated options."""
         component = self.get(kind, name)
         options = config.options_for(name, component.options) if component.options else None
-        return component.factory(config, options, *args)
+        return component.factory(config, options, *args, **kwargs)
 
 
 def _name(component: Component) -> str:

@@ -116,15 +116,16 @@ def padded(rows: Sequence[Tensor]) -> Tensor:
 
 def compute(client: ForwardClient, pairs: Sequence[TokenizedPair],
             batches: Sequence[Sequence[int]], token_logps: bool = False,
-            progress: bool = True) -> ReferenceLogps:
-    """Reference numbers of every pair, batch by batch (``batches`` cover all pairs). Results
-    that are futures (remote clients) are all submitted before the first is awaited."""
+            progress: bool = True, complete: bool = True) -> ReferenceLogps:
+    """Reference numbers of every pair, batch by batch (``batches`` cover all pairs, unless not
+    ``complete``: one rank's shares). Results that are futures (remote clients) are all
+    submitted before the first is awaited."""
     n = len(pairs)
     sums = {s: torch.full((n,), float("nan")) for s in SIDES}
     counts = {s: torch.zeros(n) for s in SIDES}
     rows: dict[str, list[Tensor]] | None = {s: [torch.zeros(0)] * n for s in SIDES} \
         if token_logps else None
-    bar = tqdm(total=n, desc="reference log-probs", unit="pair",
+    bar = tqdm(total=sum(len(b) for b in batches), desc="reference log-probs", unit="pair",
                disable=None if progress else True)  # None: only on a terminal
 
     def store(index: Sequence[int], out: PairLogps) -> None:
@@ -150,9 +151,8 @@ def compute(client: ForwardClient, pairs: Sequence[TokenizedPair],
                 store(*_resolved(pending.popleft()))
         while pending:
             store(*_resolved(pending.popleft()))
-    missing = torch.isnan(sums["chosen"]).nonzero().flatten().tolist()
-    if missing:
-        raise ValueError(f"reference batches do not cover pairs {missing[:10]}")
+    if complete:
+        check_covered(sums)
     return ReferenceLogps(sums, counts, rows)
 
 
@@ -169,21 +169,70 @@ def load_or_compute(
     token_logps: bool = False,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    world: Any = None,
 ) -> ReferenceLogps:
     """Reuse ``cache_file`` when its key parts equal ``parts``; otherwise compute and save.
-    ``client.forward`` is called only on a miss, so a lazy client loads nothing on a hit."""
+    ``client.forward`` is called only on a miss, so a lazy client loads nothing on a hit. Under
+    several processes (``world``) every rank computes its share of each batch, the shares are
+    gathered, and the main rank writes the file."""
     parts = {**parts, "format_version": FORMAT_VERSION, "per_token": str(token_logps)}
     cached = read_if_fresh(cache_file, parts, len(pairs), log)
+    if world is not None and not all(world.gather(cached is not None)):
+        cached = None  # every rank computes, or none does
     if cached is not None:
         return cached
-    reference = compute(client, pairs, batches, token_logps, progress)
-    try:
-        reference.save(cache_file, parts)
-    except DiskError as exc:  # the cache only saves time: the numbers are here, the run goes on
-        log(f"reference log-probs: {exc}; not cached")
-        return reference
-    log(f"reference log-probs: cached {len(pairs)} pairs in {cache_file}")
+    if world is None or world.size == 1:
+        reference = compute(client, pairs, batches, token_logps, progress)
+    else:
+        reference = compute_shared(world, client, pairs, batches, token_logps, progress)
+
+    def save() -> None:
+        try:
+            reference.save(cache_file, parts)
+        except DiskError as exc:  # the cache only saves time: the numbers are here, the run goes on
+            log(f"reference log-probs: {exc}; not cached")
+            return
+        log(f"reference log-probs: cached {len(pairs)} pairs in {cache_file}")
+
+    if world is None:
+        save()
+    else:
+        world.first("writing the reference cache", save)
     return reference
+
+
+def compute_shared(world: Any, client: ForwardClient, pairs: Sequence[TokenizedPair],
+                   batches: Sequence[Sequence[int]], token_logps: bool,
+                   progress: bool) -> ReferenceLogps:
+    """:func:`compute` with each rank taking its share of every batch; the numbers of all
+    pairs, gathered from the ranks that computed them, on every rank."""
+    shares = [world.share(batch) for batch in batches]
+    with world.collective("computing reference log-probs"):
+        mine = compute(client, pairs, [index for index, _ in shares], token_logps,
+                       progress and world.is_main, complete=False)
+    owned = sorted({i for index, stand_in in shares if not stand_in for i in index})
+    at = torch.tensor(owned, dtype=torch.long)
+    piece = (at, {s: mine.sums[s][at] for s in SIDES}, {s: mine.counts[s][at] for s in SIDES},
+             {s: [mine.rows[s][i] for i in owned] for s in SIDES} if mine.rows is not None else None)
+    n = len(pairs)
+    sums = {s: torch.full((n,), float("nan")) for s in SIDES}
+    counts = {s: torch.zeros(n) for s in SIDES}
+    rows: dict[str, list[Tensor]] | None = {s: [torch.zeros(0)] * n for s in SIDES} \
+        if token_logps else None
+    for at, part_sums, part_counts, part_rows in world.gather(piece):
+        for side in SIDES:
+            sums[side][at], counts[side][at] = part_sums[side], part_counts[side]
+            if rows is not None and part_rows is not None:
+                for i, row in zip(at.tolist(), part_rows[side]):
+                    rows[side][i] = row
+    check_covered(sums)
+    return ReferenceLogps(sums, counts, rows)
+
+
+def check_covered(sums: dict[str, Tensor]) -> None:
+    missing = torch.isnan(sums["chosen"]).nonzero().flatten().tolist()
+    if missing:
+        raise ValueError(f"reference batches do not cover pairs {missing[:10]}")
 
 
 def read_if_fresh(cache_file: Path, parts: dict[str, str], n: int,

@@ -122,13 +122,15 @@ class _Relay:
         return functools.partial(self._sinks.call, hook)
 
 
-def open_sinks(registry: Registry, config: Config) -> SinkSet:
-    """Build the sinks this run selected, each checked against the event hooks."""
-    if len(set(config.sinks)) != len(config.sinks):
-        raise ConfigError(f"sinks lists a sink twice: {config.sinks}")
+def open_sinks(registry: Registry, config: Config, names: list[str] | None = None) -> SinkSet:
+    """Build the sinks this run selected (or ``names``: none on a rank other than the main
+    one), each checked against the event hooks."""
+    names = config.sinks if names is None else names
+    if len(set(names)) != len(names):
+        raise ConfigError(f"sinks lists a sink twice: {names}")
     pm = pluggy.PluginManager("preftune")
     pm.add_hookspecs(hookspecs_for(EVENT_HOOKS))
-    for name in config.sinks:
+    for name in names:
         sink = registry.build("sink", name, config)
         try:
             pm.register(sink, name=name)
@@ -142,4 +144,4 @@ def open_sinks(registry: Registry, config: Config) -> SinkSet:
         if impl.wrapper or impl.hookwrapper:
             raise PluginError(f"sink {impl.plugin_name!r}: {impl.function.__name__} is a hook wrapper; "
                               "sink hooks are plain methods")
-    return SinkSet(pm, config.sinks)
+    return SinkSet(pm, names)

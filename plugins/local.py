@@ -48,10 +48,12 @@ from preftune.plugins.local_attention import pick_attention, runnable
 from preftune.plugins.local_checks import check_settings, model_structure, resolve_device
 from preftune.plugins.local_engine import (
     Engine,
+    Logps,
     Plan,
     auto_chunk,
     calibrate,
     checkpoint_layers,
+    decoder_layers,
     vocab_size,
 )
 from preftune.plugins.local_lora import (
@@ -61,6 +63,14 @@ from preftune.plugins.local_lora import (
     lora_dropout_on,
     save_merged,
     set_lora_dropout,
+)
+from preftune.plugins.local_parallel import (
+    full_optimizer_state,
+    full_state,
+    gradient_sync,
+    load_full_state,
+    resolve_parallel,
+    wrap,
 )
 from preftune.plugins.local_precision import (
     DTYPE_NAMES,
@@ -74,6 +84,7 @@ from preftune.plugins.local_precision import (
     resolve_precision,
 )
 from preftune.plugins.local_threads import machine_threads
+from preftune.world import World
 
 THREADS_FILE = "threads.json"  # in a CPU checkpoint: the threads the run used, for an exact resume
 
@@ -114,6 +125,18 @@ class LocalOptions(BaseModel):
         0.0, ge=0, lt=1, description="LoRA: dropout on the adapter's input in training steps "
         "(peft's lora_dropout); evaluation and the reference pass run without it."
     )
+    parallel: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="Under torchrun: ddp (every rank holds the model, gradients are "
+        "averaged) or fsdp (parameters, gradients and optimizer state sharded with fully_shard per "
+        "decoder layer); auto: ddp. One process ignores it. Both train the same weights, so a run "
+        "may resume with the other.",
+        json_schema_extra={"operational": True},
+    )
+    dist_timeout_s: float = Field(
+        600.0, gt=0, description="Under torchrun: how long a rank waits in a collective for the "
+        "others before the run stops (a rank that died or hangs).",
+        json_schema_extra={"operational": True},
+    )
     merge_lora: bool = Field(
         False, description="LoRA: final/merged/ also holds the model with the adapter merged, a "
         "plain Hugging Face model directory.",
@@ -134,9 +157,8 @@ class FrozenClient:
     def __init__(self, engine: Engine, owned: bool):
         self.engine, self.owned = engine, owned
 
-    @torch.inference_mode()
     def forward(self, pairs: Sequence[TokenizedPair], token_logps: bool = False) -> PairLogps:
-        return self.engine(pairs, token_logps)
+        return self.engine.frozen(pairs, token_logps)
 
     def close(self) -> None:
         """Free a separate reference model (the shared base belongs to the policy)."""
@@ -176,9 +198,14 @@ class LocalBackend:
     check = staticmethod(check_settings)
     guards_nonfinite = True  # optim_step never applies a non-finite gradient (see there)
 
-    def __init__(self, config: Config, options: LocalOptions, tokenizer: Any):
+    def __init__(self, config: Config, options: LocalOptions, tokenizer: Any,
+                 world: World | None = None):
         self.config, self.options, self.tokenizer = config, options, tokenizer
+        self.world = world or World()
+        self.parallel = resolve_parallel(options.parallel, self.world.size)
         self.device = resolve_device(config.device)
+        if self.parallel and self.device.type == "cuda":  # torchrun's LOCAL_RANK chose the GPU
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.precision = resolve_precision(options.precision, self.device)
         log(f"local backend: precision {self.precision.name}"
             + (" (auto)" if options.precision == "auto" else "")
@@ -218,7 +245,23 @@ class LocalBackend:
         self.plan = self._plan(self.model)
         if options.activation_checkpointing and not checkpoint_layers(self.model):
             raise ConfigError("[local] activation_checkpointing: no stack of decoder layers found")
-        self.engine = Engine(self.model, self.device, self.pad_id, self.plan, compute=self.precision.compute)
+        self.runner = self._wrap() if self.parallel else None
+        self.engine = Engine(self.model, self.device, self.pad_id, self.plan,
+                             compute=self.precision.compute, runner=self.runner,
+                             sharded=self.parallel == "fsdp")
+
+    def _wrap(self) -> torch.nn.Module:
+        """The DDP or FSDP wrapper every rank's forward runs through (see ``local_parallel``)."""
+        log(f"local backend: {self.parallel} over {self.world.size} processes")
+        runner = wrap(Logps(self.model, self.plan), self.parallel, decoder_layers(self.model),
+                      self.precision.compute, self.precision.master)
+        if self.parallel == "fsdp":  # the optimizer steps the shards
+            self.params = [p for p in self.model.parameters() if p.requires_grad]
+            self.optimizer = make_optimizer(self.params, self.config.learning_rate,
+                                            (self.config.beta1, self.config.beta2), self.config.eps,
+                                            self.config.weight_decay, self.precision)
+            self.stepper = Stepper(self.params, self.optimizer, make_scaler(self.precision, self.device))
+        return runner
 
     def _attention(self) -> str:
         """The attention implementation to load (``auto`` resolved and said once)."""
@@ -282,9 +325,8 @@ class LocalBackend:
         initial policy, else a frozen copy of the initial weights."""
         return "lora_shared" if self.config.lora_rank > 0 and not self.config.init_from else "separate"
 
-    @torch.inference_mode()
     def forward(self, pairs: Sequence[TokenizedPair], token_logps: bool = False) -> PairLogps:
-        return self.engine(pairs, token_logps)
+        return self.engine.frozen(pairs, token_logps)
 
     def reference_client(self, shared: bool) -> FrozenClient:
         if shared:
@@ -294,7 +336,8 @@ class LocalBackend:
                 raise ConfigError("with init_from an adapter, the LoRA base is not the initial "
                                   "policy: use reference = 'separate'")
             engine = Engine(self.model, self.device, self.pad_id, self.plan, disable_adapter=True,
-                            compute=self.precision.compute)
+                            compute=self.precision.compute, runner=self.runner,
+                            sharded=self.parallel == "fsdp")
             return FrozenClient(engine, owned=False)
         # stored as the policy's initial weights are (float32 masters for a full fine-tune under the
         # mixed precisions), so the two agree exactly before the first step; its forward pass
@@ -306,7 +349,8 @@ class LocalBackend:
         return FrozenClient(engine, owned=True)
 
     def forward_backward(self, pairs: Sequence[TokenizedPair], loss_fn: LossFn) -> Metrics:
-        with lora_dropout_on(self.lora_dropouts):  # the backward too: checkpointing recomputes
+        syncs = getattr(loss_fn, "syncs", True)  # the step's last micro-batch (several processes)
+        with lora_dropout_on(self.lora_dropouts), gradient_sync(self.runner, self.parallel, syncs):
             policy = self.engine(pairs, loss_fn.needs_token_logps)
             loss, metrics = loss_fn(policy)
             self.stepper.backward(loss)  # scaled under fp16-mixed
@@ -331,21 +375,30 @@ class LocalBackend:
         skipped = {"skipped_steps": int(self.stepper.skipped)} if self.stepper.scaler else {}
         return {"precision": self.precision.name, **skipped}
 
-    def check_weights(self) -> None:
+    def check_weights(self, state: dict[str, torch.Tensor] | None = None) -> None:
         """Refuse to write weights that hold a NaN or an infinity (they would load, and serve
         garbage); names the first bad parameter (looked for only when there is one)."""
-        if not all_finite([p.detach() for p in self.model.parameters()]):
-            name = first_bad((n, p.detach()) for n, p in self.model.named_parameters())
+        named = list(state.items()) if state is not None else [
+            (n, p.detach()) for n, p in self.model.named_parameters()]
+        if not all_finite([t for _, t in named]):
+            name = first_bad(iter(named))
             raise TrainingError(f"weight {name!r} holds NaN or infinite values; not saved")
 
-    def save_weights(self, path: str) -> None:
+    def save_weights(self, path: str | None) -> None:
         """Write the weights into ``path`` (the loop gives a temporary directory that becomes
         ``final/`` with the tokenizer, in one rename); with ``merge_lora``, also the merged model
-        and the tokenizer into ``path/merged``."""
-        self.check_weights()
+        and the tokenizer into ``path/merged``. Under FSDP every rank takes part in gathering
+        them; ranks other than the main one get no ``path``."""
+        state = full_state(self.runner, self.model, self.parallel)
+        if path is None:
+            return
+        self.check_weights(state)
         Path(path).mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
+        self.model.save_pretrained(path, **({"state_dict": state} if state is not None else {}))
         if self.options.merge_lora:
+            if state is not None:
+                raise ConfigError("[local] merge_lora with parallel = 'fsdp': merge the adapter "
+                                  "in final/ afterwards with preftune export --merge")
             save_merged(self.model, self.tokenizer, Path(path) / MERGED)
 
     @staticmethod
@@ -356,12 +409,21 @@ class LocalBackend:
         device = torch.device("cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu")
         export_merged(config, final, out, resolve_precision(options.precision, device).frozen)
 
-    def save_state(self, path: str) -> None:
-        self.check_weights()
+    def save_state(self, path: str | None) -> None:
+        """The weights (or adapter), the optimizer's state and what else an exact resume needs,
+        as one process writes them whatever the number of processes (so a run resumes on any
+        number); ranks other than the main one get no ``path`` (under FSDP they take part in
+        gathering the state)."""
+        state = full_state(self.runner, self.model, self.parallel)
+        optimizer = full_optimizer_state(self.runner, self.optimizer, self._trainable_names(),
+                                         self.parallel)
+        if path is None:
+            return
+        self.check_weights(state)
         Path(path).mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
+        self.model.save_pretrained(path, **({"state_dict": state} if state is not None else {}))
         with open(Path(path) / "optimizer.pt", "wb") as handle:  # a handle keeps the OS's error
-            torch.save(self.optimizer.state_dict(), handle)
+            torch.save(optimizer if optimizer is not None else self.optimizer.state_dict(), handle)
         if self.stepper.scaler is not None:  # fp16-mixed: the loss scale and its growth tracker
             with open(Path(path) / "scaler.pt", "wb") as handle:
                 torch.save(self.stepper.state_dict(), handle)
@@ -375,6 +437,36 @@ class LocalBackend:
         if not files:
             raise ConfigError(f"no weights (*.safetensors) in state directory {path}")
         weights = {k: v for f in files for k, v in load_file(str(f)).items()}
+        optimizer = torch.load(Path(path) / "optimizer.pt", map_location="cpu", weights_only=True)
+        if self.parallel == "fsdp":  # every rank reads the full state and keeps its shards
+            load_full_state(self.runner, self.optimizer, self._trainable_names(),
+                            self._model_keys(weights, path), optimizer)
+        else:
+            self._load_whole(weights, optimizer, path)
+        if self.stepper.scaler is not None:
+            if not (Path(path) / "scaler.pt").exists():
+                raise ConfigError(f"state {path} lacks scaler.pt (the fp16-mixed loss scale)")
+            self.stepper.load_state_dict(torch.load(Path(path) / "scaler.pt", map_location=self.device,
+                                                    weights_only=True))
+        self._resume_threads(Path(path) / THREADS_FILE)
+
+    def _trainable_names(self) -> list[str]:
+        """The names of the parameters that train, in the optimizer's order."""
+        return [n for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def _model_keys(self, weights: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+        """Saved weights under the model's own parameter names (peft saves an adapter without
+        its adapter's name)."""
+        names = [n for n, _ in self.model.named_parameters()]
+        adapter = getattr(self.model, "active_adapter", None)
+        saved = {n.replace(f".{adapter}.", ".") if adapter else n: n for n in names}
+        unknown = [k for k in weights if k not in saved]
+        if unknown:
+            raise ConfigError(f"state {path} does not match the model: {unknown[:5]}")
+        return {saved[k]: v for k, v in weights.items()}
+
+    def _load_whole(self, weights: dict[str, torch.Tensor], optimizer: dict[str, Any],
+                    path: str) -> None:
         if hasattr(self.model, "disable_adapter"):
             from peft import set_peft_model_state_dict
 
@@ -387,15 +479,7 @@ class LocalBackend:
                 raise ConfigError(f"state {path} lacks weights for {missing[:5]}")
         if result.unexpected_keys:
             raise ConfigError(f"state {path} does not match the model: {result.unexpected_keys[:5]}")
-        optimizer = torch.load(Path(path) / "optimizer.pt", map_location=self.device,
-                               weights_only=True)
-        self.optimizer.load_state_dict(optimizer)
-        if self.stepper.scaler is not None:
-            if not (Path(path) / "scaler.pt").exists():
-                raise ConfigError(f"state {path} lacks scaler.pt (the fp16-mixed loss scale)")
-            self.stepper.load_state_dict(torch.load(Path(path) / "scaler.pt", map_location=self.device,
-                                                    weights_only=True))
-        self._resume_threads(Path(path) / THREADS_FILE)
+        self.optimizer.load_state_dict(optimizer)  # moves the state to the parameters' device
 
     def _resume_threads(self, file: Path) -> None:
         """With ``threads = 0``, the thread count the resumed run used (a different count

@@ -18,6 +18,7 @@ from preftune import Config, ConfigError, log
 from preftune.backend_utils import load_model_config, model_context, resolve_init
 from preftune.plugins.local_attention import attention_problem, layout_problem
 from preftune.plugins.local_precision import precision_problem, resolve_precision
+from preftune.world import world_env
 
 DEVICE_KINDS = {  # device type -> whether this machine has it
     "cpu": lambda: True,
@@ -46,12 +47,28 @@ def check_settings(config: Config, options: Any) -> None:
     if problem is not None:
         raise field_error(config, "local.precision", problem)
     check_lora_options(config, options)
+    check_parallel_options(config, options)
     name, structure, adapter = model_structure(config)
     check_context(config, name, structure)
     check_attention(config, options, structure)
     if config.lora_rank > 0 and not adapter:
         check_lora_targets(config, name, structure, options.lora_target_modules)
         note_lora_rank(config, structure)
+
+
+def check_parallel_options(config: Config, options: Any) -> None:
+    """What FSDP cannot do yet, refused before anything starts (under torchrun only)."""
+    if world_env()[1] == 1 or options.parallel != "fsdp":
+        return
+    if options.merge_lora:
+        raise field_error(config, "local.merge_lora", "not with parallel = 'fsdp': merge final/ "
+                          "afterwards with preftune export --merge")
+    if "weight_sync" in config.sinks:
+        raise field_error(config, "local.parallel", "the weight_sync sink publishes rank 0's copy "
+                          "of the weights, which fsdp shards: use parallel = 'ddp' to publish")
+    if options.precision == "fp16-mixed":
+        raise field_error(config, "local.precision", "fp16-mixed (a loss scaler) is not supported "
+                          "with parallel = 'fsdp': use bf16-mixed, or parallel = 'ddp'")
 
 
 def note_lora_rank(config: Config, structure: Any) -> None:

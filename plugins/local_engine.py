@@ -50,17 +50,40 @@ class Engine:
     """Per-sequence log-probs of pairs under one model (with or without gradients)."""
 
     def __init__(self, model: Any, device: torch.device, pad_id: int, plan: Plan,
-                 disable_adapter: bool = False, compute: torch.dtype = torch.float32):
+                 disable_adapter: bool = False, compute: torch.dtype = torch.float32,
+                 runner: Callable[[Layout], Tensor] | None = None, sharded: bool = False):
         self.model, self.device, self.pad_id, self.plan = model, device, pad_id, plan
         self.disable_adapter, self.compute = disable_adapter, compute
+        self.runner = runner  # a DDP / FSDP wrapper of :class:`Logps` (several processes)
+        self.sharded = sharded  # FSDP: its all-gathers need tensors made outside inference mode
+
+    def frozen(self, pairs: Sequence[TokenizedPair], token_logps: bool = False) -> PairLogps:
+        """Log-probs without gradients (inference mode where it can be)."""
+        with torch.no_grad() if self.sharded else torch.inference_mode():
+            return self(pairs, token_logps)
 
     def __call__(self, pairs: Sequence[TokenizedPair], token_logps: bool = False) -> PairLogps:
         make = shared_layout if self.plan.layout == "shared" else padded_layout
         layout = make(pairs, self.pad_id).to(self.device)
         adapter_off = self.model.disable_adapter() if self.disable_adapter else nullcontext()
         with adapter_off, autocast(self.device, self.compute):  # the forward only, never the loss
-            logps_N = target_logps(self.model, layout, self.plan)
+            if self.runner is not None:
+                logps_N = self.runner(layout)
+            else:
+                logps_N = target_logps(self.model, layout, self.plan)
         return layout.reduce(logps_N, token_logps)
+
+
+class Logps(torch.nn.Module):
+    """:func:`target_logps` of a model as one module, so that a DDP or FSDP wrapper around it
+    sees the whole forward (the decoder and the output layer) and runs its hooks."""
+
+    def __init__(self, model: Any, plan: Plan):
+        super().__init__()
+        self.lm, self.plan = model, plan
+
+    def forward(self, layout: Layout) -> Tensor:
+        return target_logps(self.lm, layout, self.plan)
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager[Any]:
@@ -145,14 +168,17 @@ def auto_chunk(model: Any, requested: int) -> int:
     return max(16, LOGITS_BUDGET // vocab)
 
 
+def decoder_layers(model: Any) -> list[torch.nn.Module]:
+    """The stack of repeated decoder blocks (the longest ``ModuleList`` of the decoder)."""
+    decoder, _ = parts(model)
+    lists = [m for m in decoder.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    return list(max(lists, key=len)) if lists else []
+
+
 def checkpoint_layers(model: Any) -> int:
     """Recompute each decoder layer's activations in the backward pass instead of keeping them
     (activation checkpointing, in eval mode: no dropout). Returns the number of layers wrapped."""
-    decoder, _ = parts(model)
-    lists = [m for m in decoder.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
-    if not lists:
-        return 0
-    layers = max(lists, key=len)  # the stack of repeated blocks
+    layers = decoder_layers(model)
     for layer in layers:
         layer.forward = _checkpointed(layer.forward)
     return len(layers)

@@ -210,7 +210,8 @@ def grad_norm(params: Sequence[torch.nn.Parameter], max_norm: float) -> Tensor:
     norm = torch.nn.utils.get_total_norm(grads).float()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm
+    full = getattr(norm, "full_tensor", None)  # FSDP: the norm of the shards, over every rank
+    return full() if callable(full) else norm
 
 
 def guarded_step(optimizer: torch.optim.Optimizer, bad: Tensor) -> None:
