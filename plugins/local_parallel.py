@@ -48,8 +48,11 @@ def wrap(module: torch.nn.Module, parallel: str, layers: list[torch.nn.Module],
 
     if not layers:
         raise ConfigError("[local] parallel = 'fsdp': no stack of decoder layers found to shard")
+    # parameters gathered in the compute dtype where they are all masters (a full fine-tune);
+    # a LoRA base is stored in it already and its adapter stays float32 (autocast casts)
+    uniform = len({p.dtype for p in module.parameters()}) == 1
     policy = MixedPrecisionPolicy(
-        param_dtype=compute if compute != master else None, reduce_dtype=torch.float32,
+        param_dtype=compute if compute != master and uniform else None, reduce_dtype=torch.float32,
         cast_forward_inputs=False)  # the layout's float weights are the loss's, not the model's
     for layer in layers:
         fully_shard(layer, mp_policy=policy)

@@ -38,17 +38,18 @@ eval_interval = 2
 learning_rate = 1e-3
 checkpoint_interval = {checkpoint_interval}
 sinks = ["jsonl"]
+lora_rank = {lora_rank}
 
 [local]
 threads = 1
 parallel = "{parallel}"
-dist_timeout_s = 60
+dist_timeout_s = {dist_timeout_s}
 """
 
 
 def write_config(tmp_path: Path, name: str, data: Path, **settings: Any) -> Path:
     values = {"loss": "dpo", "batch_size": 4, "epochs": 2, "checkpoint_interval": 0,
-              "parallel": "auto", **settings}
+              "parallel": "auto", "dist_timeout_s": 60, "lora_rank": 0, **settings}
     path = tmp_path / f"{name}.toml"
     path.write_text(CONFIG.format(data=data, log=tmp_path / name, cache=tmp_path / f"cache-{name}",
                                   **values))
@@ -119,7 +120,9 @@ def same_training(a: Path, b: Path, tol: float = 1e-5) -> None:
         assert x["tokens"] == y["tokens"]
     for x, y in zip(rows(a, "eval.jsonl"), rows(b, "eval.jsonl"), strict=True):
         assert x["eval_loss"] == pytest.approx(y["eval_loss"], abs=tol)
-    wa, wb = (load_file(str(p / "final" / "model.safetensors")) for p in (a, b))
+    name = "adapter_model.safetensors" if (a / "final" / "adapter_model.safetensors").exists() \
+        else "model.safetensors"
+    wa, wb = (load_file(str(p / "final" / name)) for p in (a, b))
     assert sorted(wa) == sorted(wb)
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < tol
 
@@ -157,6 +160,31 @@ def test_two_processes_train_as_one(tmp_path: Path, small_dataset: Any, loss: st
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["status"] == "completed"
 
 
+def test_lora_under_fsdp_trains_as_one_and_resumes_on_another_number(tmp_path: Path,
+                                                                  small_dataset: Any) -> None:
+    """The LoRA base is the reference (adapter off, through the sharded model); the adapter's
+    checkpoint, gathered from the shards, resumes on one process, and one process's on two."""
+    data = small_dataset(tmp_path / "data.jsonl")
+    settings = {"lora_rank": 4, "parallel": "fsdp", "checkpoint_interval": 2}
+    one = one_process(write_config(tmp_path, "one", data, **settings))
+    assert one.returncode == 0, one.stderr
+    config = write_config(tmp_path, "two", data, **settings)
+    two = torchrun(config, 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    same_training(tmp_path / "one", tmp_path / "two")
+    for source, n in (("two", 1), ("one", 2)):  # 2 processes to 1, and 1 to 2
+        copy = tmp_path / f"{source}-on-{n}"
+        subprocess.run(["cp", "-r", str(tmp_path / source), str(copy)], check=True)
+        for path in (copy / "final", copy / "checkpoints" / "step-00000006"):
+            subprocess.run(["rm", "-r", str(path)], check=True)
+        (copy / "summary.json").unlink()
+        args = ("--set", f"log_path={copy}", "--resume")
+        done = one_process(config, *args) if n == 1 else torchrun(config, 2, *args)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "resumed from" in done.stderr and "(step 4)" in done.stderr
+        same_training(tmp_path / "one", copy)
+
+
 def test_killed_rank_stops_the_other_and_the_run_resumes_on_one_or_two(
         tmp_path: Path, small_dataset: Any) -> None:
     data = small_dataset(tmp_path / "data.jsonl")
@@ -181,6 +209,20 @@ def test_killed_rank_stops_the_other_and_the_run_resumes_on_one_or_two(
         assert done.returncode == 0, done.stderr[-3000:]
         assert "resumed from" in done.stderr
         same_training(tmp_path / "full", copy)
+
+
+def test_a_hung_rank_stops_the_other_within_dist_timeout_s(tmp_path: Path, small_dataset: Any) -> None:
+    data = small_dataset(tmp_path / "data.jsonl")
+    config = write_config(tmp_path, "run", data, epochs=200, dist_timeout_s=5)
+    procs = ranks(config, 2)
+    wait_for_step(tmp_path / "run", 2, procs)
+    procs[1].send_signal(signal.SIGSTOP)  # alive, and answering nothing
+    start = time.monotonic()
+    assert procs[0].wait(timeout=60) == 2
+    assert time.monotonic() - start < 30
+    err = procs[0].stderr.read()
+    assert "rank 0: lost contact with another rank" in err and "dist_timeout_s = 5" in err, err
+    assert "Traceback" not in err
 
 
 def test_sigterm_on_one_rank_stops_every_rank_with_one_checkpoint(
