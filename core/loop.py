@@ -76,9 +76,22 @@ def run(config: Config, pm: PluginManager | None = None, *, dataset: Any = None,
         log_path = ensure_dir(config.log_path, "log_path")
         with ExitStack() as held:  # a second run on this log_path stops here, naming the first
             world.first("taking the lock of log_path", lambda: held.enter_context(run_lock(log_path)))
-            return train(config, registry, loss, fmt, log_path, opened, world)
-    finally:
+            summary = train(config, registry, loss, fmt, log_path, opened, world)
         world.close()
+        return summary
+    except Stopped:
+        world.close()  # every rank stopped at the same step: leave together
+        raise
+    except BaseException:
+        world.close(wait=False)  # the others may be in another collective: do not wait for them
+        raise
+
+
+def every_rank_sinks(registry: Registry, config: Config) -> list[str]:
+    """The sinks that run on every rank, not on the main one alone: those whose factory says
+    ``every_rank = True`` (``weight_sync``: the backend gathers sharded weights on every rank)."""
+    return [name for name in config.sinks
+            if getattr(registry.get("sink", name).factory, "every_rank", False)]
 
 
 def check_parallel(registry: Registry, config: Config) -> None:
@@ -156,14 +169,15 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
                                    config.base_model_revision if same_repo else None)
     data = prepare_data(config, registry, fmt, tokenizer, opened, log_path, world)
     sinks = world.first("starting the sinks", lambda: open_sinks(registry, config)) \
-        or open_sinks(registry, config, names=[])  # the main rank's alone
+        or open_sinks(registry, config, names=every_rank_sinks(registry, config))
     summary: dict[str, Any] = {"status": "failed"}
     backend: Any = None
     stop = StopSignals().install()  # SIGTERM, Ctrl-C: stop at the next step boundary
     try:
         backend = registry.build("backend", config.backend, config, tokenizer,
                                  **({"world": world} if world.size > 1 else {}))
-        stop.check(step=0)  # provisioning a remote trainer can take minutes: a signal ends it here
+        stop.check(step=0, signum=agreed_stop(world, stop.signum))  # provisioning a remote
+        # trainer can take minutes: a signal ends it here
         reference, reference_s = None, time.perf_counter()
         if loss.needs_reference:
             name = resolve_reference(config, loss, backend)
@@ -173,11 +187,14 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
             finally:
                 close_quietly(provider)  # a frozen model is freed, a remote job deleted, now
         reference_s = time.perf_counter() - reference_s
-        stop.check(step=0)
+        stop.check(step=0, signum=agreed_stop(world, stop.signum))
         hashes = {"config_sha256": checkpoint.training_hash(config, set(registry.names("sink")),
                                                             registry.operational_keys()),
                   "data_sha256": data.sha256}
         state = resume_state(config, backend, hashes)
+        if len(set(world.gather(state.get("step", 0)))) > 1:  # a shared file system that lags
+            raise ConfigError(f"{world.tag}the ranks resumed from different checkpoints of "
+                              f"{checkpoint.root(log_path)}: every rank must see the same files")
         info = {**data.info(config), "resume_step": state.get("step", 0), "config": resolved,
                 "processes": world.size}
         for note in schedule_notes(config, info["total_steps"], len(data.eval)):
@@ -212,7 +229,7 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
                 lr = learning_rate(config, step, info["total_steps"])
                 step += 1
                 metrics, signum = train_step(backend, loss, reference, data, chunk, config,
-                                             adam_params(config, lr), step, world, stop.signum)
+                                             adam_params(config, lr), step, world, stop)
                 tokens += sum(data.pairs[i].num_tokens for i in chunk)
                 elapsed = time.perf_counter() - start
                 row = {"epoch": epoch, **metrics, "lr": lr, "tokens": tokens,
@@ -259,13 +276,13 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
 
 def train_step(backend: Any, loss: Loss, reference: Any, data: Data, chunk: list[int],
                config: Config, params: AdamParams, step: int, world: World,
-               signum: int | None) -> tuple[dict[str, float], int | None]:
+               stop: StopSignals) -> tuple[dict[str, float], int | None]:
     """Optimizer step ``step`` on the pairs of ``chunk``, in micro-batches of ``batch_size``
     pairs weighted by their share of the step's pairs, so that the accumulated gradient is the
     gradient of the whole step's mean loss. Under several processes every rank takes its share of
     each micro-batch (:meth:`World.share`); its weight is multiplied by the number of ranks, as
     DDP and FSDP average gradients over them. Returns the step's metrics (summed over the ranks)
-    and the stop signal any rank received (``signum`` is this rank's)."""
+    and the stop signal any rank received by the end of the step."""
     submitted = []
     micros = chunks(chunk, config.batch_size)
     for k, micro in enumerate(micros):
@@ -280,13 +297,25 @@ def train_step(backend: Any, loss: Loss, reference: Any, data: Data, chunk: list
         metrics = optimizer_step(backend, submitted, params, step, [data.pairs[i] for i in chunk],
                                  world.size)
     if world.size == 1:
-        return metrics, signum
+        return metrics, stop.signum
     shared = [k for k in metrics if k not in STEP_METRICS]  # the loss's: summed over the ranks
-    stops = [float(signum == signal.SIGTERM), float(signum == signal.SIGINT)]
-    *sums, terms, ints = world.sum([metrics[k] for k in shared] + stops)
+    *sums, terms, ints = world.sum([metrics[k] for k in shared] + stop_flags(stop.signum))
     metrics.update(zip(shared, sums))
     check_finite(metrics, step, [data.pairs[i] for i in chunk])
     return metrics, signal.SIGTERM if terms else signal.SIGINT if ints else None
+
+
+def stop_flags(signum: int | None) -> list[float]:
+    """Whether this rank was asked to stop by SIGTERM, by Ctrl-C (summed over the ranks)."""
+    return [float(signum == signal.SIGTERM), float(signum == signal.SIGINT)]
+
+
+def agreed_stop(world: World, signum: int | None) -> int | None:
+    """The stop signal any rank has received (SIGTERM before Ctrl-C), so all stop together."""
+    if world.size == 1:
+        return signum
+    terms, ints = world.sum(stop_flags(signum))
+    return signal.SIGTERM if terms else signal.SIGINT if ints else None
 
 
 def write_summary(log_path: Path, summary: dict[str, Any]) -> None:

@@ -50,11 +50,13 @@ class StopSignals:
             signal.signal(signum, handler)
         self.previous.clear()
 
-    def check(self, step: int) -> None:
+    def check(self, step: int, signum: int | None = None) -> None:
         """At a boundary before training (the backend built, the reference done): a signal
-        received so far stops the run here, with nothing to checkpoint."""
-        if self.signum is not None:
-            raise Stopped(self.signum, step, None)
+        received so far (here, or ``signum``: on any rank) stops the run, with nothing to
+        checkpoint."""
+        signum = signum if signum is not None else self.signum
+        if signum is not None:
+            raise Stopped(signum, step, None)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None and signum == signal.SIGINT:

@@ -167,13 +167,16 @@ class World:
         return ("lost contact with another rank (it died, was killed or stopped answering within "
                 f"dist_timeout_s = {self.timeout_s:g}; torchrun's report names it)")
 
-    def close(self) -> None:
-        """Leave the process group (after the others are done with it, where they can be)."""
+    def close(self, wait: bool = True) -> None:
+        """Leave the process group: after the others are done with it (``wait``), or at once
+        when this rank failed (the others may wait in a collective this rank never reaches; its
+        exit makes theirs fail at once)."""
         if self.size > 1 and torch.distributed.is_initialized():
-            try:
-                torch.distributed.barrier()
-            except Exception:
-                pass  # another rank is gone: leave anyway
+            if wait:
+                try:
+                    torch.distributed.barrier()
+                except Exception:
+                    pass  # another rank is gone: leave anyway
             torch.distributed.destroy_process_group()
 
 

@@ -437,7 +437,10 @@ class LocalBackend:
         if not files:
             raise ConfigError(f"no weights (*.safetensors) in state directory {path}")
         weights = {k: v for f in files for k, v in load_file(str(f)).items()}
-        optimizer = torch.load(Path(path) / "optimizer.pt", map_location="cpu", weights_only=True)
+        # the state's device: the parameters' (FSDP shards it from the CPU); torch moves only
+        # some of it itself (a non-fused optimizer's step counts stay where they were loaded)
+        where = "cpu" if self.parallel == "fsdp" else self.device
+        optimizer = torch.load(Path(path) / "optimizer.pt", map_location=where, weights_only=True)
         if self.parallel == "fsdp":  # every rank reads the full state and keeps its shards
             load_full_state(self.runner, self.optimizer, self._trainable_names(),
                             self._model_keys(weights, path), optimizer)
@@ -457,13 +460,18 @@ class LocalBackend:
     def _model_keys(self, weights: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
         """Saved weights under the model's own parameter names (peft saves an adapter without
         its adapter's name)."""
-        names = [n for n, _ in self.model.named_parameters()]
+        names = [n for n, _ in self.model.named_parameters()]  # a tied weight once
         adapter = getattr(self.model, "active_adapter", None)
         saved = {n.replace(f".{adapter}.", ".") if adapter else n: n for n in names}
         unknown = [k for k in weights if k not in saved]
         if unknown:
             raise ConfigError(f"state {path} does not match the model: {unknown[:5]}")
-        return {saved[k]: v for k, v in weights.items()}
+        named = {saved[k]: v for k, v in weights.items()}
+        needed = self._trainable_names() if adapter else names  # an adapter holds what trains
+        missing = [n for n in needed if n not in named]
+        if missing:
+            raise ConfigError(f"state {path} lacks weights for {missing[:5]}")
+        return named
 
     def _load_whole(self, weights: dict[str, torch.Tensor], optimizer: dict[str, Any],
                     path: str) -> None:
@@ -498,16 +506,21 @@ class LocalBackend:
                         directory: str | None, keep: int) -> dict[str, Any]:
         """Write ``directory/snapshots/<snapshot>`` (weights, tokenizer, manifest.json), then
         switch ``directory/current`` to it atomically and prune old snapshots. A server that
-        resolves ``current`` once per load never sees a half-written snapshot."""
+        resolves ``current`` once per load never sees a half-written snapshot. Under several
+        processes every rank calls it (the sink runs on every rank); under FSDP they all take part
+        in gathering the weights, and the main rank writes."""
         if directory is None:
             raise ConfigError("the local backend publishes to a directory: set [weight_sync] directory")
-        self.check_weights()
+        state = full_state(self.runner, self.model, self.parallel)
+        if not self.world.is_main:
+            return {}
+        self.check_weights(state)
         root = Path(directory)
         removed = remove_stale(root / "snapshots", [".*"])  # interrupted publishes
         if removed:
             log(f"removed what interrupted publishes left behind: {', '.join(map(str, removed))}")
         with atomic_dir(root / "snapshots" / snapshot) as tmp:
-            self.model.save_pretrained(tmp)
+            self.model.save_pretrained(tmp, **({"state_dict": state} if state is not None else {}))
             self.tokenizer.save_pretrained(tmp)
             manifest = {"snapshot": snapshot, "step": step, "deployment_id": deployment_id,
                         "base_model": self.config.base_model, "init_from": self.config.init_from,

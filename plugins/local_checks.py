@@ -63,12 +63,10 @@ def check_parallel_options(config: Config, options: Any) -> None:
     if options.merge_lora:
         raise field_error(config, "local.merge_lora", "not with parallel = 'fsdp': merge final/ "
                           "afterwards with preftune export --merge")
-    if "weight_sync" in config.sinks:
-        raise field_error(config, "local.parallel", "the weight_sync sink publishes rank 0's copy "
-                          "of the weights, which fsdp shards: use parallel = 'ddp' to publish")
-    if options.precision == "fp16-mixed":
-        raise field_error(config, "local.precision", "fp16-mixed (a loss scaler) is not supported "
-                          "with parallel = 'fsdp': use bf16-mixed, or parallel = 'ddp'")
+    if options.precision in ("fp16-mixed", "bf16-true"):
+        why = "a loss scaler" if options.precision == "fp16-mixed" else "Kahan-compensated AdamW"
+        raise field_error(config, "local.precision", f"{options.precision} ({why}) is not supported "
+                          "with parallel = 'fsdp' yet: use bf16-mixed, or parallel = 'ddp'")
 
 
 def note_lora_rank(config: Config, structure: Any) -> None:

@@ -16,6 +16,7 @@ as one process writes them, so that a run resumes on any number of processes.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -43,7 +44,10 @@ def wrap(module: torch.nn.Module, parallel: str, layers: list[torch.nn.Module],
         if not any(p.requires_grad for p in module.parameters()):
             raise ConfigError("[local] parallel = 'ddp': the model has no parameter that trains")
         # buffers (rotary frequencies) are the same on every rank: nothing to sync per forward
-        return DistributedDataParallel(module, forward_sync_buffers=False)
+        # (torch 2.13 renamed broadcast_buffers; older torch has only the old name)
+        renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        return DistributedDataParallel(module, **{
+            "forward_sync_buffers" if renamed else "broadcast_buffers": False})
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not layers:

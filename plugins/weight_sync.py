@@ -32,6 +32,10 @@ class WeightSyncOptions(BaseModel):
 
 
 class WeightSyncSink:
+    # runs on every rank of a torchrun job (other sinks run on the main rank only): under FSDP
+    # every rank takes part in gathering the weights the main rank publishes
+    every_rank = True
+
     @staticmethod
     def outputs(config: Config, options: WeightSyncOptions) -> list[tuple[str, str, str]]:
         """Where the local backend writes snapshots (checked against the run's inputs)."""

@@ -37,19 +37,21 @@ eval_fraction = 0.25
 eval_interval = 2
 learning_rate = 1e-3
 checkpoint_interval = {checkpoint_interval}
-sinks = ["jsonl"]
+sinks = {sinks}
 lora_rank = {lora_rank}
 
 [local]
 threads = 1
 parallel = "{parallel}"
 dist_timeout_s = {dist_timeout_s}
+{tables}
 """
 
 
 def write_config(tmp_path: Path, name: str, data: Path, **settings: Any) -> Path:
     values = {"loss": "dpo", "batch_size": 4, "epochs": 2, "checkpoint_interval": 0,
-              "parallel": "auto", "dist_timeout_s": 60, "lora_rank": 0, **settings}
+              "parallel": "auto", "dist_timeout_s": 60, "lora_rank": 0, "sinks": '["jsonl"]', "tables": "",
+              **settings}
     path = tmp_path / f"{name}.toml"
     path.write_text(CONFIG.format(data=data, log=tmp_path / name, cache=tmp_path / f"cache-{name}",
                                   **values))
@@ -162,16 +164,25 @@ def test_two_processes_train_as_one(tmp_path: Path, small_dataset: Any, loss: st
 
 def test_lora_under_fsdp_trains_as_one_and_resumes_on_another_number(tmp_path: Path,
                                                                   small_dataset: Any) -> None:
-    """The LoRA base is the reference (adapter off, through the sharded model); the adapter's
-    checkpoint, gathered from the shards, resumes on one process, and one process's on two."""
+    """The LoRA base is the reference (adapter off, through the sharded model); weight_sync
+    publishes the gathered adapter; its checkpoint, gathered from the shards, resumes on one
+    process, and one process's on two."""
     data = small_dataset(tmp_path / "data.jsonl")
-    settings = {"lora_rank": 4, "parallel": "fsdp", "checkpoint_interval": 2}
+    settings = {"lora_rank": 4, "parallel": "fsdp", "checkpoint_interval": 2,
+                "sinks": '["jsonl", "weight_sync"]', "tables": "[weight_sync]\nweight_sync_interval = 3"}
     one = one_process(write_config(tmp_path, "one", data, **settings))
     assert one.returncode == 0, one.stderr
     config = write_config(tmp_path, "two", data, **settings)
     two = torchrun(config, 2)
     assert two.returncode == 0, two.stderr[-3000:]
     same_training(tmp_path / "one", tmp_path / "two")
+    # weight_sync publishes the weights gathered from the shards: the last snapshot is final/'s
+    snapshots = tmp_path / "two" / "deployments" / "preftune" / "snapshots"
+    assert sorted(p.name for p in snapshots.iterdir()) == ["step-00000003", "step-00000006"]
+    final = load_file(str(tmp_path / "two" / "final" / "adapter_model.safetensors"))
+    published = load_file(str(snapshots / "step-00000006" / "adapter_model.safetensors"))
+    assert sorted(final) == sorted(published)
+    assert all(torch.equal(final[k], published[k]) for k in final)
     for source, n in (("two", 1), ("one", 2)):  # 2 processes to 1, and 1 to 2
         copy = tmp_path / f"{source}-on-{n}"
         subprocess.run(["cp", "-r", str(tmp_path / source), str(copy)], check=True)
@@ -314,3 +325,18 @@ def test_world_env_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(ConfigError, match="MASTER_ADDR is not set: start the run with torchrun"):
         make_world()
+
+
+@pytest.mark.parametrize("setting,value,key", [
+    ("precision", "bf16-true", "local.precision"),
+    ("precision", "fp16-mixed", "local.precision"),
+    ("merge_lora", True, "local.merge_lora"),
+])
+def test_what_fsdp_cannot_do_yet_is_refused_before_anything_starts(
+        monkeypatch: pytest.MonkeyPatch, make_config: Any, setting: str, value: Any, key: str) -> None:
+    config = make_config(lora_rank=4, local={"parallel": "fsdp", setting: value})
+    get_registry().check("backend", "local", config)  # one process: fsdp is not used
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match=f"field '{key}'.*parallel = 'fsdp'"):
+        get_registry().check("backend", "local", config)
