@@ -49,33 +49,55 @@ def root(log_path: str | Path) -> Path:
 def save(log_path: str | Path, step: int, backend: Any, state: dict[str, Any],
          keep: int, world: Any = None) -> Path:
     """Write checkpoint ``step`` atomically, then delete the older ones beyond ``keep`` (never
-    the one just written, nor one from a later step). Under several processes (``world``) the
-    main rank writes it; the others take part in gathering sharded state (``save_state(None)``)
-    and wait until it is written."""
+    the one just written, nor one from a later step). Under several processes (``world``) every
+    rank calls the backend's ``save_state`` with the same directory and writes its part."""
     path = root(log_path) / f"step-{step:08d}"
-    if world is not None and not world.is_main:
-        with world.collective(f"saving checkpoint {path.name}"):
-            backend.save_state(None)
-        world.first(f"writing checkpoint {path}", lambda: None)
+    if world is None or world.size == 1:
+        with atomic_dir(path) as tmp:
+            write(Path(tmp), backend, state, step)
+        prune(log_path, path, keep)
+        return path
+    # Several processes: the main rank makes the temporary directory; every rank writes its part
+    # of the backend's state into it (``save_state`` on every rank: a sharded state's shards),
+    # the main rank the rest; then it renames the directory. An error anywhere stops every rank.
+    holder = atomic_dir(path)
+    tmp = Path(world.broadcast(world.first(f"making checkpoint {path}", holder.__enter__)))
+    what = f"writing checkpoint {path}"
+    if not world.is_main:
+        with world.collective(what):
+            backend.save_state(str(tmp / "backend"))
+        world.first(what, lambda: None)
         return path
 
-    def write() -> None:
-        with atomic_dir(path) as tmp:
-            backend.save_state(str(Path(tmp) / "backend"))
-            with open(Path(tmp) / "rng.pt", "wb") as handle:  # a handle: torch keeps the OS's error
-                torch.save(rng_state(), handle)
-            (Path(tmp) / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
-        older = [p for p in complete(log_path) if p.name < path.name]
-        for old in older[: max(len(older) - (keep - 1), 0)] if keep > 0 else []:
-            doomed = old.with_name(f".{old.name}.pruned")  # a kill mid-delete leaves a temporary name
-            old.rename(doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+    def finish() -> None:
+        try:
+            write(tmp, backend, state, step)
+        except BaseException as exc:
+            holder.__exit__(type(exc), exc, exc.__traceback__)  # removes it; a full disk named
+            raise
+        holder.__exit__(None, None, None)
+        prune(log_path, path, keep)
 
-    if world is None:
-        write()
-    else:
-        world.first(f"writing checkpoint {path}", write)
+    world.first(what, finish)
     return path
+
+
+def write(tmp: Path, backend: Any, state: dict[str, Any], step: int) -> None:
+    """The files of a checkpoint, into its temporary directory ``tmp``."""
+    backend.save_state(str(tmp / "backend"))
+    with open(tmp / "rng.pt", "wb") as handle:  # a handle: torch keeps the OS's error
+        torch.save(rng_state(), handle)
+    (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
+
+
+def prune(log_path: str | Path, path: Path, keep: int) -> None:
+    """Delete the checkpoints older than ``path`` beyond ``keep`` (never ``path`` itself, nor one
+    from a later step)."""
+    older = [p for p in complete(log_path) if p.name < path.name]
+    for old in older[: max(len(older) - (keep - 1), 0)] if keep > 0 else []:
+        doomed = old.with_name(f".{old.name}.pruned")  # a kill mid-delete leaves a temporary name
+        old.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def complete(log_path: str | Path) -> list[Path]:

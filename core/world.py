@@ -97,6 +97,15 @@ class World:
             torch.distributed.all_gather_object(out, value)
         return out
 
+    def broadcast(self, value: Any) -> Any:
+        """The main rank's ``value`` on every rank (a small Python object)."""
+        if self.size == 1:
+            return value
+        box = [value]
+        with self.collective("receiving the main rank's answer"):
+            torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
     def first(self, what: str, work: Callable[[], T]) -> T | None:
         """Run ``work`` on the main rank while the others wait for it; return its value there
         (None on the others). An error there is raised on every rank (here as a

@@ -65,11 +65,13 @@ from preftune.plugins.local_lora import (
     set_lora_dropout,
 )
 from preftune.plugins.local_parallel import (
-    full_optimizer_state,
     full_state,
     gradient_sync,
+    is_sharded,
     load_full_state,
+    load_sharded,
     resolve_parallel,
+    save_sharded,
     wrap,
 )
 from preftune.plugins.local_precision import (
@@ -409,30 +411,49 @@ class LocalBackend:
         device = torch.device("cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu")
         export_merged(config, final, out, resolve_precision(options.precision, device).frozen)
 
-    def save_state(self, path: str | None) -> None:
-        """The weights (or adapter), the optimizer's state and what else an exact resume needs,
-        as one process writes them whatever the number of processes (so a run resumes on any
-        number); ranks other than the main one get no ``path`` (under FSDP they take part in
-        gathering the state)."""
-        state = full_state(self.runner, self.model, self.parallel)
-        optimizer = full_optimizer_state(self.runner, self.optimizer, self._trainable_names(),
-                                         self.parallel)
-        if path is None:
+    def save_state(self, path: str) -> None:
+        """The weights (or adapter), the optimizer's state and what else an exact resume needs.
+        Under several processes every rank is called with the same ``path``: under FSDP each
+        writes its shards with ``torch.distributed.checkpoint`` (a run resumes from them on any
+        number of processes, one included); under DDP the main rank writes its copy."""
+        if self.parallel == "fsdp":
+            self._check_shards()
+            save_sharded(self._state_module(), self.optimizer, path)
+        elif not self.world.is_main:
+            return  # DDP: the main rank's copy is every rank's
+        else:
+            self.check_weights()
+            Path(path).mkdir(parents=True, exist_ok=True)
+            self.model.save_pretrained(path)
+            with open(Path(path) / "optimizer.pt", "wb") as handle:  # a handle keeps the OS's error
+                torch.save(self.optimizer.state_dict(), handle)
+        if not self.world.is_main:
             return
-        self.check_weights(state)
-        Path(path).mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path, **({"state_dict": state} if state is not None else {}))
-        with open(Path(path) / "optimizer.pt", "wb") as handle:  # a handle keeps the OS's error
-            torch.save(optimizer if optimizer is not None else self.optimizer.state_dict(), handle)
         if self.stepper.scaler is not None:  # fp16-mixed: the loss scale and its growth tracker
             with open(Path(path) / "scaler.pt", "wb") as handle:
                 torch.save(self.stepper.state_dict(), handle)
         if self.device.type == "cpu":  # the thread count changes float sums' rounding
             (Path(path) / THREADS_FILE).write_text(json.dumps({"threads": torch.get_num_threads()}))
 
+    def _check_shards(self) -> None:
+        """:meth:`check_weights` over every rank's shards (each rank raises, or none does)."""
+        local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach()
+                 for p in self.model.parameters()]
+        if self.world.sum([float(not all_finite(local))])[0]:
+            raise TrainingError("a weight holds NaN or infinite values; not saved")
+
+    def _state_module(self) -> torch.nn.Module:
+        """What sharded states are keyed by: the wrapper (``lm.`` + the model's names), the same
+        with one process or several."""
+        return self.runner if self.runner is not None else Logps(self.model, self.plan)
+
     def load_state(self, path: str) -> None:
         from safetensors.torch import load_file
 
+        if is_sharded(path):  # written under FSDP: resharded for this number of processes
+            load_sharded(self._state_module(), self.optimizer, path)
+            self._resume_threads(Path(path) / THREADS_FILE)
+            return
         files = sorted(Path(path).glob("*.safetensors"))
         if not files:
             raise ConfigError(f"no weights (*.safetensors) in state directory {path}")

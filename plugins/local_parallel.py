@@ -9,9 +9,10 @@ step, after the step's last micro-batch (``no_sync`` / ``set_requires_gradient_s
 
 ``fsdp`` shards parameters, gradients and optimizer state, one ``fully_shard`` per decoder layer
 and one for the rest; its mixed-precision policy follows ``precision`` (parameters gathered in
-the compute dtype, gradients reduced in float32). Checkpoints and ``final/`` hold the full
-state, gathered with ``torch.distributed.checkpoint.state_dict`` to the main rank and written
-as one process writes them, so that a run resumes on any number of processes.
+the compute dtype, gradients reduced in float32). Its checkpoints are
+``torch.distributed.checkpoint`` directories, each rank writing its shards, which a run reads
+back resharded on any number of processes (one included). ``final/`` and published weights are
+gathered to the main rank and written as one process writes them.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 from preftune import ConfigError
 
@@ -93,20 +96,34 @@ def full_state(runner: Any, model: Any, parallel: str | None) -> dict[str, torch
     return {k.removeprefix("lm."): v for k, v in state.items() if k.removeprefix("lm.") not in tied}
 
 
-def full_optimizer_state(runner: Any, optimizer: Any, names: list[str],
-                         parallel: str | None) -> dict[str, Any] | None:
-    """The optimizer's full state on the main rank (FSDP), in one process's form (``names``:
-    the trainable parameters' names, in the optimizer's order, for its integer keys)."""
-    if parallel != "fsdp":
-        return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+def save_sharded(module: Any, optimizer: Any, path: str) -> None:
+    """The weights that train and the optimizer's state, each rank its shards, into ``path`` with
+    ``torch.distributed.checkpoint`` (every rank calls it with the same directory)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    state = get_optimizer_state_dict(runner, optimizer, options=StateDictOptions(
-        full_state_dict=True, cpu_offload=True))
-    index = {f"lm.{name}": i for i, name in enumerate(names)}
-    return {"state": {index[k]: v for k, v in state.get("state", {}).items()},
-            "param_groups": [{**g, "params": [index[k] for k in g["params"]]}
-                             for g in state.get("param_groups", [])]}
+    options = StateDictOptions(ignore_frozen_params=True)  # a LoRA base is the base model's
+    weights, optim = get_state_dict(module, optimizer, options=options)
+    dcp.save({"model": weights, "optim": optim}, checkpoint_id=path)
+
+
+def load_sharded(module: Any, optimizer: Any, path: str) -> None:
+    """Read what :func:`save_sharded` wrote into ``module`` and ``optimizer``, whatever the number
+    of processes now (one: no process group; under DDP every rank reads all of it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    options = StateDictOptions(ignore_frozen_params=True)
+    weights, optim = get_state_dict(module, optimizer, options=options)
+    state = {"model": weights, "optim": optim}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(module, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"], options=StateDictOptions(strict=False))
+
+
+def is_sharded(path: str) -> bool:
+    """Whether ``path`` holds a ``torch.distributed.checkpoint`` (its ``.metadata`` file)."""
+    return (Path(path) / ".metadata").is_file()
 
 
 def load_full_state(runner: Any, optimizer: Any, names: list[str], weights: dict[str, torch.Tensor],

@@ -162,13 +162,14 @@ def test_two_processes_train_as_one(tmp_path: Path, small_dataset: Any, loss: st
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["status"] == "completed"
 
 
-def test_lora_under_fsdp_trains_as_one_and_resumes_on_another_number(tmp_path: Path,
-                                                                  small_dataset: Any) -> None:
-    """The LoRA base is the reference (adapter off, through the sharded model); weight_sync
-    publishes the gathered adapter; its checkpoint, gathered from the shards, resumes on one
-    process, and one process's on two."""
+@pytest.mark.parametrize("lora_rank", [4, 0])
+def test_fsdp_trains_as_one_and_its_checkpoints_resume_on_another_number(
+        tmp_path: Path, small_dataset: Any, lora_rank: int) -> None:
+    """With LoRA the base is the reference (adapter off, through the sharded model). weight_sync
+    publishes the weights gathered from the shards. The sharded checkpoint
+    (torch.distributed.checkpoint) resumes on one process, and one process's on two."""
     data = small_dataset(tmp_path / "data.jsonl")
-    settings = {"lora_rank": 4, "parallel": "fsdp", "checkpoint_interval": 2,
+    settings = {"lora_rank": lora_rank, "parallel": "fsdp", "checkpoint_interval": 2,
                 "sinks": '["jsonl", "weight_sync"]', "tables": "[weight_sync]\nweight_sync_interval = 3"}
     one = one_process(write_config(tmp_path, "one", data, **settings))
     assert one.returncode == 0, one.stderr
@@ -179,10 +180,12 @@ def test_lora_under_fsdp_trains_as_one_and_resumes_on_another_number(tmp_path: P
     # weight_sync publishes the weights gathered from the shards: the last snapshot is final/'s
     snapshots = tmp_path / "two" / "deployments" / "preftune" / "snapshots"
     assert sorted(p.name for p in snapshots.iterdir()) == ["step-00000003", "step-00000006"]
-    final = load_file(str(tmp_path / "two" / "final" / "adapter_model.safetensors"))
-    published = load_file(str(snapshots / "step-00000006" / "adapter_model.safetensors"))
+    name = "adapter_model.safetensors" if lora_rank else "model.safetensors"
+    final = load_file(str(tmp_path / "two" / "final" / name))
+    published = load_file(str(snapshots / "step-00000006" / name))
     assert sorted(final) == sorted(published)
     assert all(torch.equal(final[k], published[k]) for k in final)
+    assert (tmp_path / "two" / "checkpoints" / "step-00000004" / "backend" / ".metadata").is_file()
     for source, n in (("two", 1), ("one", 2)):  # 2 processes to 1, and 1 to 2
         copy = tmp_path / f"{source}-on-{n}"
         subprocess.run(["cp", "-r", str(tmp_path / source), str(copy)], check=True)
