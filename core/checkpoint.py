@@ -60,6 +60,7 @@ def save(log_path: str | Path, step: int, backend: Any, state: dict[str, Any],
     # Several processes: the main rank makes the temporary directory; every rank writes its part
     # of the backend's state into it (``save_state`` on every rank: a sharded state's shards),
     # the main rank the rest; then it renames the directory. An error anywhere stops every rank.
+    rngs = world.gather(rng_state())  # each rank's generators (LoRA dropout draws its own)
     holder = atomic_dir(path)
     tmp = Path(world.broadcast(world.first(f"making checkpoint {path}", holder.__enter__)))
     what = f"writing checkpoint {path}"
@@ -71,7 +72,7 @@ def save(log_path: str | Path, step: int, backend: Any, state: dict[str, Any],
 
     def finish() -> None:
         try:
-            write(tmp, backend, state, step)
+            write(tmp, backend, state, step, rngs)
         except BaseException as exc:
             holder.__exit__(type(exc), exc, exc.__traceback__)  # removes it; a full disk named
             raise
@@ -82,11 +83,13 @@ def save(log_path: str | Path, step: int, backend: Any, state: dict[str, Any],
     return path
 
 
-def write(tmp: Path, backend: Any, state: dict[str, Any], step: int) -> None:
-    """The files of a checkpoint, into its temporary directory ``tmp``."""
+def write(tmp: Path, backend: Any, state: dict[str, Any], step: int,
+          ranks: list[dict[str, Any]] | None = None) -> None:
+    """The files of a checkpoint, into its temporary directory ``tmp`` (``ranks``: the random
+    generators of every rank, when there are several)."""
     backend.save_state(str(tmp / "backend"))
     with open(tmp / "rng.pt", "wb") as handle:  # a handle: torch keeps the OS's error
-        torch.save(rng_state(), handle)
+        torch.save({**rng_state(), **({"ranks": ranks} if ranks else {})}, handle)
     (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
 
 
@@ -142,7 +145,8 @@ def check_resumable(log_path: str | Path) -> None:
                           f"further, start a new log_path with init_from = '{Path(log_path) / 'final'}'")
 
 
-def resume(log_path: str | Path, backend: Any, expect: dict[str, str]) -> dict[str, Any]:
+def resume(log_path: str | Path, backend: Any, expect: dict[str, str],
+           world: Any = None) -> dict[str, Any]:
     """Restore the newest readable checkpoint of ``log_path``; its trainer state, or {} when there
     is none. An unreadable one is skipped, and the log names it; when every one is unreadable,
     a :class:`ConfigError` names each with its reason."""
@@ -153,7 +157,7 @@ def resume(log_path: str | Path, backend: Any, expect: dict[str, str]) -> dict[s
     skipped = []
     for path in found:
         try:
-            state = restore(path, backend, expect)
+            state = restore(path, backend, expect, world)
         except Unreadable as exc:
             log(f"resume: skipping {exc}")
             skipped.append(str(exc))
@@ -164,7 +168,7 @@ def resume(log_path: str | Path, backend: Any, expect: dict[str, str]) -> dict[s
                       + "\n".join(skipped))
 
 
-def restore(path: Path, backend: Any, expect: dict[str, str]) -> dict[str, Any]:
+def restore(path: Path, backend: Any, expect: dict[str, str], world: Any = None) -> dict[str, Any]:
     """Load checkpoint ``path`` into ``backend``; refuse one made for other settings or data
     (:class:`ConfigError`); :class:`Unreadable` when it cannot be read."""
     try:
@@ -187,6 +191,9 @@ def restore(path: Path, backend: Any, expect: dict[str, str]) -> dict[str, Any]:
         backend.load_state(str(path / "backend"))
     except Exception as exc:
         raise Unreadable(path, exc) from exc
+    ranks = rng.get("ranks") or []
+    if world is not None and len(ranks) == world.size:  # the same number of processes: each
+        rng = ranks[world.rank]  # rank goes on with its own generators; else rank 0's
     set_rng_state(rng)
     return state
 

@@ -191,7 +191,7 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
         hashes = {"config_sha256": checkpoint.training_hash(config, set(registry.names("sink")),
                                                             registry.operational_keys()),
                   "data_sha256": data.sha256}
-        state = resume_state(config, backend, hashes)
+        state = resume_state(config, backend, hashes, world)
         if len(set(world.gather(state.get("step", 0)))) > 1:  # a shared file system that lags
             raise ConfigError(f"{world.tag}the ranks resumed from different checkpoints of "
                               f"{checkpoint.root(log_path)}: every rank must see the same files")
@@ -333,9 +333,10 @@ def backend_summary(backend: Any) -> dict[str, Any]:
     return dict(summary()) if callable(summary) else {}
 
 
-def resume_state(config: Config, backend: Any, hashes: dict[str, str]) -> dict[str, Any]:
+def resume_state(config: Config, backend: Any, hashes: dict[str, str],
+                 world: World | None = None) -> dict[str, Any]:
     """With ``resume``, restore the newest readable checkpoint; its trainer state, or {}."""
-    return checkpoint.resume(config.log_path, backend, hashes) if config.resume else {}
+    return checkpoint.resume(config.log_path, backend, hashes, world) if config.resume else {}
 
 
 def save_final(backend: Any, tokenizer: Any, path: Path,
