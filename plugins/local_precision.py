@@ -140,9 +140,16 @@ class KahanAdamW(torch.optim.Optimizer):
         step = state["step"].clamp(min=1.0)
         scale = (1 - beta2 ** step).sqrt()
         size = group["lr"] / (1 - beta1 ** step)
-        for views in zip(*(t.view(-1).split(KAHAN_CHUNK) for t in (
-                param, param.grad, state["exp_avg"], state["exp_avg_sq"], state["compensation"]))):
+        tensors = [local(t) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"],
+                                      state["compensation"])]  # FSDP: this rank's shards, in place
+        for views in zip(*(t.view(-1).split(KAHAN_CHUNK) for t in tensors)):
             kahan_adamw(*views, group, ok.bool(), size, scale)
+
+
+def local(tensor: Tensor) -> Tensor:
+    """A sharded (DTensor) parameter's or state's local shard, which aliases it; else itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
 
 
 def kahan_adamw(p: Tensor, g: Tensor, m: Tensor, v: Tensor, c: Tensor, group: dict[str, Any],

@@ -331,7 +331,6 @@ def test_world_env_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("setting,value,key", [
-    ("precision", "bf16-true", "local.precision"),
     ("precision", "fp16-mixed", "local.precision"),
     ("merge_lora", True, "local.merge_lora"),
 ])
@@ -360,3 +359,17 @@ def test_a_resume_on_as_many_processes_is_exact_with_lora_dropout(tmp_path: Path
     done = torchrun(config, 2, "--set", f"log_path={copy}", "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
     same_training(tmp_path / "run", copy, tol=0.0)
+
+
+def test_bf16_true_under_fsdp_steps_the_shards(tmp_path: Path, small_dataset: Any) -> None:
+    """The Kahan-compensated AdamW updates each rank's shards in place: the run follows one
+    process's bf16-true run to bfloat16 rounding (an update lost on a copy would leave the loss
+    at ln 2)."""
+    data = small_dataset(tmp_path / "data.jsonl")
+    tables = 'precision = "bf16-true"'  # in [local], the last table
+    one = one_process(write_config(tmp_path, "one", data, tables=tables))
+    assert one.returncode == 0, one.stderr
+    two = torchrun(write_config(tmp_path, "two", data, tables=tables, parallel="fsdp"), 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert rows(tmp_path / "two")[-1]["loss"] < 0.3
+    same_training(tmp_path / "one", tmp_path / "two", tol=1e-2)
