@@ -257,6 +257,16 @@ def test_sigterm_on_one_rank_stops_every_rank_with_one_checkpoint(
     assert summary["status"] == "stopped"
 
 
+def test_the_preftune_command_started_by_torchrun(tmp_path: Path, small_dataset: Any) -> None:
+    data = small_dataset(tmp_path / "data.jsonl")
+    config = write_config(tmp_path, "run", data, epochs=1)
+    command = [*TORCHRUN, "--standalone", "--nproc_per_node", "2", "--no-python",
+               str(Path(sys.executable).parent / "preftune"), "run", str(config)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["processes"] == 2
+
+
 def test_torchrun_restart_resumes_from_the_newest_checkpoint(tmp_path: Path,
                                                               small_dataset: Any) -> None:
     data = small_dataset(tmp_path / "data.jsonl")
