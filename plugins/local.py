@@ -262,7 +262,8 @@ class LocalBackend:
             self.optimizer = make_optimizer(self.params, self.config.learning_rate,
                                             (self.config.beta1, self.config.beta2), self.config.eps,
                                             self.config.weight_decay, self.precision)
-            self.stepper = Stepper(self.params, self.optimizer, make_scaler(self.precision, self.device))
+            self.stepper = Stepper(self.params, self.optimizer, make_scaler(self.precision, self.device),
+                                   sharded=True)
         return runner
 
     def _attention(self) -> str:
@@ -448,12 +449,21 @@ class LocalBackend:
         return self.runner if self.runner is not None else Logps(self.model, self.plan)
 
     def load_state(self, path: str) -> None:
-        from safetensors.torch import load_file
-
         if is_sharded(path):  # written under FSDP: resharded for this number of processes
             load_sharded(self._state_module(), self.optimizer, path)
-            self._resume_threads(Path(path) / THREADS_FILE)
-            return
+        else:
+            self._load_files(path)
+        if self.stepper.scaler is not None:
+            if not (Path(path) / "scaler.pt").exists():
+                raise ConfigError(f"state {path} lacks scaler.pt (the fp16-mixed loss scale)")
+            self.stepper.load_state_dict(torch.load(Path(path) / "scaler.pt", map_location=self.device,
+                                                    weights_only=True))
+        self._resume_threads(Path(path) / THREADS_FILE)
+
+    def _load_files(self, path: str) -> None:
+        """A state one process (or DDP's main rank) wrote: safetensors and ``optimizer.pt``."""
+        from safetensors.torch import load_file
+
         files = sorted(Path(path).glob("*.safetensors"))
         if not files:
             raise ConfigError(f"no weights (*.safetensors) in state directory {path}")
@@ -467,12 +477,6 @@ class LocalBackend:
                             self._model_keys(weights, path), optimizer)
         else:
             self._load_whole(weights, optimizer, path)
-        if self.stepper.scaler is not None:
-            if not (Path(path) / "scaler.pt").exists():
-                raise ConfigError(f"state {path} lacks scaler.pt (the fp16-mixed loss scale)")
-            self.stepper.load_state_dict(torch.load(Path(path) / "scaler.pt", map_location=self.device,
-                                                    weights_only=True))
-        self._resume_threads(Path(path) / THREADS_FILE)
 
     def _trainable_names(self) -> list[str]:
         """The names of the parameters that train, in the optimizer's order."""

@@ -63,9 +63,6 @@ def check_parallel_options(config: Config, options: Any) -> None:
     if options.merge_lora:
         raise field_error(config, "local.merge_lora", "not with parallel = 'fsdp': merge final/ "
                           "afterwards with preftune export --merge")
-    if options.precision == "fp16-mixed":
-        raise field_error(config, "local.precision", "fp16-mixed (a loss scaler) is not supported "
-                          "with parallel = 'fsdp' yet: use bf16-mixed, or parallel = 'ddp'")
 
 
 def note_lora_rank(config: Config, structure: Any) -> None:

@@ -171,8 +171,9 @@ class Stepper:
     """The backward pass's loss scaling and the optimizer step, with no host sync."""
 
     def __init__(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler | None):
+                 scaler: torch.amp.GradScaler | None, sharded: bool = False):
         self.params, self.optimizer, self.scaler = params, optimizer, scaler
+        self.sharded = sharded  # FSDP: each rank holds a shard of every gradient
         device = params[0].device if params else torch.device("cpu")
         self.skipped = torch.zeros((), dtype=torch.int64, device=device)
 
@@ -187,6 +188,8 @@ class Stepper:
             self.scaler.unscale_(self.optimizer)
         norm = grad_norm(self.params, adam.max_grad_norm)
         bad = ~torch.isfinite(norm)
+        if self.scaler is not None and self.sharded:
+            agree_overflow(self.scaler, self.optimizer, bad)
         for group in self.optimizer.param_groups:
             group.update(lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps,
                          weight_decay=adam.weight_decay)
@@ -208,6 +211,14 @@ class Stepper:
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
             self.skipped.copy_(state["skipped"])
+
+
+def agree_overflow(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, bad: Tensor) -> None:
+    """Under FSDP the loss scaler found overflows in this rank's shards only; ``bad`` (from the
+    norm of every rank's shards) is the same on every rank, so all skip the step, or none, and
+    their loss scales stay equal (what FSDP1's ShardedGradScaler does with an all-reduce)."""
+    for found in scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
+        found.copy_(bad.to(found.device, found.dtype))
 
 
 def grad_norm(params: Sequence[torch.nn.Parameter], max_norm: float) -> Tensor:

@@ -341,7 +341,6 @@ def test_world_env_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("setting,value,key", [
-    ("precision", "fp16-mixed", "local.precision"),
     ("merge_lora", True, "local.merge_lora"),
 ])
 def test_what_fsdp_cannot_do_yet_is_refused_before_anything_starts(
@@ -371,15 +370,26 @@ def test_a_resume_on_as_many_processes_is_exact_with_lora_dropout(tmp_path: Path
     same_training(tmp_path / "run", copy, tol=0.0)
 
 
-def test_bf16_true_under_fsdp_steps_the_shards(tmp_path: Path, small_dataset: Any) -> None:
-    """The Kahan-compensated AdamW updates each rank's shards in place: the run follows one
-    process's bf16-true run to bfloat16 rounding (an update lost on a copy would leave the loss
-    at ln 2)."""
+@pytest.mark.parametrize("precision", ["bf16-true", "fp16-mixed"])
+def test_low_precisions_under_fsdp_train_as_one_and_resume_exactly(
+        tmp_path: Path, small_dataset: Any, precision: str) -> None:
+    """bf16-true: the Kahan-compensated AdamW updates each rank's shards in place. fp16-mixed:
+    the ranks agree on overflows. Both follow one process's run to their rounding (a lost update
+    would leave the loss at ln 2), and a resume on as many processes is exact (the shards of the
+    optimizer state, the loss scale)."""
     data = small_dataset(tmp_path / "data.jsonl")
-    tables = 'precision = "bf16-true"'  # in [local], the last table
+    tables = f'precision = "{precision}"'  # in [local], the last table
     one = one_process(write_config(tmp_path, "one", data, tables=tables))
     assert one.returncode == 0, one.stderr
-    two = torchrun(write_config(tmp_path, "two", data, tables=tables, parallel="fsdp"), 2)
+    config = write_config(tmp_path, "two", data, tables=tables, parallel="fsdp", checkpoint_interval=2)
+    two = torchrun(config, 2)
     assert two.returncode == 0, two.stderr[-3000:]
     assert rows(tmp_path / "two")[-1]["loss"] < 0.3
     same_training(tmp_path / "one", tmp_path / "two", tol=1e-2)
+    copy = tmp_path / "again"
+    subprocess.run(["cp", "-r", str(tmp_path / "two"), str(copy)], check=True)
+    for path in (copy / "final", copy / "checkpoints" / "step-00000006"):
+        subprocess.run(["rm", "-r", str(path)], check=True)
+    done = torchrun(config, 2, "--set", f"log_path={copy}", "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    same_training(tmp_path / "two", copy, tol=0.0)
