@@ -28,6 +28,7 @@ DEFAULT_PLUGINS = (
     "preftune.plugins.sources",
     "preftune.plugins.dpo",
     "preftune.plugins.orpo",
+    "preftune.plugins.dpo_variants",
     "preftune.plugins.references",
     "preftune.plugins.local",
     "preftune.plugins.tinker",

@@ -166,7 +166,7 @@ def test_grad_accumulation_gives_the_same_training_as_one_big_batch(
 
 
 def test_unknown_plugin_names_fail_before_loading_anything(make_config: Any) -> None:
-    with pytest.raises(preftune.ConfigError, match="unknown loss 'dpoo'.*known losses: dpo"):
+    with pytest.raises(preftune.ConfigError, match="unknown loss 'dpoo'.*known losses: .*dpo, exo_pair"):
         run(make_config(loss="dpoo"))
     with pytest.raises(preftune.ConfigError, match="unknown sink 'wandbb'.*console, jsonl"):
         run(make_config(sinks=["jsonl", "wandbb"]))

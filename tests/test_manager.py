@@ -25,7 +25,9 @@ def test_builtins_register_every_kind(registry: Any) -> None:
     assert registry.names("format") == ["chosen_rejected", "input_output", "trl_conversational",
                                         "trl_implicit", "trl_standard"]
     assert registry.names("source") == ["arrow", "hf", "json", "jsonl", "parquet"]
-    assert registry.names("loss") == ["dpo", "orpo"]
+    assert registry.names("loss") == ["apo_down", "apo_zero", "bco_pair", "cdpo", "discopop", "dpo",
+                                      "exo_pair", "hinge", "nca_pair", "orpo", "robust", "rpo",
+                                      "simpo", "sppo_hard"]
     assert registry.names("reference") == ["lora_shared", "none", "separate"]
     assert registry.names("backend") == ["fireworks", "local", "tinker"]
     assert registry.names("sink") == ["console", "jsonl", "wandb", "weight_sync"]
@@ -59,7 +61,7 @@ class Hinge:
 
 @hookimpl
 def register_losses(register):
-    register("hinge", lambda config, options: Hinge())
+    register("sq_hinge", lambda config, options: Hinge())
 """
 
 
@@ -75,12 +77,12 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_third_party_plugin_is_found_through_its_entry_point(site: Path) -> None:
     make_dist(site, "preftune-hinge", "pt_hinge", THIRD_PARTY)
     registry = get_registry()
-    hinge = registry.get("loss", "hinge")
+    hinge = registry.get("loss", "sq_hinge")
     assert (hinge.distribution, hinge.version, hinge.plugin) == ("preftune-hinge", "1.0", "pt_hinge")
 
 
 def test_duplicate_names_are_an_error_naming_both_distributions(site: Path) -> None:
-    make_dist(site, "preftune-dup", "pt_dup", THIRD_PARTY.replace('"hinge"', '"dpo"'))
+    make_dist(site, "preftune-dup", "pt_dup", THIRD_PARTY.replace('"sq_hinge"', '"dpo"'))
     with pytest.raises(PluginError) as info:
         get_registry()
     message = str(info.value)
@@ -111,7 +113,7 @@ def test_broken_plugins_are_recorded_and_named_only_when_needed(site: Path) -> N
 def test_autoload_can_be_disabled(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_dist(site, "preftune-hinge", "pt_hinge", THIRD_PARTY)
     monkeypatch.setenv("PREFTUNE_DISABLE_PLUGIN_AUTOLOAD", "1")
-    assert "hinge" not in get_registry().names("loss")
+    assert "sq_hinge" not in get_registry().names("loss")
 
 
 def test_in_process_plugin_registers_like_an_installed_one() -> None:
