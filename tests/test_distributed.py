@@ -129,6 +129,19 @@ def same_training(a: Path, b: Path, tol: float = 1e-5) -> None:
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= tol
 
 
+def resume_cut(source: Path, copy: Path, config: Path, n: int) -> subprocess.CompletedProcess[str]:
+    """Run ``source`` copied to ``copy`` as if killed after step 4 (no ``final/``, no step-6
+    checkpoint, no summary), resumed on ``n`` processes."""
+    subprocess.run(["cp", "-r", str(source), str(copy)], check=True)
+    for path in (copy / "final", copy / "checkpoints" / "step-00000006"):
+        subprocess.run(["rm", "-r", str(path)], check=True)
+    (copy / "summary.json").unlink(missing_ok=True)
+    args = ("--set", f"log_path={copy}", "--resume")
+    done = one_process(config, *args) if n == 1 else torchrun(config, n, *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def wait_for_step(log: Path, step: int, procs: list[Any], timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -188,13 +201,7 @@ def test_fsdp_trains_as_one_and_its_checkpoints_resume_on_another_number(
     assert (tmp_path / "two" / "checkpoints" / "step-00000004" / "backend" / ".metadata").is_file()
     for source, n in (("two", 1), ("one", 2)):  # 2 processes to 1, and 1 to 2
         copy = tmp_path / f"{source}-on-{n}"
-        subprocess.run(["cp", "-r", str(tmp_path / source), str(copy)], check=True)
-        for path in (copy / "final", copy / "checkpoints" / "step-00000006"):
-            subprocess.run(["rm", "-r", str(path)], check=True)
-        (copy / "summary.json").unlink()
-        args = ("--set", f"log_path={copy}", "--resume")
-        done = one_process(config, *args) if n == 1 else torchrun(config, 2, *args)
-        assert done.returncode == 0, done.stderr[-3000:]
+        done = resume_cut(tmp_path / source, copy, config, n)
         assert "resumed from" in done.stderr and "(step 4)" in done.stderr
         same_training(tmp_path / "one", copy)
 
@@ -361,13 +368,8 @@ def test_a_resume_on_as_many_processes_is_exact_with_lora_dropout(tmp_path: Path
                           tables="lora_dropout = 0.1")  # in [local], the last table
     done = torchrun(config, 2)
     assert done.returncode == 0, done.stderr[-3000:]
-    copy = tmp_path / "again"
-    subprocess.run(["cp", "-r", str(tmp_path / "run"), str(copy)], check=True)
-    for path in (copy / "final", copy / "checkpoints" / "step-00000006"):
-        subprocess.run(["rm", "-r", str(path)], check=True)
-    done = torchrun(config, 2, "--set", f"log_path={copy}", "--resume")
-    assert done.returncode == 0, done.stderr[-3000:]
-    same_training(tmp_path / "run", copy, tol=0.0)
+    resume_cut(tmp_path / "run", tmp_path / "again", config, 2)
+    same_training(tmp_path / "run", tmp_path / "again", tol=0.0)
 
 
 @pytest.mark.parametrize("precision", ["bf16-true", "fp16-mixed"])
@@ -386,10 +388,5 @@ def test_low_precisions_under_fsdp_train_as_one_and_resume_exactly(
     assert two.returncode == 0, two.stderr[-3000:]
     assert rows(tmp_path / "two")[-1]["loss"] < 0.3
     same_training(tmp_path / "one", tmp_path / "two", tol=1e-2)
-    copy = tmp_path / "again"
-    subprocess.run(["cp", "-r", str(tmp_path / "two"), str(copy)], check=True)
-    for path in (copy / "final", copy / "checkpoints" / "step-00000006"):
-        subprocess.run(["rm", "-r", str(path)], check=True)
-    done = torchrun(config, 2, "--set", f"log_path={copy}", "--resume")
-    assert done.returncode == 0, done.stderr[-3000:]
-    same_training(tmp_path / "two", copy, tol=0.0)
+    resume_cut(tmp_path / "two", tmp_path / "again", config, 2)
+    same_training(tmp_path / "two", tmp_path / "again", tol=0.0)
