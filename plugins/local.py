@@ -398,10 +398,7 @@ class LocalBackend:
         self.check_weights(state)
         Path(path).mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path, **({"state_dict": state} if state is not None else {}))
-        if self.options.merge_lora:
-            if state is not None:
-                raise ConfigError("[local] merge_lora with parallel = 'fsdp': merge the adapter "
-                                  "in final/ afterwards with preftune export --merge")
+        if self.options.merge_lora:  # refused at start under fsdp (check_parallel_options)
             save_merged(self.model, self.tokenizer, Path(path) / MERGED)
 
     @staticmethod
