@@ -34,6 +34,7 @@ from .errors import ConfigError, PreftuneError, TrainingError
 from .fileio import atomic_dir, atomic_write_json, ensure_dir, remove_stale, run_lock
 from .manager import PluginManager, Registry, get_registry
 from .messages import log
+from .model_card import model_card
 from .outputs import Output, check_outputs
 from .secrets import mask_secrets
 from .signals import Stopped, StopSignals
@@ -85,6 +86,14 @@ def run(config: Config, pm: PluginManager | None = None, *, dataset: Any = None,
     except BaseException:
         world.close(wait=False)  # the others may be in another collective: do not wait for them
         raise
+
+
+def loss_options(registry: Registry, config: Config) -> dict[str, Any]:
+    """The loss's options table as the run used it (defaults included), for the model card."""
+    component = registry.get("loss", config.loss)
+    if component.options is None:
+        return {}
+    return config.options_for(config.loss, component.options).model_dump(mode="json", by_alias=True)
 
 
 def every_rank_sinks(registry: Registry, config: Config) -> list[str]:
@@ -246,7 +255,12 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
                     raise Stopped(signum, step, saved)  # None when checkpointing is off
 
         final_eval = evals[step] if step in evals else evaluate(step)
-        weights, remote = save_final(backend, tokenizer, log_path / "final", world)
+
+        def card(adapter: bool) -> str:
+            datasets = [(o.key, o.name, o.identity()) for o in opened]
+            return model_card(resolved, datasets, step, final_eval, adapter, loss_options(registry, config))
+
+        weights, remote = save_final(backend, tokenizer, log_path / "final", world, card)
         sinks.hook.preftune_checkpoint(step=step, path=weights)
         elapsed = time.perf_counter() - start
         summary = {"status": "completed", "steps": step, "tokens": tokens,
@@ -339,14 +353,14 @@ def resume_state(config: Config, backend: Any, hashes: dict[str, str],
     return checkpoint.resume(config.log_path, backend, hashes, world) if config.resume else {}
 
 
-def save_final(backend: Any, tokenizer: Any, path: Path,
-               world: World | None = None) -> tuple[str, dict[str, Any]]:
+def save_final(backend: Any, tokenizer: Any, path: Path, world: World | None = None,
+               card: Callable[[bool], str] | None = None) -> tuple[str, dict[str, Any]]:
     """The final weights, the tokenizer and its chat template as one directory: written beside
     ``path`` under a temporary name and renamed once, so a kill leaves no ``final/`` (or the
     previous one), never weights without their tokenizer. Returns where they are, and what a
-    remote backend says names its copy on the service (for the summary). Under several
-    processes the main rank writes; the others take part in gathering sharded weights
-    (``save_weights(None)``)."""
+    remote backend says names its copy on the service (for the summary). ``card(adapter)`` gives
+    the model card written beside them as ``README.md``. Under several processes the main rank
+    writes; the others take part in gathering sharded weights (``save_weights(None)``)."""
     world = world or World()
     if not world.is_main:
         with world.collective("gathering the final weights"):
@@ -358,6 +372,9 @@ def save_final(backend: Any, tokenizer: Any, path: Path,
         with atomic_dir(path) as tmp:
             remote = backend.save_weights(tmp) or {}
             tokenizer.save_pretrained(tmp)
+            if card is not None:  # after the weights: a README a library wrote is replaced
+                adapter = (Path(tmp) / "adapter_config.json").exists()
+                (Path(tmp) / "README.md").write_text(card(adapter), encoding="utf-8")
         return remote
 
     return str(path), world.first("writing final/", write) or {}
