@@ -36,6 +36,7 @@ DEFAULT_PLUGINS = (
     "preftune.plugins.console",
     "preftune.plugins.jsonl",
     "preftune.plugins.wandb_sink",
+    "preftune.plugins.tensorboard_sink",
     "preftune.plugins.weight_sync",
 )
 ENTRY_POINT_GROUP = "preftune"
