@@ -23,7 +23,9 @@ def ignored_settings(config: Config, loss: Any) -> list[str]:
         notes.append("lora_alpha is ignored: lora_rank = 0 asks for a full fine-tune")
     if "keep_checkpoints" in given and config.checkpoint_interval == 0:
         notes.append("keep_checkpoints is ignored: checkpoint_interval = 0 writes no checkpoints")
-    selected = {config.loss, config.format, config.reference, config.backend, *config.sinks}
+    # a loss made of others (``combined``) names them in ``parts``: their tables are read too
+    selected = {config.loss, *getattr(loss, "parts", ()), config.format, config.reference,
+                config.backend, *config.sinks}
     for table in config.plugin_tables():
         if table not in selected:
             notes.append(f"[{table}] is ignored: no selected plugin is named {table!r} (loss "

@@ -41,13 +41,18 @@ def register_sources(register: Any) -> None:
 
 
 @hookspec
-def register_losses(register: Any) -> None:
+def register_losses(register: Any, registry: Any) -> None:
     """Register preference losses.
 
     Call ``register(name, factory, options=None)``; ``factory(config, options)`` returns a
     :class:`preftune.Loss`: a callable ``(policy, reference) -> (loss, metrics)`` of per-sequence
     log-probs (:class:`preftune.PairLogps`), with a ``needs_reference`` attribute and, for a loss
     that needs per-token values, ``needs_token_logps = True``.
+
+    ``registry`` (name it only if needed) is the registry being filled, for a loss made of other
+    losses: its factory builds them with ``registry.build("loss", name, config)`` as the run
+    builds its loss. It is complete once every plugin has registered, so use it in the factory,
+    not in this hook.
     """
 
 

@@ -29,6 +29,7 @@ DEFAULT_PLUGINS = (
     "preftune.plugins.dpo",
     "preftune.plugins.orpo",
     "preftune.plugins.dpo_variants",
+    "preftune.plugins.combined",
     "preftune.plugins.references",
     "preftune.plugins.local",
     "preftune.plugins.tinker",
@@ -204,8 +205,9 @@ class Registry:
             component = Component(kind, name, factory, options, impl.plugin_name, dist, version)
             self._add(component)
 
+        given = {"register": register, "registry": self}  # each hook takes the ones it names
         try:
-            impl.function(**{arg: register for arg in impl.argnames})
+            impl.function(**{arg: given[arg] for arg in impl.argnames})
         except PluginError:
             raise
         except Exception as exc:

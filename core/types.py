@@ -251,7 +251,8 @@ class Loss(Protocol):
 
     ``needs_reference``: False for reference-free losses (ORPO); the run then loads no reference.
     An optional ``needs_token_logps = True`` asks for per-token values in ``PairLogps.tokens``
-    (policy and reference); without it a loss sees sums and token counts only.
+    (policy and reference); without it a loss sees sums and token counts only. A loss made of
+    other losses names them in an optional ``parts`` (their options tables are then in use).
     """
 
     needs_reference: bool

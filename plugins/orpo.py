@@ -4,15 +4,19 @@ Model"), as in TRL's ORPOTrainer: ``L = NLL(chosen) + lambda * L_OR`` with
     L_OR = -logsigmoid(log_odds(chosen) - log_odds(rejected)),
     log_odds(y) = log P(y) - log(1 - P(y)),
 
-where ``log P(y)`` is the completion's mean per-token log-prob and ``NLL`` the mean per-token
-negative log-likelihood of the whole chosen completion. The batch loss is the mean over pairs.
-No reference model is needed.
+where ``log P(y)`` is the completion's mean per-token log-prob. ``[orpo] nll`` says how the NLL of
+the chosen completions is averaged: ``"pair"`` (the default) takes each completion's per-token
+mean, then the mean over pairs (the tinker cookbook's ORPO); ``"token"`` takes the mean over every
+chosen completion token of the micro-batch, as TRL's ``ORPOTrainer`` does (its cross-entropy over
+the batch), so a long completion weighs more. TRL's cross-entropy also counts the chosen prompt's
+tokens (all but the first), which a loss here never sees: the two agree when prompts are one token
+(docs/losses.md). No reference model is needed.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +34,10 @@ class ORPOOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     lambda_: float = Field(0.1, alias="lambda", ge=0,
                            description="Weight of the odds-ratio term.")
+    nll: Literal["pair", "token"] = Field("pair", description=(
+        "How the chosen completions' NLL is averaged: 'pair' = per token within each completion, "
+        "then over pairs (the cookbook's); 'token' = per token over the micro-batch (TRL's "
+        "ORPOTrainer, which also counts prompt tokens: docs/losses.md)."))
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -37,11 +45,24 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
+def nll_per_pair(policy: PairLogps) -> torch.Tensor:
+    """``[B]``: each chosen completion's mean per-token NLL (the batch NLL is their mean)."""
+    return -policy.means()[0]
+
+
+def nll_per_token(policy: PairLogps) -> torch.Tensor:
+    """The mean NLL over every chosen completion token of the micro-batch: one number."""
+    return -policy.chosen.sum() / policy.chosen_tokens.sum().clamp(min=1)
+
+
+NLL = {"pair": nll_per_pair, "token": nll_per_token}
+
+
 class ORPOLoss:
     needs_reference = False
 
-    def __init__(self, lam: float):
-        self.lam = lam
+    def __init__(self, lam: float, nll: str = "pair"):
+        self.lam, self.nll = lam, NLL[nll]
 
     def __call__(self, policy: PairLogps,
                  reference: PairLogps | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -49,10 +70,10 @@ class ORPOLoss:
         lp_c_B, lp_r_B = raw_c_B.clamp(max=MAX_LOGP), raw_r_B.clamp(max=MAX_LOGP)
         log_odds_B = (lp_c_B - log1mexp(lp_c_B)) - (lp_r_B - log1mexp(lp_r_B))
         or_loss_B = -F.logsigmoid(log_odds_B)
-        nll_B = -raw_c_B  # the whole chosen completion, per token
-        loss = (nll_B + self.lam * or_loss_B).mean()
+        nll = self.nll(policy).mean()  # the whole chosen completions
+        loss = nll + self.lam * or_loss_B.mean()
         metrics = {
-            "nll": nll_B.mean(),
+            "nll": nll,
             "or_loss": or_loss_B.mean(),
             "log_odds_ratio": log_odds_B.mean(),
             "accuracy": (log_odds_B > 0).float().mean(),
@@ -63,7 +84,7 @@ class ORPOLoss:
 
 
 def _orpo(config: Config, options: ORPOOptions) -> ORPOLoss:
-    return ORPOLoss(options.lambda_)
+    return ORPOLoss(options.lambda_, options.nll)
 
 
 @hookimpl

@@ -25,8 +25,8 @@ def test_builtins_register_every_kind(registry: Any) -> None:
     assert registry.names("format") == ["chosen_rejected", "input_output", "trl_conversational",
                                         "trl_implicit", "trl_standard"]
     assert registry.names("source") == ["arrow", "hf", "json", "jsonl", "parquet"]
-    assert registry.names("loss") == ["apo_down", "apo_zero", "bco_pair", "cdpo", "discopop", "dpo",
-                                      "exo_pair", "hinge", "nca_pair", "orpo", "robust", "rpo",
+    assert registry.names("loss") == ["apo_down", "apo_zero", "bco_pair", "cdpo", "combined", "discopop",
+                                      "dpo", "exo_pair", "hinge", "nca_pair", "orpo", "robust", "rpo",
                                       "simpo", "sppo_hard"]
     assert registry.names("reference") == ["lora_shared", "none", "separate"]
     assert registry.names("backend") == ["fireworks", "local", "tinker"]

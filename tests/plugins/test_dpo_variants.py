@@ -204,3 +204,136 @@ def test_variants_learn_the_preference_end_to_end(make_config: Any, tmp_path: An
         first, last = summary["initial_eval"], summary["final_eval"]
         assert last["eval_accuracy"] > first["eval_accuracy"], (name, first, last)
         assert last["eval_accuracy"] >= 0.8 and last["eval_loss"] < first["eval_loss"], (name, last)
+
+
+# ---- combined: a weighted sum of registered losses (TRL's loss_type list with loss_weights) -----
+
+# (preftune [combined] table, other tables) -> TRL 1.16's loss_type list and loss_weights.
+# MPO (TRL's ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0]) is rpo (dpo + 1.25 * sft) at 0.8.
+COMBINED_CASES = [
+    ({"losses": ["dpo", "bco_pair"], "weights": [0.8, 0.2]}, {},
+     ["sigmoid", "bco_pair"], [0.8, 0.2]),
+    ({"losses": ["rpo", "bco_pair"], "weights": [0.8, 0.2]}, {"rpo": {"alpha": 1.25}},
+     ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0]),
+    ({"losses": ["hinge", "apo_zero"]}, {}, ["hinge", "apo_zero"], [1.0, 1.0]),
+]
+
+
+def pair_logps(n: dict[str, torch.Tensor]) -> tuple[PairLogps, PairLogps]:
+    lengths = n["lengths"]
+    return (PairLogps(n["chosen"], n["rejected"], lengths[0], lengths[1]),
+            PairLogps(n["ref_chosen"], n["ref_rejected"], lengths[0], lengths[1]))
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+@pytest.mark.parametrize(("table", "tables", "trl_types", "trl_weights"), COMBINED_CASES)
+def test_combined_equals_trls_weighted_loss_types(registry: Any, float64: None, beta: float,
+                                                  table: dict[str, Any], tables: dict[str, Any],
+                                                  trl_types: list[str], trl_weights: list[float]) -> None:
+    pytest.importorskip("trl")
+    n = random_numbers(seed=len(trl_types) + int(beta * 100))
+    config = Config(base_model="m", dataset="d", loss="combined", beta=beta, combined=table, **tables)
+    loss = registry.build("loss", "combined", config)
+    got, metrics = loss(*pair_logps(n))
+    expected = trl_dpo(trl_types, trl_weights, {}, beta, n)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    for g, e in zip(grads(got, n), grads(expected, n)):
+        assert e.abs().max() > 0
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+    weights = table.get("weights", [1.0] * len(table["losses"]))
+    parts = sum(w * metrics[f"loss_{name}"] for name, w in zip(table["losses"], weights))
+    torch.testing.assert_close(parts, got.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_combined_reports_the_first_parts_metrics_and_each_parts_loss(registry: Any) -> None:
+    n = random_numbers(seed=11)
+    policy, reference = pair_logps(n)
+    config = Config(base_model="m", dataset="d", loss="combined", beta=0.2,
+                    combined={"losses": ["orpo", "dpo"], "weights": [1.0, 0.5]})
+    loss = registry.build("loss", "combined", config)
+    assert loss.needs_reference and not loss.needs_token_logps
+    _, metrics = loss(policy, reference)
+    orpo_value, orpo_metrics = registry.build("loss", "orpo", config)(policy, None)
+    dpo_value, _ = registry.build("loss", "dpo", config)(policy, reference)
+    assert set(metrics) == set(orpo_metrics) | {"loss_orpo", "loss_dpo"}
+    torch.testing.assert_close(metrics["nll"], orpo_metrics["nll"])
+    torch.testing.assert_close(metrics["loss_orpo"], orpo_value.detach())
+    torch.testing.assert_close(metrics["loss_dpo"], dpo_value.detach())
+    assert not any(m.requires_grad for m in metrics.values())
+    free = Config(base_model="m", dataset="d", combined={"losses": ["simpo", "orpo"]})
+    assert registry.build("loss", "combined", free).needs_reference is False
+
+
+class TokenLoss:
+    """A loss asking for per-token log-probs: the mean chosen token log-prob, negated."""
+
+    needs_reference = False
+    needs_token_logps = True
+
+    def __call__(self, policy: PairLogps, reference: PairLogps | None) -> tuple[torch.Tensor, dict]:
+        assert policy.tokens is not None
+        return -policy.tokens.chosen_BT.mean(), {}
+
+
+def test_combined_asks_for_token_logps_when_a_part_does() -> None:
+    from preftune import get_plugin_manager, get_registry, hookimpl
+
+    class Plugin:
+        @hookimpl
+        def register_losses(self, register: Any) -> None:
+            register("token_mean", lambda config, options: TokenLoss())
+
+    pm = get_plugin_manager(load_entrypoints=False)
+    pm.register(Plugin(), name="token_mean")
+    config = Config(base_model="m", dataset="d", combined={"losses": ["dpo", "token_mean"]})
+    loss = get_registry(pm).build("loss", "combined", config)
+    assert loss.needs_token_logps and loss.needs_reference
+
+
+@pytest.mark.parametrize(("table", "key", "words"), [
+    ({}, "combined.losses", "at least one"),
+    ({"losses": ["dpo", "combined"]}, "combined.losses", "cannot contain itself"),
+    ({"losses": ["dpo", "bco_pairs"]}, "combined.losses", "unknown loss 'bco_pairs'"),
+    ({"losses": ["dpo", "dpo"]}, "combined.losses", "listed twice"),
+    ({"losses": ["dpo", "bco_pair"], "weights": [1.0]}, "combined.weights", "1 weights for the 2"),
+    ({"losses": ["dpo"], "weights": [-1.0]}, "combined.weights", ">= 0"),
+    ({"losses": ["dpo"], "weight": [1.0]}, "combined.weight", "unknown key"),
+])
+def test_bad_combined_settings_name_their_key(registry: Any, table: dict[str, Any], key: str,
+                                              words: str) -> None:
+    config = Config(base_model="m", dataset="d", loss="combined", combined=table)
+    with pytest.raises(ConfigError, match=key) as error:
+        registry.build("loss", "combined", config)
+    assert words in str(error.value)
+
+
+def test_a_parts_table_is_read_not_called_ignored(registry: Any) -> None:
+    from preftune.advice import ignored_settings
+
+    config = Config(base_model="m", dataset="d", loss="combined", rpo={"alpha": 0.5},
+                    simpo={"gamma": 1.0}, combined={"losses": ["rpo", "bco_pair"]})
+    loss = registry.build("loss", "combined", config)
+    assert loss.parts["rpo"].options.alpha == 0.5
+    notes = ignored_settings(config, loss)
+    assert not any("[rpo]" in note for note in notes) and any("[simpo]" in note for note in notes)
+    with pytest.raises(ConfigError, match="rpo.alpha"):
+        bad = Config(base_model="m", dataset="d", loss="combined", rpo={"alpha": -1.0},
+                     combined={"losses": ["rpo"]})
+        registry.build("loss", "combined", bad)
+
+
+def test_combined_trains_end_to_end_and_reports_each_part(make_config: Any, tmp_path: Any) -> None:
+    """dpo and bco_pair at 0.8 / 0.2 on the tiny model: the reference is loaded (both need one),
+    the held-out loss is the weighted sum of the parts' held-out losses, and accuracy rises."""
+    from pathlib import Path
+
+    config = make_config(loss="combined", epochs=3, learning_rate=3e-3, beta=0.5,
+                         log_path=str(tmp_path / "c"),
+                         combined={"losses": ["dpo", "bco_pair"], "weights": [0.8, 0.2]})
+    summary = run(config)
+    assert (Path(config.cache_dir) / "reference").exists()
+    first, last = summary["initial_eval"], summary["final_eval"]
+    for evals in (first, last):
+        parts = 0.8 * evals["eval_loss_dpo"] + 0.2 * evals["eval_loss_bco_pair"]
+        assert abs(evals["eval_loss"] - parts) < 1e-5, evals
+    assert last["eval_accuracy"] > first["eval_accuracy"] and last["eval_loss"] < first["eval_loss"]
