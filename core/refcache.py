@@ -114,6 +114,15 @@ def padded(rows: Sequence[Tensor]) -> Tensor:
     return out
 
 
+def blank(n: int, token_logps: bool) -> tuple[dict[str, Tensor], dict[str, Tensor],
+                                              dict[str, list[Tensor]] | None]:
+    """Sums (NaN until computed), counts and, for per-token losses, rows of ``n`` pairs."""
+    sums = {s: torch.full((n,), float("nan")) for s in SIDES}
+    counts = {s: torch.zeros(n) for s in SIDES}
+    rows = {s: [torch.zeros(0)] * n for s in SIDES} if token_logps else None
+    return sums, counts, rows
+
+
 def compute(client: ForwardClient, pairs: Sequence[TokenizedPair],
             batches: Sequence[Sequence[int]], token_logps: bool = False,
             progress: bool = True, complete: bool = True) -> ReferenceLogps:
@@ -121,10 +130,7 @@ def compute(client: ForwardClient, pairs: Sequence[TokenizedPair],
     ``complete``: one rank's shares). Results that are futures (remote clients) are all
     submitted before the first is awaited."""
     n = len(pairs)
-    sums = {s: torch.full((n,), float("nan")) for s in SIDES}
-    counts = {s: torch.zeros(n) for s in SIDES}
-    rows: dict[str, list[Tensor]] | None = {s: [torch.zeros(0)] * n for s in SIDES} \
-        if token_logps else None
+    sums, counts, rows = blank(n, token_logps)
     bar = tqdm(total=sum(len(b) for b in batches), desc="reference log-probs", unit="pair",
                disable=None if progress else True)  # None: only on a terminal
 
@@ -215,10 +221,7 @@ def compute_shared(world: Any, client: ForwardClient, pairs: Sequence[TokenizedP
     piece = (at, {s: mine.sums[s][at] for s in SIDES}, {s: mine.counts[s][at] for s in SIDES},
              {s: [mine.rows[s][i] for i in owned] for s in SIDES} if mine.rows is not None else None)
     n = len(pairs)
-    sums = {s: torch.full((n,), float("nan")) for s in SIDES}
-    counts = {s: torch.zeros(n) for s in SIDES}
-    rows: dict[str, list[Tensor]] | None = {s: [torch.zeros(0)] * n for s in SIDES} \
-        if token_logps else None
+    sums, counts, rows = blank(n, token_logps)
     for at, part_sums, part_counts, part_rows in world.gather(piece):
         for side in SIDES:
             sums[side][at], counts[side][at] = part_sums[side], part_counts[side]

@@ -74,11 +74,6 @@ class World:
 
     # ---- collectives -------------------------------------------------------------------------
 
-    def barrier(self) -> None:
-        if self.size > 1:
-            with self.collective("a barrier"):
-                torch.distributed.barrier()
-
     def sum(self, values: Sequence[float]) -> list[float]:
         """The element-wise sums of ``values`` over the ranks (float64)."""
         if self.size == 1:
