@@ -10,10 +10,7 @@ and reference log-probs agree; only LoRA dropout, in training steps, is on (``lo
 from __future__ import annotations
 
 import gc
-import json
 import os
-import shutil
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -34,16 +31,13 @@ from preftune import (
     log,
 )
 from preftune.backend_utils import (
-    atomic_dir,
-    files_hash,
     files_identity,
     load_causal_lm,
     model_identity,
     peak_rss_mb,
-    remove_stale,
     resolve_init,
-    switch_symlink,
 )
+from preftune.plugins import local_state
 from preftune.plugins.local_attention import pick_attention, runnable
 from preftune.plugins.local_checks import check_settings, model_structure, resolve_device
 from preftune.plugins.local_engine import (
@@ -67,11 +61,7 @@ from preftune.plugins.local_lora import (
 from preftune.plugins.local_parallel import (
     full_state,
     gradient_sync,
-    is_sharded,
-    load_full_state,
-    load_sharded,
     resolve_parallel,
-    save_sharded,
     wrap,
 )
 from preftune.plugins.local_precision import (
@@ -85,10 +75,8 @@ from preftune.plugins.local_precision import (
     replaced_dtype,
     resolve_precision,
 )
-from preftune.plugins.local_threads import machine_threads
+from preftune.plugins.local_threads import cpu_threads, machine_threads
 from preftune.world import World
-
-THREADS_FILE = "threads.json"  # in a CPU checkpoint: the threads the run used, for an exact resume
 
 
 class LocalOptions(BaseModel):
@@ -187,10 +175,6 @@ def set_threads(device: torch.device, requested: int) -> None:
         threads, why = machine_threads()
         torch.set_num_threads(threads)
         log(f"local backend: {cpu_threads(threads)} (threads = 0: {why})")
-
-
-def cpu_threads(count: int) -> str:
-    return f"{count} CPU thread" + ("s" if count > 1 else "")
 
 
 class LocalBackend:
@@ -410,150 +394,17 @@ class LocalBackend:
         export_merged(config, final, out, resolve_precision(options.precision, device).frozen)
 
     def save_state(self, path: str) -> None:
-        """The weights (or adapter), the optimizer's state and what else an exact resume needs.
-        Under several processes every rank is called with the same ``path``: under FSDP each
-        writes its shards with ``torch.distributed.checkpoint`` (a run resumes from them on any
-        number of processes, one included); under DDP the main rank writes its copy."""
-        if self.parallel == "fsdp":
-            self._check_shards()
-            save_sharded(self._state_module(), self.optimizer, path)
-        elif not self.world.is_main:
-            return  # DDP: the main rank's copy is every rank's
-        else:
-            self.check_weights()
-            Path(path).mkdir(parents=True, exist_ok=True)
-            self.model.save_pretrained(path)
-            with open(Path(path) / "optimizer.pt", "wb") as handle:  # a handle keeps the OS's error
-                torch.save(self.optimizer.state_dict(), handle)
-        if not self.world.is_main:
-            return
-        if self.stepper.scaler is not None:  # fp16-mixed: the loss scale and its growth tracker
-            with open(Path(path) / "scaler.pt", "wb") as handle:
-                torch.save(self.stepper.state_dict(), handle)
-        if self.device.type == "cpu":  # the thread count changes float sums' rounding
-            (Path(path) / THREADS_FILE).write_text(json.dumps({"threads": torch.get_num_threads()}))
-
-    def _check_shards(self) -> None:
-        """:meth:`check_weights` over every rank's shards (each rank raises, or none does)."""
-        local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach()
-                 for p in self.model.parameters()]
-        if self.world.sum([float(not all_finite(local))])[0]:
-            raise TrainingError("a weight holds NaN or infinite values; not saved")
-
-    def _state_module(self) -> torch.nn.Module:
-        """What sharded states are keyed by: the wrapper (``lm.`` + the model's names), the same
-        with one process or several."""
-        return self.runner if self.runner is not None else Logps(self.model, self.plan)
+        """The weights (or adapter), the optimizer's state and what else an exact resume needs
+        (``local_state``). Under several processes every rank is called with the same ``path``."""
+        local_state.save_state(self, path)
 
     def load_state(self, path: str) -> None:
-        if is_sharded(path):  # written under FSDP: resharded for this number of processes
-            load_sharded(self._state_module(), self.optimizer, path)
-        else:
-            self._load_files(path)
-        if self.stepper.scaler is not None:
-            if not (Path(path) / "scaler.pt").exists():
-                raise ConfigError(f"state {path} lacks scaler.pt (the fp16-mixed loss scale)")
-            self.stepper.load_state_dict(torch.load(Path(path) / "scaler.pt", map_location=self.device,
-                                                    weights_only=True))
-        self._resume_threads(Path(path) / THREADS_FILE)
-
-    def _load_files(self, path: str) -> None:
-        """A state one process (or DDP's main rank) wrote: safetensors and ``optimizer.pt``."""
-        from safetensors.torch import load_file
-
-        files = sorted(Path(path).glob("*.safetensors"))
-        if not files:
-            raise ConfigError(f"no weights (*.safetensors) in state directory {path}")
-        weights = {k: v for f in files for k, v in load_file(str(f)).items()}
-        # the state's device: the parameters' (FSDP shards it from the CPU); torch moves only
-        # some of it itself (a non-fused optimizer's step counts stay where they were loaded)
-        where = "cpu" if self.parallel == "fsdp" else self.device
-        optimizer = torch.load(Path(path) / "optimizer.pt", map_location=where, weights_only=True)
-        if self.parallel == "fsdp":  # every rank reads the full state and keeps its shards
-            load_full_state(self.runner, self.optimizer, self._trainable_names(),
-                            self._model_keys(weights, path), optimizer)
-        else:
-            self._load_whole(weights, optimizer, path)
-
-    def _trainable_names(self) -> list[str]:
-        """The names of the parameters that train, in the optimizer's order."""
-        return [n for n, p in self.model.named_parameters() if p.requires_grad]
-
-    def _model_keys(self, weights: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
-        """Saved weights under the model's own parameter names (peft saves an adapter without
-        its adapter's name)."""
-        names = [n for n, _ in self.model.named_parameters()]  # a tied weight once
-        adapter = getattr(self.model, "active_adapter", None)
-        saved = {n.replace(f".{adapter}.", ".") if adapter else n: n for n in names}
-        unknown = [k for k in weights if k not in saved]
-        if unknown:
-            raise ConfigError(f"state {path} does not match the model: {unknown[:5]}")
-        named = {saved[k]: v for k, v in weights.items()}
-        needed = self._trainable_names() if adapter else names  # an adapter holds what trains
-        missing = [n for n in needed if n not in named]
-        if missing:
-            raise ConfigError(f"state {path} lacks weights for {missing[:5]}")
-        return named
-
-    def _load_whole(self, weights: dict[str, torch.Tensor], optimizer: dict[str, Any],
-                    path: str) -> None:
-        if hasattr(self.model, "disable_adapter"):
-            from peft import set_peft_model_state_dict
-
-            result = set_peft_model_state_dict(self.model, weights)
-        else:
-            result = self.model.load_state_dict(weights, strict=False)
-            tied = getattr(self.model.config, "tie_word_embeddings", False)
-            missing = [k for k in result.missing_keys if not (tied and k.endswith("lm_head.weight"))]
-            if missing:
-                raise ConfigError(f"state {path} lacks weights for {missing[:5]}")
-        if result.unexpected_keys:
-            raise ConfigError(f"state {path} does not match the model: {result.unexpected_keys[:5]}")
-        self.optimizer.load_state_dict(optimizer)  # moves the state to the parameters' device
-
-    def _resume_threads(self, file: Path) -> None:
-        """With ``threads = 0``, the thread count the resumed run used (a different count
-        rounds float sums differently, and resume is exact), said once."""
-        if self.device.type != "cpu" or self.options.threads or not file.exists():
-            return
-        try:
-            threads = int(json.loads(file.read_text())["threads"])
-        except (ValueError, KeyError, TypeError):
-            raise ConfigError(f"state {file.parent} has a damaged {THREADS_FILE}") from None
-        if threads != torch.get_num_threads():
-            torch.set_num_threads(threads)
-            log(f"local backend: {cpu_threads(threads)}, as the run being resumed used (exact resume)")
+        local_state.load_state(self, path)
 
     def publish_weights(self, snapshot: str, step: int, deployment_id: str,
                         directory: str | None, keep: int) -> dict[str, Any]:
-        """Write ``directory/snapshots/<snapshot>`` (weights, tokenizer, manifest.json), then
-        switch ``directory/current`` to it atomically and prune old snapshots. A server that
-        resolves ``current`` once per load never sees a half-written snapshot. Under several
-        processes every rank calls it (the sink runs on every rank); under FSDP they all take part
-        in gathering the weights, and the main rank writes."""
-        if directory is None:
-            raise ConfigError("the local backend publishes to a directory: set [weight_sync] directory")
-        state = full_state(self.runner, self.model, self.parallel)
-        if not self.world.is_main:
-            return {}
-        self.check_weights(state)
-        root = Path(directory)
-        removed = remove_stale(root / "snapshots", [".*"])  # interrupted publishes
-        if removed:
-            log(f"removed what interrupted publishes left behind: {', '.join(map(str, removed))}")
-        with atomic_dir(root / "snapshots" / snapshot) as tmp:
-            self.model.save_pretrained(tmp, **({"state_dict": state} if state is not None else {}))
-            self.tokenizer.save_pretrained(tmp)
-            manifest = {"snapshot": snapshot, "step": step, "deployment_id": deployment_id,
-                        "base_model": self.config.base_model, "init_from": self.config.init_from,
-                        "kind": "adapter" if self.config.lora_rank > 0 else "full",
-                        "sha256": files_hash(Path(tmp)), "created": time.time()}
-            (Path(tmp) / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        switch_symlink(root / "current", Path("snapshots") / snapshot)
-        snapshots = sorted(p for p in (root / "snapshots").iterdir() if not p.name.startswith("."))
-        for old in snapshots[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-        return manifest
+        """A weight snapshot in ``directory``, switched to atomically (``local_state``)."""
+        return local_state.publish_weights(self, snapshot, step, deployment_id, directory, keep)
 
     def close(self, status: str = "completed") -> None:
         self.model = self.engine = self.optimizer = None

@@ -98,3 +98,8 @@ def machine_threads() -> tuple[int, str]:
     threads = pick_threads(len(cpus), busy, quota)
     seen = "load unknown" if busy is None else f"{len(cpus) - busy:.1f} of {len(cpus)} cores idle"
     return threads, seen + (f", CPU quota {quota:g}" if quota is not None else "")
+
+
+def cpu_threads(count: int) -> str:
+    """``1 CPU thread``, ``2 CPU threads``."""
+    return f"{count} CPU thread" + ("s" if count > 1 else "")
