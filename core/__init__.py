@@ -29,6 +29,7 @@ from .types import (
     PreferencePair,
     PublishingBackend,
     ReferenceProvider,
+    SamplingBackend,
     Source,
     TokenizedPair,
     TokenLogps,
@@ -38,7 +39,8 @@ __all__ = [
     "AdamParams", "Backend", "Config", "ConfigError", "DataError", "DataSource", "DatasetFormat", "DiskError",
     "ForwardClient",
     "Loss", "LossFn", "Message", "Metrics", "PairLogps", "PluginError", "PreferencePair",
-    "PreftuneError", "PublishingBackend", "RecordError", "ReferenceProvider", "SinkError", "Source",
+    "PreftuneError", "PublishingBackend", "RecordError", "ReferenceProvider", "SamplingBackend", "SinkError",
+    "Source",
     "TokenLogps", "TokenizedPair", "TrainingError", "get_plugin_manager", "get_registry", "hookimpl",
     "load_config", "log", "looks_like_secret", "mask_secrets", "run", "secret_hint", "tokenize_pair",
 ]

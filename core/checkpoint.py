@@ -26,7 +26,7 @@ from .messages import log
 STATE_FILE = "trainer_state.json"
 # Fields that do not change what is trained: a run may resume with other values for them.
 NOT_TRAINING = {"log_path", "cache_dir", "resume", "sinks", "checkpoint_interval",
-                "keep_checkpoints", "eval_interval", "device"}
+                "keep_checkpoints", "eval_interval", "eval_samples", "eval_sample_tokens", "device"}
 
 
 def training_hash(config: Any, ignore_tables: set[str], ignore_keys: set[str] = frozenset()) -> str:

@@ -68,6 +68,9 @@ class Config(BaseModel):
                               "CPU core.")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="Share of dataset held out.")
     eval_interval: int = Field(0, ge=0, description="Evaluate every N steps; 0 = at start and end.")
+    eval_samples: int = Field(0, ge=0, description="At each evaluation, greedy completions of the first N "
+                              "held-out prompts (samples.jsonl, report.html, W&B); 0 = off.")
+    eval_sample_tokens: int = Field(128, gt=0, description="The most new tokens of each eval sample.")
     max_pairs: int | None = Field(
         None, gt=0, description="Read at most this many pairs of dataset (before the held-out split)."
     )

@@ -111,6 +111,14 @@ def preftune_eval(step: int, metrics: dict[str, float]) -> None:
 
 
 @hookspec
+def preftune_log_samples(step: int, samples: list[dict[str, Any]]) -> None:
+    """Called after an evaluation when ``eval_samples`` is set, with the policy's greedy
+    completions of held-out prompts: one dict per prompt with ``step``, ``index`` (of the pair),
+    ``source`` (``file:line``), ``prompt``, ``completion``, ``chosen`` (the pair's, to compare),
+    ``new_tokens`` and ``stopped`` (it ended at a stop token, not at ``eval_sample_tokens``)."""
+
+
+@hookspec
 def preftune_checkpoint(step: int, path: str) -> None:
     """Called after a checkpoint or the final weights were written completely to ``path``."""
 

@@ -35,6 +35,7 @@ from .manager import PluginManager, Registry, get_registry
 from .messages import log
 from .model_card import model_card
 from .outputs import Output, check_outputs
+from .samples import eval_samples, sampled_pairs
 from .secrets import mask_secrets
 from .signals import Stopped, StopSignals
 from .sinks import open_sinks
@@ -222,10 +223,15 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
         evals: dict[int, dict[str, float]] = {}
         saved: Path | None = None
 
+        sampled = sampled_pairs(config, backend, data, config.backend)
+
         def evaluate(step: int) -> dict[str, float]:
             evals[step] = evaluate_pairs(backend, loss, reference, data, config, world)
             if evals[step]:
                 sinks.hook.preftune_eval(step=step, metrics=evals[step])
+            if sampled:
+                rows = eval_samples(backend, tokenizer, data, sampled, config, step, world)
+                sinks.hook.preftune_log_samples(step=step, samples=rows)
             return evals[step]
 
         def save_checkpoint(step: int, epoch: int, tokens: int, elapsed: float) -> Path:

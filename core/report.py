@@ -1,5 +1,6 @@
 """``preftune report``: plots of a run's metrics (or several runs overlaid), a self-contained
-HTML page, and a summary table. Reads only what the ``jsonl`` sink wrote."""
+HTML page (with the eval samples, when the run generated them), and a summary table. Reads only
+what the ``jsonl`` sink wrote."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ PLOTS = [
 ]
 SUMMARY_COLUMNS = ["run", "steps", "loss", "eval_loss", "eval_accuracy", "eval_margin",
                    "tokens_per_s"]
+SAMPLE_STEPS = 4  # evaluations whose samples the page shows side by side: the first, the last between
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Run:
     train: list[dict[str, Any]]
     eval: list[dict[str, Any]]
     config: dict[str, Any]
+    samples: list[dict[str, Any]]
 
     def summary(self) -> dict[str, Any]:
         last_train = self.train[-1] if self.train else {}
@@ -78,7 +81,7 @@ def load_run(path: str | Path) -> Run:
     except ValueError:
         config = {}  # damaged: the report goes on without the run's settings
     config = config if isinstance(config, dict) else {}
-    return Run(path.resolve().name, path, train, evals, config)
+    return Run(path.resolve().name, path, train, evals, config, read_rows(path / "samples.jsonl"))
 
 
 def plot(runs: list[Run], stem: str, title: str, series: list[tuple[str, str, str]],
@@ -113,6 +116,36 @@ def plot(runs: list[Run], stem: str, title: str, series: list[tuple[str, str, st
     return target
 
 
+def shown_steps(steps: list[int], count: int = SAMPLE_STEPS) -> list[int]:
+    """``count`` of ``steps`` spread evenly, the first and the last always among them."""
+    if len(steps) <= count:
+        return steps
+    return sorted({steps[round(i * (len(steps) - 1) / (count - 1))] for i in range(count)})
+
+
+def samples_html(run: Run) -> list[str]:
+    """The run's eval samples as a table: one row per held-out prompt, its chosen completion,
+    then what the policy generated at a few evaluations (the first and the last included)."""
+    steps = shown_steps(sorted({r["step"] for r in run.samples if isinstance(r.get("step"), int)}))
+    by_prompt: dict[Any, dict[int, dict[str, Any]]] = {}
+    for row in run.samples:
+        if row.get("step") in steps:
+            by_prompt.setdefault(row.get("index"), {})[row["step"]] = row
+    if not by_prompt:
+        return []
+    head = ["prompt", "chosen"] + [f"step {s}" for s in steps]
+    page = [f"<h2>Samples: {html.escape(run.name)}</h2><table class='samples'><tr>"
+            + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    for rows in by_prompt.values():
+        any_row = next(iter(rows.values()))
+        cells = [any_row.get("prompt"), any_row.get("chosen")]
+        cells += [rows[s].get("completion") if s in rows else None for s in steps]
+        page.append("<tr>" + "".join(f"<td>{html.escape(str(c) if c is not None else '-')}</td>"
+                                     for c in cells) + "</tr>")
+    page.append("</table>")
+    return page
+
+
 def summary_table(runs: list[Run]) -> list[list[str]]:
     rows = [SUMMARY_COLUMNS]
     for run in runs:
@@ -142,7 +175,9 @@ def write_report(log_paths: list[str | Path], out_dir: str | Path | None = None)
     table = summary_table(runs)
     page = ["<!doctype html><html><head><meta charset='utf-8'><title>preftune report</title>",
             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head><body>",
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+            ".samples td{text-align:left;white-space:pre-wrap;vertical-align:top;max-width:30em}"
+            "</style></head><body>",
             f"<h1>preftune report: {html.escape(', '.join(r.name for r in runs))}</h1>",
             "<table>", "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in table[0]) + "</tr>"]
     page += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table[1:]]
@@ -151,6 +186,8 @@ def write_report(log_paths: list[str | Path], out_dir: str | Path | None = None)
         data = base64.b64encode(image.read_bytes()).decode()
         page.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
                     f"src='data:image/png;base64,{data}'>")
+    for run in runs:
+        page += samples_html(run)
     for run in runs:
         page.append(f"<h2>Config: {html.escape(run.name)}</h2><pre>"
                     f"{html.escape(json.dumps(run.config, indent=2))}</pre>")

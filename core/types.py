@@ -353,3 +353,20 @@ class PublishingBackend(Backend, Protocol):
                         directory: str | None, keep: int) -> dict[str, Any]:
         """Publish the current weights as ``snapshot``; return its manifest."""
         ...
+
+
+@runtime_checkable
+class SamplingBackend(Backend, Protocol):
+    """A backend that can say what the policy now generates (``eval_samples``).
+
+    Local: transformers' ``generate``. Tinker: a sampler save and its sampling client. A backend
+    without ``sample`` trains on; the run says once that it shows no samples.
+    """
+
+    def sample(self, prompts: Sequence[Sequence[int]], max_tokens: int,
+               stop: Sequence[int]) -> list[list[int]]:
+        """Greedy (temperature 0) completions of the current policy weights for each prompt
+        (token ids, the prompt not repeated), at most ``max_tokens`` new tokens each, ending at
+        the first token in ``stop`` (that token included) or at ``max_tokens``. Under several
+        processes every rank calls it with the same prompts; the main rank's answer is used."""
+        ...

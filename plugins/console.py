@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+from textwrap import shorten
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -14,6 +15,7 @@ from preftune import Config, hookimpl
 INFO_KEYS = ("train_pairs", "eval_pairs", "total_steps", "resume_step", "dropped_pairs",
              "truncated_pairs")
 LINE_KEYS = ("loss", "margin", "accuracy", "grad_norm", "lr", "tokens_per_s")
+SAMPLE_WIDTH = 100  # characters of a sample shown on the console
 
 
 class ConsoleOptions(BaseModel):
@@ -59,6 +61,13 @@ class ConsoleSink:
     @hookimpl
     def preftune_eval(self, step: int, metrics: dict[str, float]) -> None:
         self.write(f"eval @ step {step}: {fmt(metrics)}")
+
+    @hookimpl
+    def preftune_log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        if samples:  # the first one, on one line; all of them are in samples.jsonl
+            first = samples[0]["completion"].replace("\n", " ").strip()
+            more = f" (and {len(samples) - 1} more)" if len(samples) > 1 else ""
+            self.write(f"sample @ step {step}{more}: {shorten(first, SAMPLE_WIDTH)!r}")
 
     @hookimpl
     def preftune_checkpoint(self, step: int, path: str) -> None:

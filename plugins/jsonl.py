@@ -1,5 +1,6 @@
-"""The ``jsonl`` sink: ``metrics.jsonl`` (one object per optimizer step) and ``eval.jsonl``
-(one object per evaluation) in the run's ``log_path``. Each line is flushed when written."""
+"""The ``jsonl`` sink: ``metrics.jsonl`` (one object per optimizer step), ``eval.jsonl`` (one
+object per evaluation) and, with ``eval_samples``, ``samples.jsonl`` (one object per generated
+sample) in the run's ``log_path``. Each line is flushed when written."""
 
 from __future__ import annotations
 
@@ -56,6 +57,11 @@ class JsonlSink:
     @hookimpl
     def preftune_eval(self, step: int, metrics: dict[str, float]) -> None:
         self._write("eval.jsonl", {"step": step, **metrics})
+
+    @hookimpl
+    def preftune_log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        for row in samples:
+            self._write("samples.jsonl", row)
 
     @hookimpl
     def preftune_run_end(self, summary: dict[str, Any]) -> None:

@@ -350,6 +350,12 @@ class LocalBackend:
         overflow is the scaler's: the step is skipped (``step_skipped``)."""
         return self.stepper.step(params)
 
+    def sample(self, prompts: Sequence[Sequence[int]], max_tokens: int,
+               stop: Sequence[int]) -> list[list[int]]:
+        """Greedy completions by the policy as it is now (``eval_samples``), with LoRA
+        dropout off as in every forward outside a training step."""
+        return self.engine.generate(prompts, max_tokens, stop)
+
     def peak_mem_mb(self) -> float:
         """Peak memory so far, in MiB: the GPU's peak allocation on CUDA, else peak RSS."""
         if self.device.type == "cuda":

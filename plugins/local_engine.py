@@ -62,6 +62,34 @@ class Engine:
         with torch.no_grad() if self.sharded else torch.inference_mode():
             return self(pairs, token_logps)
 
+    def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int,
+                 stop: Sequence[int]) -> list[list[int]]:
+        """Greedy completions of ``prompts`` (left-padded into one batch) with transformers'
+        ``generate``, each cut after its first ``stop`` token. Under FSDP the root's shards
+        (embeddings, output layer) are gathered for the whole generation; the decoder layers
+        gather theirs per forward as in training, on every rank together."""
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+            mask[row, width - len(prompt):] = 1
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, pad_token_id=self.pad_id,
+                                  eos_token_id=list(stop) or None)  # none of the model's own defaults
+        gathered = self.runner if self.sharded else None
+        if gathered is not None:
+            gathered.unshard()
+        try:
+            with torch.no_grad(), autocast(self.device, self.compute):
+                out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                          generation_config=config)
+        finally:
+            if gathered is not None:
+                gathered.reshard()
+        return [until_stop(row, stop) for row in out[:, width:].tolist()]
+
     def __call__(self, pairs: Sequence[TokenizedPair], token_logps: bool = False) -> PairLogps:
         make = shared_layout if self.plan.layout == "shared" else padded_layout
         layout = make(pairs, self.pad_id).to(self.device)
@@ -84,6 +112,13 @@ class Logps(torch.nn.Module):
 
     def forward(self, layout: Layout) -> Tensor:
         return target_logps(self.lm, layout, self.plan)
+
+
+def until_stop(tokens: list[int], stop: Sequence[int]) -> list[int]:
+    """``tokens`` up to and including the first one in ``stop`` (what follows is padding)."""
+    stops = set(stop)
+    ends = [i for i, token in enumerate(tokens) if token in stops]
+    return tokens[:ends[0] + 1] if ends else tokens
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager[Any]:

@@ -1,5 +1,6 @@
 """The ``wandb`` sink: every step's metrics and each evaluation, with the optimizer step as the
-x-axis; the resolved config with secrets masked; and the final summary. Nothing is logged for
+x-axis; with ``eval_samples``, a table of the samples at each evaluation; the resolved config
+with secrets masked; and the final summary. Nothing is logged for
 runs that do not list ``wandb`` in ``sinks``. ``mode = "offline"`` (or ``WANDB_MODE=offline``)
 needs no network or key; ``wandb sync`` uploads the run later.
 
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from preftune import Config, ConfigError, hookimpl, log, mask_secrets
 
 SUMMARY_KEYS = ("steps", "tokens", "tokens_per_s", "train_s", "dropped_pairs", "truncated_pairs")
+SAMPLE_COLUMNS = ("step", "source", "prompt", "completion", "chosen")  # the eval_samples table
 
 
 class WandbOptions(BaseModel):
@@ -94,6 +96,14 @@ class WandbSink:
     @hookimpl
     def preftune_eval(self, step: int, metrics: dict[str, float]) -> None:
         self.run.log({"step": step, **metrics}, step=step)
+
+    @hookimpl
+    def preftune_log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        import wandb
+
+        table = wandb.Table(columns=list(SAMPLE_COLUMNS),
+                            data=[[row.get(c) for c in SAMPLE_COLUMNS] for row in samples])
+        self.run.log({"step": step, "eval_samples": table}, step=step)
 
     @hookimpl
     def preftune_run_end(self, summary: dict[str, Any]) -> None:

@@ -35,6 +35,8 @@ grad_accum = 2
 epochs = {epochs}
 eval_fraction = 0.25
 eval_interval = 2
+eval_samples = {eval_samples}
+eval_sample_tokens = 6
 learning_rate = 1e-3
 checkpoint_interval = {checkpoint_interval}
 sinks = {sinks}
@@ -51,7 +53,7 @@ dist_timeout_s = {dist_timeout_s}
 def write_config(tmp_path: Path, name: str, data: Path, **settings: Any) -> Path:
     values = {"loss": "dpo", "batch_size": 4, "epochs": 2, "checkpoint_interval": 0,
               "parallel": "auto", "dist_timeout_s": 60, "lora_rank": 0, "sinks": '["jsonl"]', "tables": "",
-              **settings}
+              "eval_samples": 0, **settings}
     path = tmp_path / f"{name}.toml"
     path.write_text(CONFIG.format(data=data, log=tmp_path / name, cache=tmp_path / f"cache-{name}",
                                   **values))
@@ -122,6 +124,9 @@ def same_training(a: Path, b: Path, tol: float = 1e-5) -> None:
         assert x["tokens"] == y["tokens"]
     for x, y in zip(rows(a, "eval.jsonl"), rows(b, "eval.jsonl"), strict=True):
         assert x["eval_loss"] == pytest.approx(y["eval_loss"], abs=tol)
+    same = ("step", "index", "completion")  # greedy samples: the same tokens from the same weights
+    assert [[r[k] for k in same] for r in rows(a, "samples.jsonl")] == \
+        [[r[k] for k in same] for r in rows(b, "samples.jsonl")]
     name = "adapter_model.safetensors" if (a / "final" / "adapter_model.safetensors").exists() \
         else "model.safetensors"
     wa, wb = (load_file(str(p / "final" / name)) for p in (a, b))
@@ -162,7 +167,7 @@ def wait_for_step(log: Path, step: int, procs: list[Any], timeout: float = 120) 
 def test_two_processes_train_as_one(tmp_path: Path, small_dataset: Any, loss: str, parallel: str,
                                     batch_size: int, records: int) -> None:
     data = small_dataset(tmp_path / "data.jsonl", n=records)
-    settings = {"loss": loss, "parallel": parallel, "batch_size": batch_size}
+    settings = {"loss": loss, "parallel": parallel, "batch_size": batch_size, "eval_samples": 2}
     one = one_process(write_config(tmp_path, "one", data, **settings))
     assert one.returncode == 0, one.stderr
     two = torchrun(write_config(tmp_path, "two", data, **settings), 2)
@@ -173,6 +178,7 @@ def test_two_processes_train_as_one(tmp_path: Path, small_dataset: Any, loss: st
     assert f"{'ddp' if parallel == 'auto' else parallel} over 2 processes" in two.stderr
     assert two.stderr.count("training pairs,") == 1  # messages from the main rank only
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["status"] == "completed"
+    assert len(rows(tmp_path / "two", "samples.jsonl")) == 2 * len(rows(tmp_path / "two", "eval.jsonl"))
 
 
 @pytest.mark.parametrize("lora_rank", [4, 0])

@@ -58,3 +58,25 @@ def test_damaged_metrics_and_config_files_do_not_stop_the_report(tmp_path: Path)
     (run_dir / "config.json").write_text('{"beta":')
     run = load_run(run_dir)
     assert [row["step"] for row in run.train] == [1] and run.config == {}
+
+
+def test_report_shows_the_samples_of_the_first_and_last_evaluations(make_config: Any) -> None:
+    import html
+    import json
+
+    config = make_config(epochs=2, eval_interval=2, eval_samples=2, eval_sample_tokens=4)
+    run(config)  # evaluations at steps 0, 2, 4, 6, 8, 10: the page shows four of them
+    result = CliRunner().invoke(app, ["report", config.log_path])
+    assert result.exit_code == 0, result.output
+    page = (Path(config.log_path) / "report.html").read_text()
+    samples = [json.loads(line) for line in (Path(config.log_path) / "samples.jsonl").read_text().splitlines()]
+    table = page[page.index("<h2>Samples: logs</h2>"):]
+    table = table[:table.index("</table>")]
+    heads = re.findall(r"<th>(.*?)</th>", table)
+    assert heads == ["prompt", "chosen", "step 0", "step 4", "step 6", "step 10"]
+    cells = re.findall(r"<td>(.*?)</td>", table, re.S)
+    assert len(cells) == 2 * 6
+    first = [r for r in samples if r["index"] == samples[0]["index"]]
+    assert cells[0] == html.escape(first[0]["prompt"]) and cells[1] == html.escape(first[0]["chosen"])
+    assert cells[2] == html.escape(first[0]["completion"])  # step 0
+    assert cells[5] == html.escape(first[-1]["completion"]) and first[-1]["step"] == 10

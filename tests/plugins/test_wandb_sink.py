@@ -137,3 +137,22 @@ def test_a_resumed_run_continues_the_same_wandb_run(make_config: Any, wandb_env:
     # offline-run-<time>-<id>, with "-1" added when both sessions start within the same second
     ids = {re.match(r"offline-run-\d{8}_\d{6}-([0-9a-z]+)", r.name).group(1) for r in runs}
     assert len(ids) == 1  # one run id, two sessions
+
+
+def test_eval_samples_are_logged_as_a_table_per_evaluation(make_config: Any, wandb_env: Path) -> None:
+    config = make_config(sinks=["jsonl", "wandb"], eval_samples=2, eval_sample_tokens=4)
+    run(config)
+    wandb.teardown()
+    [run_dir] = list(Path(config.log_path).glob("wandb/offline-run-*"))
+    [run_file] = list(run_dir.glob("run-*.wandb"))
+    logged = [items(r.history.item) for r in read_records(run_file)
+              if r.WhichOneof("record_type") == "history"]
+    tables = [h for h in logged if "eval_samples.path" in h]  # a table is logged as its file's fields
+    assert [h["step"] for h in tables] == [0, 5]
+    samples = [json.loads(line) for line in (Path(config.log_path) / "samples.jsonl").read_text().splitlines()]
+    for entry in tables:
+        assert entry["eval_samples._type"] == "table-file"
+        table = json.loads((run_dir / "files" / entry["eval_samples.path"]).read_text())
+        assert table["columns"] == ["step", "source", "prompt", "completion", "chosen"]
+        assert table["data"] == [[r[c] for c in table["columns"]] for r in samples
+                                 if r["step"] == entry["step"]]
