@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import sys
-from textwrap import shorten
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -65,9 +64,10 @@ class ConsoleSink:
     @hookimpl
     def preftune_log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
         if samples:  # the first one, on one line; all of them are in samples.jsonl
-            first = samples[0]["completion"].replace("\n", " ").strip()
+            first = repr(samples[0]["completion"])  # quoted, newlines as \n: one line
+            first = first if len(first) <= SAMPLE_WIDTH else first[:SAMPLE_WIDTH - 3] + "..."
             more = f" (and {len(samples) - 1} more)" if len(samples) > 1 else ""
-            self.write(f"sample @ step {step}{more}: {shorten(first, SAMPLE_WIDTH)!r}")
+            self.write(f"sample @ step {step}{more}: {first}")
 
     @hookimpl
     def preftune_checkpoint(self, step: int, path: str) -> None:

@@ -35,7 +35,7 @@ def greedy(model: Any, prompt: list[int], max_tokens: int, stop: list[int]) -> l
 
 
 def test_samples_are_the_final_policys_greedy_completions_of_held_out_prompts(
-        make_config: Any, tmp_path: Path) -> None:
+        make_config: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from transformers import AutoModelForCausalLM
 
     config = make_config(eval_samples=3, eval_sample_tokens=6, eval_interval=3, epochs=2,
@@ -62,6 +62,7 @@ def test_samples_are_the_final_policys_greedy_completions_of_held_out_prompts(
         expected = greedy(model, list(pair.prompt), 6, stop)
         assert row["completion"] == tokenizer.decode(expected, skip_special_tokens=True)
         assert row["new_tokens"] == len(expected) and row["stopped"] == (expected[-1] in stop)
+    assert f"sample @ step 10 (and 2 more): {final[0]['completion']!r}" in capsys.readouterr().err
     first = [r for r in samples if r["step"] == 0]
     assert [r["completion"] for r in first] != [r["completion"] for r in final]  # it learned
 
