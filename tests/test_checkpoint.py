@@ -61,7 +61,7 @@ class StopperPlugin:
 
 def test_resume_in_process_matches_the_uninterrupted_run(make_config: Any, tmp_path: Path) -> None:
     common = {"epochs": 3, "checkpoint_interval": 4, "eval_interval": 5, "lr_schedule": "cosine",
-              "warmup_steps": 2}
+              "warmup_steps": 2, "eval_samples": 2, "eval_sample_tokens": 5}
     full = make_config(log_path=str(tmp_path / "full"), **common)
     run(full)
     # the "interrupted" run: a sink stops it after step 6 (checkpoint at 4), then resume
@@ -75,6 +75,8 @@ def test_resume_in_process_matches_the_uninterrupted_run(make_config: Any, tmp_p
     assert without_timing(rows(tmp_path / "full" / "metrics.jsonl")) == without_timing(
         rows(tmp_path / "part" / "metrics.jsonl"))
     assert rows(tmp_path / "full" / "eval.jsonl") == rows(tmp_path / "part" / "eval.jsonl")
+    samples = rows(tmp_path / "full" / "samples.jsonl")  # the stopped run's step-5 samples redone once
+    assert samples == rows(tmp_path / "part" / "samples.jsonl") and len(samples) == 2 * 4
     for name, tensor in weights(tmp_path / "full").items():
         torch.testing.assert_close(tensor, weights(tmp_path / "part")[name], rtol=0, atol=0)
 
