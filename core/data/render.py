@@ -104,7 +104,7 @@ def direct_encoder(tokenizer: Any) -> Any:
             and not getattr(tokenizer, "split_special_tokens", False) \
             and not getattr(backend, "encode_special_tokens", False):
         def encode(texts: Sequence[str]) -> list[list[int]]:
-            return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=False)]
+            return [e.ids for e in ids_only(backend)(list(texts), add_special_tokens=False)]
         try:
             for probe in PROBES:
                 for gen in (False, True):
@@ -123,6 +123,12 @@ def direct_encoder(tokenizer: Any) -> Any:
     except AttributeError:
         pass
     return encode
+
+
+def ids_only(backend: Any) -> Any:
+    """The Rust tokenizer's batch encoder that skips character offsets (``encode_batch_fast``,
+    tokenizers 0.21 and later), for texts whose ids alone are needed; else ``encode_batch``."""
+    return getattr(backend, "encode_batch_fast", backend.encode_batch)
 
 
 def encode_many(tokenizer: Any, texts: Sequence[str]) -> list[Rendered]:
@@ -202,7 +208,7 @@ class PromptSplitter:
         return self.backend.encode_batch(list(texts), add_special_tokens=False) if texts else []
 
     def encode_ids(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.encode(texts)]
+        return [e.ids for e in ids_only(self.backend)(list(texts), add_special_tokens=False)] if texts else []
 
     def head(self, text: str, encoding: Any) -> tuple[str, list[int]]:
         """``text`` through its last added token, and those ids; ("", []) when it has none, or
