@@ -57,7 +57,7 @@ class Samplers:
     weights of the sampler being served are loaded into it)."""
 
     table: dict[str, Sampler] = field(default_factory=dict)
-    models: dict[tuple[Any, ...], tuple[Trainer, Any]] = field(default_factory=dict)
+    models: dict[tuple[Any, ...], tuple[Trainer, Any]] = field(default_factory=dict)  # and what it holds
 
 
 _SAMPLERS: weakref.WeakKeyDictionary[Emulator, Samplers] = weakref.WeakKeyDictionary()
@@ -178,9 +178,11 @@ def _generator_model(emu: Emulator, sampler: Sampler) -> Any:
         trainer = Trainer(sampler.base_model, weights["rank"], weights["alpha"], forward_only=True,
                           train_unembed=weights["train_unembed"])
     directory = weights.get("dir")
-    if directory is not None and directory != loaded:
+    # a named save made again under its name replaces the files: its time tells them apart
+    holds = (directory, (directory / "weights.pt").stat().st_mtime_ns) if directory else None
+    if holds is not None and holds != loaded:
         trainer.load(directory, optimizer=False)
-    samplers(emu).models[shape] = (trainer, directory)
+    samplers(emu).models[shape] = (trainer, holds)
     return trainer.model
 
 

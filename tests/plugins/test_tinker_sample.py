@@ -3,6 +3,9 @@ held to transformers' own greedy generation by the emulator's model."""
 
 from __future__ import annotations
 
+import json
+import pickle
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,6 +53,13 @@ def train(backend: TinkerBackend, prompts: list[list[int]], targets: list[list[i
         backend.client.optim_step(backend.types.AdamParams(learning_rate=0.01)).result()
 
 
+def post(url: str, path: str, body: dict[str, Any]) -> Any:
+    request = urllib.request.Request(url + path, json.dumps(body).encode(),
+                                     {"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return json.loads(answer.read())
+
+
 def encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return [tokenizer.encode(text) for text in texts]
 
@@ -91,9 +101,22 @@ def test_a_sampler_serves_the_weights_saved_for_it(backend: TinkerBackend, emula
     train(backend, prompt, encode(tokenizer, TARGETS[:1]), steps=20)
     assert backend.sample(prompt, 10, []) != [before]
     assert tokens(early) == before  # not whatever the trainer holds later
+    assert tokens(pickle.loads(pickle.dumps(early))) == before  # as a worker process gets it
     assert tokens(backend.sdk.create_sampling_client(model_path=named).result()) == before
     # the base model: the LoRA adapter starts as the identity
     assert tokens(backend.sdk.create_sampling_client(base_model="builtin:tiny").result()) == before
+    # temperature sampling: seeded, so a request made again draws the same; samples differ
+    hot = backend.types.SamplingParams(max_tokens=10, temperature=2.0, seed=7, stop=[])
+    model_input = backend.types.ModelInput.from_ints(prompt[0])
+    draws = [[list(s.tokens) for s in early.sample(model_input, 2, hot).result().sequences]
+             for _ in range(2)]
+    assert draws[0] == draws[1] and draws[0][0] != draws[0][1] and len(draws[0][0]) == 10
+    top_k = backend.types.SamplingParams(max_tokens=10, top_k=5)
+    with pytest.raises(backend.tinker.BadRequestError, match="not emulated: top_k = 5"):
+        early.sample(model_input, 1, top_k).result(timeout=30)
+    joined = [post(emulator.url, "/api/v1/join_sampling_session",
+                   {"sampling_session_id": early._sampling_session_id}) for _ in range(2)]
+    assert [answer["client_counter"] for answer in joined] == [1, 2]
     requests = [r.path for r in emulator.emulator.requests]
     assert {"/api/v1/asample", "/api/v1/create_sampling_session"} <= set(requests)
     assert any(path.startswith("/api/v1/samplers/") for path in requests)  # its base model, by id
@@ -121,7 +144,7 @@ def test_service_faults_are_retried_or_clear_errors(backend: TinkerBackend, emul
     # the service is gone: no new connections, and the SDK's open keep-alive ones are closed unanswered
     emulator.__exit__()
     emulator.emulator.faults.drops[""] = 10**6
-    backend.options.timeout_s, backend.options.retries = 2, 0
+    backend.options.timeout_s, backend.options.retries, backend.options.connect_timeout_s = 2, 0, 0.5
     with pytest.raises(RemoteError, match=r"tinker: saving the weights for sampling: no result within 2 s "
                                           r"\(session session-\d+\)") as caught:
         backend.sample(prompts, 6, [])
