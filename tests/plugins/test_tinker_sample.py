@@ -103,6 +103,9 @@ def test_a_sampler_serves_the_weights_saved_for_it(backend: TinkerBackend, emula
     assert tokens(early) == before  # not whatever the trainer holds later
     assert tokens(pickle.loads(pickle.dumps(early))) == before  # as a worker process gets it
     assert tokens(backend.sdk.create_sampling_client(model_path=named).result()) == before
+    again = backend.client.save_weights_for_sampler("early").result().path  # the same name, saved again
+    assert [tokens(backend.sdk.create_sampling_client(model_path=again).result())] == backend.sample(
+        prompt, 10, [])
     # the base model: the LoRA adapter starts as the identity
     assert tokens(backend.sdk.create_sampling_client(base_model="builtin:tiny").result()) == before
     # temperature sampling: seeded, so a request made again draws the same; samples differ
