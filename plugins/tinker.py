@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from pydantic import Field
 
-from preftune import Config, ConfigError, hookimpl, log, mask_secrets
+from preftune import Config, ConfigError, TrainingError, hookimpl, log, mask_secrets
 from preftune.plugins import remote
 
 HEALTH = "/api/v1/healthz"  # the SDK's health check (resources/service.py)
@@ -129,6 +131,26 @@ class TinkerBackend(remote.TrainingClientBackend):
         return {"snapshot": snapshot, "step": step, "deployment_id": deployment_id,
                 "path": saved.path, "created": time.time()}
 
+    def sample(self, prompts: Sequence[Sequence[int]], max_tokens: int, stop: Sequence[int]
+               ) -> list[list[int]]:
+        """Greedy (temperature 0) completions of the current policy weights for each prompt (token
+        ids, the prompt not repeated), at most ``max_tokens`` new tokens each, ending at the first
+        token in ``stop`` (that token included) or at max_tokens."""
+        if not prompts:
+            return []
+        # The service samples only from saved sampler weights, so every evaluation costs one extra
+        # save of the adapter (weights only, no optimizer state: lighter than a checkpoint's
+        # save_state) and a sampler loading it. Saved without a name, it is ephemeral: the service
+        # does not keep it as a checkpoint. One sampling client serves all of the evaluation's prompts.
+        sampler = self.service.call("saving the weights for sampling",
+                                    self.client.save_weights_and_get_sampling_client, repeatable=True)
+        params = self.types.SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                           stop=[int(t) for t in stop])  # [] stops at max_tokens only
+        pending = [self.service.pending(
+            "sample", partial(sampler.sample, self.types.ModelInput.from_ints([int(t) for t in prompt]),
+                              1, params), _completion, repeatable=True) for prompt in prompts]
+        return [p.result() for p in pending]  # all submitted before any is awaited
+
     def close(self, status: str = "completed") -> None:
         """Finish the session: the service releases what it holds for this run."""
         sdk, self.sdk = self.sdk, None
@@ -144,6 +166,14 @@ class TinkerBackend(remote.TrainingClientBackend):
             log(f"{exc}; the service ends the session itself when its heartbeats stop")
         except Exception as exc:
             log(f"tinker: closing the session failed: {remote.describe(exc)}")
+
+
+def _completion(response: Any) -> list[int]:
+    """The one sequence of a sample response, as plain ints."""
+    if len(response.sequences) != 1:
+        raise TrainingError(f"tinker: sample: the service returned {len(response.sequences)} "
+                            "sequences for one")
+    return [int(t) for t in response.sequences[0].tokens]
 
 
 @hookimpl

@@ -28,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from . import fireworks_routes, session_routes
+from . import fireworks_routes, sampling_routes, session_routes
 from .exchange import Answer, Failed, Reply, Request
 
 
@@ -89,7 +89,8 @@ class Emulator:
         self.deployments: dict[str, dict[str, Any]] = {}
         self.requests: list[Request] = []
         self.routes: list[tuple[str, re.Pattern[str], Route]] = []
-        for method, pattern, route in session_routes.ROUTES + fireworks_routes.ROUTES:
+        for method, pattern, route in (sampling_routes.ROUTES  # first: it answers Tinker's sampler saves
+                                       + session_routes.ROUTES + fireworks_routes.ROUTES):
             self.routes.append((method, re.compile(pattern + "$"), route))
 
     def new_id(self, prefix: str) -> str:

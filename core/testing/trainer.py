@@ -139,3 +139,49 @@ class Trainer:
 
 def _adamw(params: list[torch.nn.Parameter], adam: Adam) -> torch.optim.Optimizer:
     return adamw(params, adam.learning_rate, (adam.beta1, adam.beta2), adam.eps, adam.weight_decay)
+
+
+@dataclass
+class Generation:
+    """One completion: its tokens, each token's log-prob under the model, and why it ended
+    (``"stop"``: a stop token, included; ``"length"``: ``max_tokens`` reached)."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    stop_reason: str
+
+
+def generate(model: Any, prompt: list[int], max_tokens: int, stop: set[int], temperature: float = 0.0,
+             generator: torch.Generator | None = None) -> Generation:
+    """Up to ``max_tokens`` new tokens after ``prompt``, one at a time with the KV cache: the
+    most likely token at ``temperature`` 0 (greedy), else a draw from the softmax of the logits
+    over ``temperature``. Written out rather than ``model.generate``, so that tests can hold the
+    emulator to transformers' own generation."""
+    tokens: list[int] = []
+    logprobs: list[float] = []
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        for step in range(max_tokens):
+            if step:  # the last token in, on the cache of everything before it
+                out = model(input_ids=torch.tensor([tokens[-1:]]), use_cache=True, **_cache_of(out))
+            logps = torch.log_softmax(out.logits[0, -1].float(), -1)
+            token = _pick(logps, temperature, generator)
+            tokens.append(token)
+            logprobs.append(float(logps[token]))
+            if token in stop:
+                return Generation(tokens, logprobs, "stop")
+    return Generation(tokens, logprobs, "length")
+
+
+def _cache_of(out: Any) -> dict[str, Any]:
+    """The KV cache of a forward's output, as the next forward takes it: ``cache`` since
+    transformers 5.25 (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    key = "cache" if "cache" in out else "past_key_values"
+    return {key: out[key]}
+
+
+def _pick(logps: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
+    if temperature <= 0:
+        return int(logps.argmax())
+    probs = torch.softmax(logps / temperature, -1)
+    return int(torch.multinomial(probs, 1, generator=generator))
