@@ -134,3 +134,43 @@ def test_sigterm_stops_a_tinker_run_and_marks_the_session_interrupted(
     assert proc.wait(timeout=60) == 143
     assert "--resume" in proc.stderr.read()
     assert [s["finished"] for s in emulator.emulator.sessions.values()] == ["interrupted"]
+
+
+def test_eval_samples_are_the_greedy_completions_of_the_weights_on_the_service(
+        make_config: Any, emulator: Any, tmp_path: Path) -> None:
+    """At each evaluation a sampler save of the current adapter, sampled greedily by the service:
+    the first samples are the local backend's (the same initial weights), the last are what
+    transformers' generate says with the adapter the run left on the service."""
+    import torch
+    from peft import PeftModel
+
+    from preftune.tiny import tiny_model, tiny_tokenizer
+
+    settings = {"eval_samples": 3, "eval_sample_tokens": 8, "learning_rate": 2e-2, "eval_interval": 5}
+    run(make_config(lora_rank=4, epochs=2, log_path=str(tmp_path / "local"), **settings))
+    run(tinker_config(make_config, emulator, tmp_path, "tinker", **settings))
+
+    def samples(name: str) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in (tmp_path / name / "samples.jsonl").read_text().splitlines()]
+
+    got = samples("tinker")
+    assert [r["step"] for r in got] == [0] * 3 + [5] * 3 + [10] * 3
+    assert got[:3] == samples("local")[:3]
+    # the final adapter as the service holds it, in a local peft model
+    final = json.loads((tmp_path / "tinker" / "final" / "remote.json").read_text())["sampler_weights"]
+    weights = torch.load(emulator.emulator.saved[final]["dir"] / "weights.pt", weights_only=True)
+    model = PeftModel.from_pretrained(tiny_model(), str(tmp_path / "local" / "final")).eval()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    tokenizer = tiny_tokenizer()
+    for row in got[-3:]:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"].split("\n")[1]}],
+                                               add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                             do_sample=False, eos_token_id=[tokenizer.eos_token_id], pad_token_id=0)
+        assert row["completion"] == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert {r["completion"] for r in got[-3:]} != {r["completion"] for r in got[:3]}  # it learned
+    assert emulator.emulator.leftovers() == []
