@@ -21,13 +21,13 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from preftune import Config, ConfigError, TrainingError, hookimpl, log, mask_secrets
 from preftune.backend_utils import atomic_write_json
-from preftune.plugins import remote
+from preftune.plugins import fireworks_promote, remote
 
 SDK = "fireworks.training.sdk"
 DEFAULT_URL = "https://api.fireworks.ai"
@@ -46,6 +46,8 @@ class FireworksOptions(remote.RemoteOptions):
     job_id: str | None = Field(None, description="Use this existing policy trainer job (never deleted).")
     reference_job_id: str | None = Field(None, description="Use this existing reference job.")
     region: str | None = Field(None, description="Region of the jobs this run creates.")
+    output_model_id: Annotated[str | None, AfterValidator(fireworks_promote.check_model_id)] = Field(
+        None, description="Promote the final weights to this model id.", json_schema_extra=remote.OPERATIONAL)
     trainer_timeout_s: float = Field(3600.0, gt=0, description="Longest wait for a job to be ready.",
                                      json_schema_extra=remote.OPERATIONAL)
     poll_interval_s: float = Field(5.0, gt=0, description="Seconds between job status polls.",
@@ -277,16 +279,21 @@ class FireworksBackend(remote.TrainingClientBackend):
         self.jobs.delete_left()  # the killed run's jobs, now that their state is loaded
 
     def _save_sampler(self, name: str) -> Any:
-        return self.service.run("save_weights_for_sampler", lambda: (
-            self.client.save_weights_for_sampler_ext(name)))
+        return self.service.run("save_weights_for_sampler", lambda: (  # 'base': a model on its own
+            self.client.save_weights_for_sampler_ext(name, checkpoint_type="base")))
 
     def save_weights(self, path: str) -> dict[str, Any]:
         saved = self._save_sampler(self.checkpoint_name("final"))
+        promoted: dict[str, str] = {}
+        if self.options.output_model_id:  # as the cookbook's recipe, right after its final save
+            promoted["output_model"] = fireworks_promote.promote(
+                self.service, self.manager, self.policy_job, saved, self.options.output_model_id,
+                self.config.base_model, self.options.poll_interval_s)
         remote.write_state(path, {"backend": "fireworks", "job": self.policy_job,
                                   "snapshot": saved.snapshot_name, "path": saved.path,
                                   "base_model": self.config.base_model,
-                                  "lora_rank": self.config.lora_rank})
-        return {"remote_weights": saved.snapshot_name}
+                                  "lora_rank": self.config.lora_rank, **promoted})
+        return {"remote_weights": saved.snapshot_name, **promoted}
 
     def publish_weights(self, snapshot: str, step: int, deployment_id: str,
                         directory: str | None, keep: int) -> dict[str, Any]:

@@ -69,7 +69,8 @@ def test_report_shows_the_samples_of_the_first_and_last_evaluations(make_config:
     result = CliRunner().invoke(app, ["report", config.log_path])
     assert result.exit_code == 0, result.output
     page = (Path(config.log_path) / "report.html").read_text()
-    samples = [json.loads(line) for line in (Path(config.log_path) / "samples.jsonl").read_text().splitlines()]
+    samples = [json.loads(line)
+               for line in (Path(config.log_path) / "samples.jsonl").read_text().splitlines()]
     table = page[page.index("<h2>Samples: logs</h2>"):]
     table = table[:table.index("</table>")]
     heads = re.findall(r"<th>(.*?)</th>", table)

@@ -4,8 +4,11 @@
 the real ``tinker`` and ``fireworks.training.sdk`` clients call for training: sessions, models,
 forward, forward/backward, optimizer steps, saved state, sampler weights, futures, and for
 Fireworks the account, trainer jobs, deployments and hot-load. It computes with torch on
-``builtin:tiny`` or any local model directory (see :mod:`preftune.testing.trainer`). A config
-selects it with ``[tinker] base_url = "http://127.0.0.1:8765"`` (or ``[fireworks]``).
+``builtin:tiny`` or any local model directory (see :mod:`preftune.testing.trainer`); names a
+real config uses (``accounts/fireworks/models/qwen3-8b``) are mapped to those with
+``--model NAME=PATH`` or ``PREFTUNE_EMULATOR_MODELS`` (see :func:`model_map`). A config selects it
+with ``[tinker] base_url = "http://127.0.0.1:8765"`` (or ``[fireworks]``). Saved checkpoints are
+listed and promoted to models as the Fireworks control plane does (:mod:`checkpoint_routes`).
 
 Faults can be switched on to test clients: bursts of 5xx answers, slow answers, dropped
 connections, trainer jobs that never become ready or that die mid-run (see :class:`Faults`).
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import re
 import signal
 import sys
@@ -28,8 +32,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from . import fireworks_routes, sampling_routes, session_routes
+from ..errors import PreftuneError
+from . import checkpoint_routes, fireworks_routes, sampling_routes, session_routes
 from .exchange import Answer, Failed, Reply, Request
+from .trainer import Trainer
+
+MODELS_ENV = "PREFTUNE_EMULATOR_MODELS"
+MODELS_SETTING = f"--model NAME=PATH (or {MODELS_ENV}='NAME=PATH,...')"
 
 
 @dataclass
@@ -72,9 +81,10 @@ class Emulator:
     """The service's state: sessions, models (each a :class:`Trainer`), futures, jobs, files."""
 
     def __init__(self, root: str | Path | None = None, lora_alpha: float = 32.0,
-                 api_keys: tuple[str, ...] | None = None):
+                 api_keys: tuple[str, ...] | None = None, models: dict[str, str] | None = None):
         self.root = Path(root or tempfile.mkdtemp(prefix="preftune-emulator-"))
         self.lora_alpha = lora_alpha
+        self.model_map = dict(models or {})  # a service's model name -> a local one (see model_map)
         self.api_keys = api_keys  # None = any key is accepted
         self.faults = Faults()
         self.lock = threading.RLock()  # one computation at a time, like one trainer
@@ -82,7 +92,9 @@ class Emulator:
         self.sessions: dict[str, dict[str, Any]] = {}
         self.models: dict[str, dict[str, Any]] = {}
         self.futures: dict[str, Answer] = {}
-        self.saved: dict[str, dict[str, Any]] = {}
+        self.saved: dict[tuple[str, str], dict[str, Any]] = {}  # (place, kind) -> saved state
+        self.promoted: dict[str, dict[str, Any]] = {}  # model name -> the model (promote)
+        self.operations: dict[str, dict[str, Any]] = {}
         self.answered: dict[str, Answer] = {}  # by idempotency key
         self.polls: dict[str, int] = {}  # try-again answers given, by future
         self.jobs: dict[str, dict[str, Any]] = {}
@@ -90,7 +102,8 @@ class Emulator:
         self.requests: list[Request] = []
         self.routes: list[tuple[str, re.Pattern[str], Route]] = []
         for method, pattern, route in (sampling_routes.ROUTES  # first: it answers Tinker's sampler saves
-                                       + session_routes.ROUTES + fireworks_routes.ROUTES):
+                                       + session_routes.ROUTES + fireworks_routes.ROUTES
+                                       + checkpoint_routes.ROUTES):
             self.routes.append((method, re.compile(pattern + "$"), route))
 
     def new_id(self, prefix: str) -> str:
@@ -129,6 +142,29 @@ class Emulator:
                     return Answer(200, self.future(Answer(200, failed.body)))
                 return result if isinstance(result, Answer) else Answer(200, result)
         return Answer(404, {"error": f"the emulator does not serve {request.method} {request.path}"})
+
+    def local_model(self, name: str) -> str:
+        """The local name (a directory, ``builtin:tiny``) the emulator loads for the service's
+        model ``name``: its mapping (``*`` maps every name not mapped otherwise), else ``name``
+        itself, unless it is a service's name (``accounts/<account>/models/<model>``), which
+        is an error answer naming the setting."""
+        local = self.model_map.get(name) or self.model_map.get("*")
+        if local:
+            return local
+        if re.fullmatch(r"accounts/[^/]+/models/[^/]+", name):
+            raise Reply(400, f"the emulator cannot load {name!r}: map it to a local model directory "
+                        f"or builtin:tiny with {MODELS_SETTING.replace('NAME', name, 1)}")
+        return name
+
+    def trainer(self, base_model: str, **settings: Any) -> Trainer:
+        """A :class:`Trainer` on the local model ``base_model`` maps to; a model that does not
+        load is an error answer (400: the client's request cannot work), not a server error."""
+        local = self.local_model(base_model)
+        try:
+            return Trainer(local, **settings)
+        except (PreftuneError, OSError, ValueError) as exc:
+            raise Reply(400, f"the emulator cannot load {base_model!r} (as {local!r}): {exc}; map the "
+                        f"name to a local model directory or builtin:tiny with {MODELS_SETTING}") from None
 
     def check_key(self, request: Request) -> None:
         if self.api_keys is None:
@@ -215,6 +251,19 @@ class Server:
         self.httpd.server_close()
 
 
+def model_map(pairs: list[str], env: str | None = None) -> dict[str, str]:
+    """``NAME=PATH`` pairs (``--model`` flags, then the comma-separated ``PREFTUNE_EMULATOR_MODELS``
+    ``env``; a flag wins) as a mapping. ``*`` as NAME maps every name not mapped otherwise."""
+    mapping: dict[str, str] = {}
+    for pair in [p.strip() for p in (env or "").split(",") if p.strip()] + pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"{pair!r}: a model mapping is NAME=PATH, e.g. "
+                             "accounts/fireworks/models/qwen3-8b=builtin:tiny")
+        mapping[name.strip()] = path.strip()
+    return mapping
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m preftune.testing.emulator",
                                      description=__doc__.split("\n\n")[0])
@@ -222,8 +271,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", help="directory for saved states (default: a temporary one)")
     parser.add_argument("--lora-alpha", type=float, default=32.0,
                         help="LoRA alpha of the emulated trainers (the services fix their own)")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                        help="load the service's model NAME (e.g. accounts/fireworks/models/qwen3-8b) "
+                        "from the local directory PATH or builtin:tiny; NAME '*' maps every other "
+                        f"name; repeatable; also ${MODELS_ENV}='NAME=PATH,...'")
     args = parser.parse_args(argv)
-    server = Server(Emulator(args.root, args.lora_alpha), args.port)
+    try:
+        models = model_map(args.model, os.environ.get(MODELS_ENV))
+    except ValueError as exc:
+        parser.error(str(exc))
+    server = Server(Emulator(args.root, args.lora_alpha, models=models), args.port)
     print(f"preftune emulator on {server.url} (Ctrl-C to stop)", flush=True)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
     signal.signal(signal.SIGTERM, signal.default_int_handler)

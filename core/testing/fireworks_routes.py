@@ -1,4 +1,5 @@
-"""The Fireworks control plane: the account, trainer jobs, deployments and hot-load.
+"""The Fireworks control plane: the account, trainer jobs, deployments and hot-load (checkpoints
+and models are in :mod:`checkpoint_routes`).
 
 A trainer job's URL (``/training/v1/rlorTrainerJobs/{account}/{job}``) carries the session API
 of :mod:`session_routes`; a model created there takes the job's base model, LoRA rank and
@@ -35,6 +36,8 @@ def create_job(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, Any]:
     if job_id in emu.jobs:
         raise Reply(409, f"trainer job {job_id} already exists")
     config = body.get("trainingConfig", {})
+    if config.get("baseModel"):
+        emu.local_model(config["baseModel"])  # a name it cannot load is refused now, not at first use
     emu.jobs[job_id] = {
         "base_model": config.get("baseModel"), "lora_rank": int(config.get("loraRank") or 0),
         "forward_only": bool(body.get("forwardOnly")),
@@ -60,14 +63,6 @@ def delete_job(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, Any]:
     job["deleted"] = True
     job["state"] = "JOB_STATE_DELETED"
     return {}
-
-
-def list_checkpoints(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, Any]:
-    job_id, _ = _known_job(emu, m)
-    rows = [{"name": f"accounts/{ACCOUNT}/rlorTrainerJobs/{job_id}/checkpoints/{key.split('/', 1)[1]}",
-             "checkpointType": "CHECKPOINT_TYPE_TRAINING", "promotable": False}
-            for key in emu.saved if key.startswith(f"{job_id}/")]
-    return {"checkpoints": rows, "nextPageToken": ""}
 
 
 def _deployment_json(deployment_id: str, dep: dict[str, Any]) -> dict[str, Any]:
@@ -120,8 +115,8 @@ def hot_load(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, Any]:
     """Load a snapshot the trainer saved for the sampler (it must exist)."""
     dep = _hot_load_target(emu, req)
     identity = req.json()["identity"]
-    if not any(key.endswith("/" + identity) and entry["kind"] == "sampler_weights"
-               for key, entry in emu.saved.items()):
+    if not any(place.endswith("/" + identity) and kind == "sampler_weights"
+               for place, kind in emu.saved):
         raise Reply(400, f"no sampler snapshot named {identity!r}")
     dep["snapshot"] = identity
     dep["hot_loads"].append(identity)
@@ -145,7 +140,6 @@ ROUTES = [
     ("POST", JOBS, create_job),
     ("GET", JOBS + r"/(?P<job>[^/:]+)", get_job),
     ("DELETE", JOBS + r"/(?P<job>[^/:]+)", delete_job),
-    ("GET", JOBS + r"/(?P<job>[^/:]+)/checkpoints", list_checkpoints),
     ("POST", DEPLOYMENTS, create_deployment),
     ("GET", DEPLOYMENTS + r"/(?P<deployment>[^/]+)", get_deployment),
     ("PATCH", DEPLOYMENTS + r"/(?P<deployment>[^/]+)", patch_deployment),

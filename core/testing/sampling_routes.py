@@ -103,7 +103,7 @@ def create_sampling_session(emu: Emulator, req: Request, m: re.Match[str]) -> di
     body = req.json()
     path, base_model = body.get("model_path"), body.get("base_model")
     if path:
-        saved = emu.saved.get(path)
+        saved = emu.saved.get((path, "sampler_weights"))
         if saved is None or saved.get("kind") != "sampler_weights":
             raise Reply(404, f"no sampler weights at {path} (save them with save_weights_for_sampler)")
         sampler = Sampler(saved["base_model"], saved, model_path=path)
@@ -175,8 +175,8 @@ def _generator_model(emu: Emulator, sampler: Sampler) -> Any:
     shape = (sampler.base_model, weights["rank"], weights["alpha"], weights["train_unembed"])
     trainer, loaded = samplers(emu).models.get(shape, (None, None))
     if trainer is None:
-        trainer = Trainer(sampler.base_model, weights["rank"], weights["alpha"], forward_only=True,
-                          train_unembed=weights["train_unembed"])
+        trainer = emu.trainer(sampler.base_model, lora_rank=weights["rank"], lora_alpha=weights["alpha"],
+                              forward_only=True, train_unembed=weights["train_unembed"])
     directory = weights.get("dir")
     # a named save made again under its name replaces the files: its time tells them apart
     holds = (directory, (directory / "weights.pt").stat().st_mtime_ns) if directory else None

@@ -9,6 +9,7 @@ are computed when the request arrives and handed out through ``retrieve_future``
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,10 +77,11 @@ def create_model(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, str
     base_only = bool(body.get("base_only"))
     forward_only = base_only or bool(job.get("forward_only"))
     with emu.lock:
-        trainer = Trainer(job.get("base_model") or body["base_model"], 0 if base_only else rank,
-                          float(lora.get("alpha") or emu.lora_alpha), int(lora.get("seed") or 0),
-                          forward_only=forward_only,
-                          train_unembed=bool(lora.get("train_unembed", True)))
+        trainer = emu.trainer(job.get("base_model") or body["base_model"],
+                              lora_rank=0 if base_only else rank,
+                              lora_alpha=float(lora.get("alpha") or emu.lora_alpha),
+                              seed=int(lora.get("seed") or 0), forward_only=forward_only,
+                              train_unembed=bool(lora.get("train_unembed", True)))
     emu.models[model_id] = {"trainer": trainer, "steps": 0, "rank": rank, "base_only": base_only,
                             "base_model": body["base_model"], "session": body["session_id"],
                             "job": m.groupdict().get("job"), "alpha": trainer.lora_alpha}
@@ -180,13 +182,16 @@ def save_weights(emu: Emulator, req: Request, m: re.Match[str], kind: str = "wei
     model_id = body["model_id"]
     model = _model(emu, model_id)
     name = body.get("path") or f"step-{model['steps']}"
+    directory = _state_dir(emu, model_id, kind, name)
     with emu.lock:
-        model["trainer"].save(_state_dir(emu, model_id, kind, name), optimizer=kind == "weights")
+        model["trainer"].save(directory, optimizer=kind == "weights")
     path = name if model["job"] else f"tinker://{model_id}/{kind}/{name}"
-    emu.saved[_saved_key(model["job"], path)] = {
+    emu.saved[(_saved_key(model["job"], path), kind)] = {
         "model_id": model_id, "rank": model["rank"], "base_model": model["base_model"],
-        "alpha": model["alpha"], "dir": _state_dir(emu, model_id, kind, name), "kind": kind,
-        "train_unembed": model["trainer"].train_unembed}
+        "alpha": model["alpha"], "dir": directory, "kind": kind, "job": model["job"], "name": path,
+        "train_unembed": model["trainer"].train_unembed, "created": now_rfc3339(),
+        "target_modules": model["trainer"].target_modules(),
+        "checkpoint_type": str(body.get("checkpoint_type") or "base")}
     kind_type = "save_weights" if kind == "weights" else "save_weights_for_sampler"
     return emu.future(Answer(body={"type": kind_type, "path": path}))
 
@@ -195,26 +200,46 @@ def save_sampler(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, str
     return save_weights(emu, req, m, kind="sampler_weights")
 
 
+def now_rfc3339() -> str:
+    """The time now as the service writes it (RFC3339, UTC, microseconds), e.g.
+    ``2026-12-06T21:15:00.123456Z``: the cookbook compares such strings with its own clock's."""
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
 def _saved_key(job: str | None, path: str) -> str:
     """Where a saved state is found: a Tinker URI is global, a Fireworks name is the trainer
-    job's own (``cross_job://{job}/{name}`` names another job's)."""
+    job's own (``cross_job://{job}/{name}`` names another job's). A resumable state and sampler
+    weights saved under one name are two entries (``emu.saved`` is keyed by place and kind)."""
     if path.startswith("cross_job://"):
         return path.removeprefix("cross_job://")
     return f"{job}/{path}" if job else path
 
 
+def _saved_state(emu: Emulator, job: str | None, path: str) -> dict[str, Any]:
+    """What ``load_weights`` loads from ``path``: a resumable state; with Tinker, whose paths
+    name their kind, sampler weights too. A Fireworks trainer refuses a sampler checkpoint."""
+    key = _saved_key(job, path)
+    saved = emu.saved.get((key, "weights"))
+    if saved is None and not job:
+        saved = emu.saved.get((key, "sampler_weights"))
+    if saved is None:
+        sampler = (key, "sampler_weights") in emu.saved
+        raise Failed(f"no saved state at {path}" + (" (a sampler checkpoint cannot be loaded into a "
+                                                    "trainer: save it with save_state)" if sampler else ""),
+                     "user")
+    return saved
+
+
 def load_weights(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, str]:
     body = req.json()
-    saved = emu.saved.get(_saved_key(m.groupdict().get("job"), body["path"]))
-    if saved is None:
-        raise Failed(f"no saved state at {body['path']}", "user")
+    saved = _saved_state(emu, m.groupdict().get("job"), body["path"])
     if body.get("model_id"):
         model_id = body["model_id"]
     else:  # a new training client from saved state
         model_id = f"{body['session_id']}:train:{body['model_seq_id']}"
         with emu.lock:
-            trainer = Trainer(saved["base_model"], saved["rank"], saved["alpha"],
-                              train_unembed=saved["train_unembed"])
+            trainer = emu.trainer(saved["base_model"], lora_rank=saved["rank"], lora_alpha=saved["alpha"],
+                                  train_unembed=saved["train_unembed"])
         emu.models[model_id] = {"trainer": trainer, "steps": 0, "rank": saved["rank"],
                                 "base_only": False, "base_model": saved["base_model"],
                                 "session": body["session_id"], "job": m.groupdict().get("job"),
@@ -237,7 +262,9 @@ def retrieve_future(emu: Emulator, req: Request, m: re.Match[str]) -> Any:
 
 
 def telemetry(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, Any]:
-    return {}
+    """Both SDKs validate the answer as ``TelemetryResponse`` (``status: Literal["accepted"]``);
+    anything else logs a traceback per batch and holds each session's close ~30 s."""
+    return {"status": "accepted"}
 
 
 def healthz(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, str]:

@@ -67,6 +67,12 @@ class Trainer:
         if self.forward_only:
             self.model.requires_grad_(False)
 
+    def target_modules(self) -> list[str]:
+        """The LoRA adapter's target modules (none without one)."""
+        config = getattr(self.model, "peft_config", {}).get("default")
+        targets = getattr(config, "target_modules", None) or []
+        return sorted([targets] if isinstance(targets, str) else targets)
+
     @property
     def params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

@@ -186,3 +186,78 @@ def test_sigterm_while_a_job_starts_ends_the_run_once_it_is_ready_and_deletes_it
     assert "stopped by SIGTERM after step 0" in proc.stderr.read()
     assert not (tmp_path / "logs" / "metrics.jsonl").exists()
     assert emulator.emulator.leftovers() == []
+
+
+FIREWORKS = {"poll_interval_s": 0.05, "timeout_s": 60}
+
+
+def test_output_model_id_promotes_the_final_base_save_of_a_full_fine_tune_with_weight_sync(
+        make_config: Any, emulator: Any, tmp_path: Path) -> None:
+    # weight sync's sampler saves make the SDK's next default save a delta, which is no model
+    emulator.emulator.add_deployment("serving", "builtin:tiny")
+    summary = run(fireworks_config(make_config, emulator, tmp_path, "promoted", epochs=1,
+                                   sinks=["jsonl", "weight_sync"],
+                                   weight_sync={"deployment_id": "serving", "weight_sync_interval": 2},
+                                   fireworks={"base_url": emulator.url, **FIREWORKS,
+                                              "output_model_id": "my-dpo"}))
+    name = "accounts/emulated/models/my-dpo"
+    assert summary["output_model"] == name
+    promoted = emulator.emulator.promoted[name]
+    assert promoted["checkpoint"]["name"] == summary["remote_weights"]
+    assert promoted["checkpoint"]["checkpoint_type"] == "base"
+    assert promoted["model"]["kind"] == "HF_BASE_MODEL"
+    assert json.loads((tmp_path / "promoted" / "final" / "remote.json").read_text())["output_model"] == name
+    assert json.loads((tmp_path / "promoted" / "summary.json").read_text())["output_model"] == name
+    assert emulator.emulator.leftovers() == []
+
+
+def test_a_failed_promote_says_where_the_weights_are_and_how_to_promote_them(
+        make_config: Any, emulator: Any, tmp_path: Path) -> None:
+    emulator.emulator.promoted["accounts/emulated/models/taken"] = {"model": {}, "checkpoint": {}}
+    with pytest.raises(TrainingError) as raised:
+        run(fireworks_config(make_config, emulator, tmp_path, "taken", lora_rank=4, epochs=1,
+                             fireworks={"base_url": emulator.url, **FIREWORKS, "output_model_id": "taken"}))
+    message = str(raised.value)
+    assert "promoting the final weights to model taken failed" in message and "HTTP 409" in message
+    assert "already exists" in message and "\n" not in message
+    job = next(iter(emulator.emulator.jobs))
+    snapshot = next(e["name"] for e in emulator.emulator.saved.values() if e["kind"] == "sampler_weights")
+    assert f"saved on trainer job {job} as sampler checkpoint {snapshot}; promote them by hand" in message
+    assert f"(name='accounts/<account>/rlorTrainerJobs/{job}/checkpoints/{snapshot}'" in message
+    assert emulator.emulator.leftovers() == []
+
+
+@pytest.mark.parametrize("value", ["My_Model", "accounts/me/models/m", "x" * 64, ""])
+def test_a_bad_output_model_id_is_refused_before_anything_runs(
+        make_config: Any, emulator: Any, tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match=r"fireworks\.output_model_id.*1-63 characters of a-z, 0-9 and -"):
+        run(fireworks_config(make_config, emulator, tmp_path, "bad",
+                             fireworks={"base_url": emulator.url, "output_model_id": value}))
+    assert emulator.emulator.requests == []
+
+
+def test_a_run_with_the_sdks_defaults_telemetry_on_prints_no_traceback(
+        emulator: Any, tmp_path: Path, small_dataset: Any, config_file: Any) -> None:
+    """preftune's documented dry run: ``preftune run`` on the emulator, as a user runs it, with a
+    service's model name (mapped by the emulator) and the SDKs' telemetry on, as by default."""
+    import subprocess
+    import sys
+
+    emulator.emulator.model_map["accounts/fireworks/models/qwen3-8b"] = "builtin:tiny"
+    config = fireworks_file(config_file, tmp_path / "c.toml", small_dataset(tmp_path / "d.jsonl"),
+                            tmp_path / "logs", tmp_path / "c", emulator.url, epochs=1)
+    text = config.read_text().replace('base_model = "builtin:tiny"', 'tokenizer_model = "builtin:tiny"\n'
+                                      'base_model = "accounts/fireworks/models/qwen3-8b"')
+    config.write_text(text.replace("[fireworks]", "lora_rank = 4\n[fireworks]", 1))
+    env = {k: v for k, v in os.environ.items() if k != "TINKER_TELEMETRY"}
+    env["PREFTUNE_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    done = subprocess.run([str(Path(sys.executable).parent / "preftune"), "run", str(config)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert paths(emulator, "POST", "/api/v1/telemetry")  # telemetry was on, and was accepted
+    # after final/, only the session's close and the job's deletion: 2.7 s; with telemetry
+    # answered {} it was 12 s (the run 27 s instead of 9 s; 2026-12-06, load average 3-4)
+    closing = time.time() - (tmp_path / "logs" / "final" / "remote.json").stat().st_mtime
+    assert closing < 8, f"{closing:.0f} s from final/ to the end: the close waited for telemetry"
+    assert emulator.emulator.leftovers() == []

@@ -149,7 +149,8 @@ def test_eval_samples_are_logged_as_a_table_per_evaluation(make_config: Any, wan
               if r.WhichOneof("record_type") == "history"]
     tables = [h for h in logged if "eval_samples.path" in h]  # a table is logged as its file's fields
     assert [h["step"] for h in tables] == [0, 5]
-    samples = [json.loads(line) for line in (Path(config.log_path) / "samples.jsonl").read_text().splitlines()]
+    samples = [json.loads(line)
+               for line in (Path(config.log_path) / "samples.jsonl").read_text().splitlines()]
     for entry in tables:
         assert entry["eval_samples._type"] == "table-file"
         table = json.loads((run_dir / "files" / entry["eval_samples.path"]).read_text())
