@@ -196,6 +196,8 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
                                  **({"world": world} if world.size > 1 else {}))
         stop.check(step=0, signum=agreed_stop(world, stop.signum))  # provisioning a remote
         # trainer can take minutes: a signal ends it here
+        # before any work: a sink checks what it will ask of the backend (weight_sync: its deployment)
+        sinks.hook.preftune_backend_ready(config=config, backend=backend)
         reference, reference_s = None, time.perf_counter()
         if loss.needs_reference:
             name = resolve_reference(config, loss, backend)

@@ -288,16 +288,39 @@ class FireworksBackend(remote.TrainingClientBackend):
                                   "lora_rank": self.config.lora_rank})
         return {"remote_weights": saved.snapshot_name}
 
+    def _deployments(self) -> Any:
+        deploy = remote.import_sdk(f"{SDK}.deployment", "fireworks")
+        return deploy.DeploymentManager(api_key=self.key, base_url=self.url)
+
+    def check_deployment(self, deployment_id: str) -> str | None:
+        """What keeps ``deployment_id`` from taking hot-loads (None: it exists and is READY, or
+        serves while the control plane still says CREATING, as the SDK's readiness check
+        allows); a fault on the way raises :class:`RemoteError`."""
+        manager, opts = self._deployments(), self.options
+        info = self.service.run(f"checking deployment {deployment_id}",
+                                lambda: manager.get(deployment_id), opts.connect_timeout_s * 3)
+        if info is None:
+            return (f"the service {mask_secrets(self.url)} has no such deployment; weight sync "
+                    "hot-loads a deployment that exists: create it first, or name another")
+        if info.state == "READY":
+            return None
+        try:  # one short look: the SDK's own readiness check, which probes a CREATING one
+            self.service.run(f"waiting for deployment {deployment_id}", lambda: manager.wait_for_ready(
+                deployment_id, timeout_s=opts.connect_timeout_s, poll_interval_s=opts.poll_interval_s),
+                opts.connect_timeout_s * 3)
+        except remote.RemoteError:
+            return (f"the deployment is {info.state}, not READY (within {opts.connect_timeout_s:g} s); "
+                    "weight sync needs a ready deployment to hot-load")
+        return None
+
     def publish_weights(self, snapshot: str, step: int, deployment_id: str,
                         directory: str | None, keep: int) -> dict[str, Any]:
         """Save sampler weights and hot-load them into ``deployment_id`` (base, then deltas for a
         full fine-tune, as the SDK's ``WeightSyncer`` chains them)."""
         if self.syncer is None:
-            deploy = remote.import_sdk(f"{SDK}.deployment", "fireworks")
             syncer = remote.import_sdk(f"{SDK}.weight_syncer", "fireworks")
-            manager = deploy.DeploymentManager(api_key=self.key, base_url=self.url)
             self.syncer = syncer.WeightSyncer(
-                policy_client=self.client, deploy_mgr=manager, deployment_id=deployment_id,
+                policy_client=self.client, deploy_mgr=self._deployments(), deployment_id=deployment_id,
                 base_model=self.config.base_model, hotload_timeout=int(self.options.hotload_timeout_s),
                 warmup_after_hotload=self.options.warmup_after_hotload, lora_rank=self.config.lora_rank)
         name = snapshot.lower().replace("_", "-")
