@@ -1,8 +1,9 @@
 """Stopping a run cleanly: SIGTERM and Ctrl-C end it at the next step boundary, not mid-step.
 
 The loop then writes a checkpoint (when checkpointing is on), every sink is ended and the backend
-closed as for any other end, and the command line prints how to resume and exits with 143
-(SIGTERM) or 130 (Ctrl-C). A signal that comes while the backend starts or the reference pass
+closed as for any other end, and the command line prints how to resume (or, when the backend
+says a resume cannot use the checkpoint, why and what is left) and exits with 143 (SIGTERM) or
+130 (Ctrl-C). A signal that comes while the backend starts or the reference pass
 runs ends the run when that phase is done. A second Ctrl-C stops at once.
 """
 

@@ -388,7 +388,7 @@ class FireworksBackend(remote.TrainingClientBackend):
             self._close_client(client)
         keep = self._kept(status)
         self.jobs.delete_all(keep)
-        if keep is not None and keep in self.jobs.created + self.jobs.left:
+        if keep is not None:
             log(f"fireworks: trainer job {keep} is kept (keep_job_on_interrupt): it holds the newest "
                 "checkpoint's state and costs money until it is deleted. The run that resumes with "
                 "--resume loads it and deletes it; a run on this log_path without --resume deletes "
@@ -396,14 +396,15 @@ class FireworksBackend(remote.TrainingClientBackend):
 
     def _kept(self, status: str) -> str | None:
         """The job to keep: with ``keep_job_on_interrupt``, after a run that did not complete, the
-        job (of ours) holding the newest state; without a checkpoint there is nothing to keep."""
+        job (of ours: a ``job_id`` job is never deleted) holding the newest state; without a
+        checkpoint there is nothing to keep."""
         if status == "completed" or not self.options.keep_job_on_interrupt:
             return None
-        if not self.jobs.ours(self.state_job):
-            log("fireworks: keep_job_on_interrupt: no checkpoint of this run holds state on a "
-                "trainer job of its own, so none is kept")
+        if self.state_job is None:
+            log("fireworks: keep_job_on_interrupt: no checkpoint holds state on a trainer job, "
+                "so none is kept")
             return None
-        return self.state_job
+        return self.state_job if self.jobs.ours(self.state_job) else None
 
     def resume_advice(self) -> str | None:
         """After :meth:`close`: why ``--resume`` cannot continue this run, and what is left, when
@@ -416,7 +417,7 @@ class FireworksBackend(remote.TrainingClientBackend):
                 "job's state is not documented as loadable by another job. What is left: "
                 f"the checkpoints in {self.config.log_path} (step, data position, random state; "
                 "not the weights), the logs and metrics, and the sampler weights saved on the job "
-                "(weight_sync snapshots, the final weights), which Fireworks keeps promotable for 30 "
+                "(weight_sync snapshots), which Fireworks keeps promotable for 30 "
                 "days after a deletion. Start again, or set [fireworks] keep_job_on_interrupt = true "
                 "so that a stopped run keeps its job (at a cost until the resumed run deletes it)")
 
