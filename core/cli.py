@@ -121,7 +121,9 @@ def run(
         if quiet():  # the main rank says it
             raise typer.Exit(stopped.exit_code) from None
         typer.echo(f"{stopped}", err=True)
-        if stopped.checkpoint is not None:
+        if stopped.checkpoint is not None and stopped.advice:  # the backend deleted what it needs
+            typer.echo(f"no resume: {stopped.advice}", err=True)
+        elif stopped.checkpoint is not None:
             masked = " (*** stands for a secret you gave: give it again)" if shown != (set_ or []) else ""
             args = command.removeprefix("preftune ")
             launcher = (f" (under torchrun: torchrun ... -m preftune {args}, on any number of "

@@ -85,6 +85,18 @@ def register_sinks(register: Any) -> None:
 
 
 @hookspec
+def preftune_backend_ready(config: Any, backend: Any) -> None:
+    """Called once the backend is built, before the reference pass and the first step (and
+    before ``preftune_run_start``).
+
+    A sink that will ask the backend for something checks it here, so that a run that cannot
+    do it stops before any work (the ``weight_sync`` sink checks that the backend can publish
+    weights and that the deployment it names is there and ready). ``config`` is the resolved
+    :class:`preftune.Config`; ``backend`` is the run's :class:`preftune.Backend`.
+    """
+
+
+@hookspec
 def preftune_run_start(config: Any, info: dict[str, Any], backend: Any) -> None:
     """Called once before the first step.
 

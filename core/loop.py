@@ -37,7 +37,7 @@ from .model_card import model_card
 from .outputs import Output, check_outputs
 from .samples import eval_samples, sampled_pairs
 from .secrets import mask_secrets
-from .signals import Stopped, StopSignals
+from .signals import Stopped, StopSignals, resume_advice
 from .sinks import open_sinks
 from .step import (  # noqa: F401  (BoundLoss, optimizer_step: tests and bench import them here)
     BoundLoss,
@@ -191,12 +191,15 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
         or open_sinks(registry, config, names=every_rank_sinks(registry, config))
     summary: dict[str, Any] = {"status": "failed"}
     backend: Any = None
+    stopped: Stopped | None = None
     stop = StopSignals().install()  # SIGTERM, Ctrl-C: stop at the next step boundary
     try:
         backend = registry.build("backend", config.backend, config, tokenizer,
                                  **({"world": world} if world.size > 1 else {}))
         stop.check(step=0, signum=agreed_stop(world, stop.signum))  # provisioning a remote
         # trainer can take minutes: a signal ends it here
+        # before any work: a sink checks what it will ask of the backend (weight_sync: its deployment)
+        sinks.hook.preftune_backend_ready(config=config, backend=backend)
         reference, reference_s = None, time.perf_counter()
         if loss.needs_reference:
             name = resolve_reference(config, loss, backend)
@@ -289,7 +292,8 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
                    **backend_summary(backend), **remote}
         return summary
     except BaseException as exc:
-        status = "stopped" if isinstance(exc, Stopped) else "failed"
+        stopped = exc if isinstance(exc, Stopped) else None
+        status = "stopped" if stopped else "failed"
         summary = {"status": status, "error": mask_secrets(f"{type(exc).__name__}: {exc}")}
         raise
     finally:
@@ -299,6 +303,7 @@ def train(config: Config, registry: Registry, loss: Loss, fmt: Any, log_path: Pa
         sink_error = sinks.run_end(summary)  # every sink's run_end, even when one raises
         if backend is not None:
             backend.close(summary["status"])  # a remote backend ends its jobs and sessions
+            resume_advice(backend, summary["status"], stopped)  # what a resume cannot use
         if sink_error is not None:
             raise sink_error
 

@@ -1,8 +1,9 @@
 """Stopping a run cleanly: SIGTERM and Ctrl-C end it at the next step boundary, not mid-step.
 
 The loop then writes a checkpoint (when checkpointing is on), every sink is ended and the backend
-closed as for any other end, and the command line prints how to resume and exits with 143
-(SIGTERM) or 130 (Ctrl-C). A signal that comes while the backend starts or the reference pass
+closed as for any other end, and the command line prints how to resume (or, when the backend
+says a resume cannot use the checkpoint, why and what is left) and exits with 143 (SIGTERM) or
+130 (Ctrl-C). A signal that comes while the backend starts or the reference pass
 runs ends the run when that phase is done. A second Ctrl-C stops at once.
 """
 
@@ -24,6 +25,7 @@ class Stopped(PreftuneError):
 
     def __init__(self, signum: int, step: int, checkpoint: Path | None):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.advice: str | None = None  # set when the backend says a resume cannot use it
         saved = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (checkpoint_interval = 0)"
         super().__init__(f"stopped by {NAMES.get(signum, signum)} after step {step}; {saved}")
 
@@ -63,3 +65,16 @@ class StopSignals:
             raise KeyboardInterrupt  # asked twice: stop now
         self.signum = signum
         log(f"{NAMES[signum]}: stopping after this step (Ctrl-C again to stop at once)")
+
+
+def resume_advice(backend: Any, status: str, stopped: Stopped | None) -> None:
+    """After the backend closed: its optional ``resume_advice()`` says why ``--resume`` cannot
+    continue the run (a remote job holding the checkpoint's state was deleted) and what is left.
+    A stopped run carries it, for the command line to print in place of the resume command; after
+    a failure it is logged."""
+    advise = getattr(backend, "resume_advice", None)
+    advice = advise() if callable(advise) and status != "completed" else None
+    if stopped is not None:
+        stopped.advice = advice
+    elif advice:
+        log(advice)

@@ -12,7 +12,10 @@ with ``load_state_with_optimizer``; weight sync saves sampler weights and hot-lo
 Every job the run creates is recorded in ``log_path/fireworks_jobs.json`` before it is created and
 deleted when the run ends, however it ends; jobs left by a killed run are deleted by the next run on
 that ``log_path`` (after a resume has loaded its state from them). Jobs named in the config are
-used and never deleted.
+used and never deleted. A deleted job's saved state is not documented as loadable by another job,
+so a run whose checkpoint's state went with its job says so instead of promising a resume
+(``resume_advice``); with ``keep_job_on_interrupt`` a run that does not complete keeps the job
+holding its newest checkpoint's state, and the run that resumes from it deletes it.
 """
 
 from __future__ import annotations
@@ -57,6 +60,11 @@ class FireworksOptions(remote.RemoteOptions):
     warmup_after_hotload: bool = Field(True, description="Send one request after each hot-load.")
     train_unembed: bool = Field(False, description="LoRA: also adapt the output layer (the local "
                                 "backend's 'all-linear' does not).")
+    keep_job_on_interrupt: bool = Field(
+        False, description="On SIGTERM, Ctrl-C or a failure, keep the policy trainer job that holds "
+        "the newest checkpoint's state, so that --resume can load it (it costs money until the "
+        "resumed run deletes it); off, the job is deleted and the run cannot be resumed.",
+        json_schema_extra=remote.OPERATIONAL)
 
 
 class Jobs:
@@ -67,6 +75,7 @@ class Jobs:
         self.manager, self.service, self.bound = manager, service, bound
         self.created: list[str] = []
         self.confirmed: set[str] = set()  # jobs the service said it created
+        self.gone: set[str] = set()  # jobs this run deleted
         self.left = self._recorded()  # by a run on this log_path that was killed
 
     def _recorded(self) -> list[str]:
@@ -123,17 +132,25 @@ class Jobs:
             log(f"fireworks: trainer job {job_id} is still {job.get('state')} after its deletion "
                 f"was asked for; it stays listed in {self.file.name}: delete it by hand")
             return
+        self.gone.add(job_id)
         self._forget(job_id)
+
+    def ours(self, job_id: str | None) -> bool:
+        """Whether ``job_id`` is a job this run or an interrupted one created (not the config's)."""
+        return job_id is not None and (job_id in self.created or job_id in self.left)
 
     def delete_left(self) -> None:
         for job_id in list(self.left):
             log(f"fireworks: deleting trainer job {job_id}, left by an interrupted run")
             self.delete(job_id)
 
-    def delete_all(self) -> None:
-        for job_id in list(self.created):
+    def delete_all(self, keep: str | None = None) -> None:
+        """Delete every job but ``keep``, which stays listed for the next run on this log_path."""
+        for job_id in [job for job in self.created if job != keep]:
             self.delete(job_id)
-        self.delete_left()
+        for job_id in [job for job in self.left if job != keep]:
+            log(f"fireworks: deleting trainer job {job_id}, left by an interrupted run")
+            self.delete(job_id)
         if not self.created and not self.left:
             self.file.unlink(missing_ok=True)
 
@@ -185,6 +202,7 @@ class FireworksBackend(remote.TrainingClientBackend):
             self.jobs.delete_left()
         self.clients: list[Any] = []  # service clients to close
         self.syncer: Any = None
+        self.state_job: str | None = None  # the job holding the newest state saved or loaded
         try:
             self.policy_job, self.sdk = self._trainer("policy", config.lora_rank, False,
                                                       options.training_shape_id, options.job_id)
@@ -267,16 +285,40 @@ class FireworksBackend(remote.TrainingClientBackend):
         saved = self.service.call("save_state", lambda: self.client.save_state(name), repeatable=True)
         remote.write_state(path, {"backend": "fireworks", "job": self.policy_job, "state": saved.path,
                                   "base_model": self.config.base_model})
+        self.state_job = self.policy_job
+        self.jobs.delete_left()  # a kept job whose state this run loaded: no longer the newest
 
     def load_state(self, path: str) -> None:
         state = remote.read_state(path)
         same_job = state.get("job") == self.policy_job
         name = state["state"] if same_job else f"cross_job://{state['job']}/{state['state']}"
-        self.service.call(f"loading state {name}", lambda: self.client.load_state_with_optimizer(name),
-                          repeatable=True)
-        self.stepped = True
+        try:
+            self.service.call(f"loading state {name}",
+                              lambda: self.client.load_state_with_optimizer(name), repeatable=True)
+        except remote.RemoteError as exc:
+            raise self._unloadable(state["job"], name, exc) from None
+        self.stepped, self.state_job = True, state["job"]
         log(f"fireworks: resumed from {name}")
-        self.jobs.delete_left()  # the killed run's jobs, now that their state is loaded
+        if self.options.keep_job_on_interrupt and self.jobs.ours(state["job"]):
+            log(f"fireworks: trainer job {state['job']} is kept until this run saves a checkpoint "
+                "of its own or completes (keep_job_on_interrupt)")
+        else:
+            self.jobs.delete_left()  # the interrupted run's jobs, now that their state is loaded
+
+    def _unloadable(self, job_id: str, name: str, error: remote.RemoteError) -> TrainingError:
+        """Why ``name`` could not be loaded: plainly, when the job that saved it is gone."""
+        if job_id == self.policy_job:
+            return error
+        try:
+            job = self.service.run(f"checking trainer job {job_id}", lambda: self.manager.try_get(job_id),
+                                   self.options.connect_timeout_s * 3)
+        except remote.RemoteError:
+            return error
+        if job is not None and job.get("state") not in GONE:
+            return error
+        return TrainingError(f"fireworks: cannot load {name}: trainer job {job_id}, which saved it, was "
+                             "deleted, and a deleted job's state is not loadable ({error}); "
+                             "[fireworks] keep_job_on_interrupt keeps it for a resume")
 
     def _save_sampler(self, name: str) -> Any:
         return self.service.run("save_weights_for_sampler", lambda: (  # 'base': a model on its own
@@ -295,16 +337,39 @@ class FireworksBackend(remote.TrainingClientBackend):
                                   "lora_rank": self.config.lora_rank, **promoted})
         return {"remote_weights": saved.snapshot_name, **promoted}
 
+    def _deployments(self) -> Any:
+        deploy = remote.import_sdk(f"{SDK}.deployment", "fireworks")
+        return deploy.DeploymentManager(api_key=self.key, base_url=self.url)
+
+    def check_deployment(self, deployment_id: str) -> str | None:
+        """What keeps ``deployment_id`` from taking hot-loads (None: it exists and is READY, or
+        serves while the control plane still says CREATING, as the SDK's readiness check
+        allows); a fault on the way raises :class:`RemoteError`."""
+        manager, opts = self._deployments(), self.options
+        info = self.service.run(f"checking deployment {deployment_id}",
+                                lambda: manager.get(deployment_id), opts.connect_timeout_s * 3)
+        if info is None:
+            return (f"the service {mask_secrets(self.url)} has no such deployment; weight sync "
+                    "hot-loads a deployment that exists: create it first, or name another")
+        if info.state == "READY":
+            return None
+        try:  # one short look: the SDK's own readiness check, which probes a CREATING one
+            self.service.run(f"waiting for deployment {deployment_id}", lambda: manager.wait_for_ready(
+                deployment_id, timeout_s=opts.connect_timeout_s, poll_interval_s=opts.poll_interval_s),
+                opts.connect_timeout_s * 3)
+        except remote.RemoteError:
+            return (f"the deployment is {info.state}, not READY (within {opts.connect_timeout_s:g} s); "
+                    "weight sync needs a ready deployment to hot-load")
+        return None
+
     def publish_weights(self, snapshot: str, step: int, deployment_id: str,
                         directory: str | None, keep: int) -> dict[str, Any]:
         """Save sampler weights and hot-load them into ``deployment_id`` (base, then deltas for a
         full fine-tune, as the SDK's ``WeightSyncer`` chains them)."""
         if self.syncer is None:
-            deploy = remote.import_sdk(f"{SDK}.deployment", "fireworks")
             syncer = remote.import_sdk(f"{SDK}.weight_syncer", "fireworks")
-            manager = deploy.DeploymentManager(api_key=self.key, base_url=self.url)
             self.syncer = syncer.WeightSyncer(
-                policy_client=self.client, deploy_mgr=manager, deployment_id=deployment_id,
+                policy_client=self.client, deploy_mgr=self._deployments(), deployment_id=deployment_id,
                 base_model=self.config.base_model, hotload_timeout=int(self.options.hotload_timeout_s),
                 warmup_after_hotload=self.options.warmup_after_hotload, lora_rank=self.config.lora_rank)
         name = snapshot.lower().replace("_", "-")
@@ -324,10 +389,44 @@ class FireworksBackend(remote.TrainingClientBackend):
             log(f"fireworks: closing a service client failed: {remote.describe(exc)}")
 
     def close(self, status: str = "completed") -> None:
-        """Close every client, then delete every trainer job this run created."""
+        """Close every client, then delete every trainer job this run created (or an interrupted
+        one left), but the one ``keep_job_on_interrupt`` keeps for a resume."""
         for client in list(self.clients):
             self._close_client(client)
-        self.jobs.delete_all()
+        keep = self._kept(status)
+        self.jobs.delete_all(keep)
+        if keep is not None:
+            log(f"fireworks: trainer job {keep} is kept (keep_job_on_interrupt): it holds the newest "
+                "checkpoint's state and costs money until it is deleted. The run that resumes with "
+                "--resume loads it and deletes it; a run on this log_path without --resume deletes "
+                "it too; or delete it in the Fireworks console")
+
+    def _kept(self, status: str) -> str | None:
+        """The job to keep: with ``keep_job_on_interrupt``, after a run that did not complete, the
+        job (of ours: a ``job_id`` job is never deleted) holding the newest state; without a
+        checkpoint there is nothing to keep."""
+        if status == "completed" or not self.options.keep_job_on_interrupt:
+            return None
+        if self.state_job is None:
+            log("fireworks: keep_job_on_interrupt: no checkpoint holds state on a trainer job, "
+                "so none is kept")
+            return None
+        return self.state_job if self.jobs.ours(self.state_job) else None
+
+    def resume_advice(self) -> str | None:
+        """After :meth:`close`: why ``--resume`` cannot continue this run, and what is left, when
+        the job holding the newest checkpoint's state was deleted; None when it can."""
+        job = self.state_job
+        if job is None or job not in self.jobs.gone:
+            return None
+        return (f"--resume cannot continue this run: its newest checkpoint's weights and optimizer "
+                f"state were saved on trainer job {job}, which was deleted, and a deleted "
+                "job's state is not documented as loadable by another job. What is left: "
+                f"the checkpoints in {self.config.log_path} (step, data position, random state; "
+                "not the weights), the logs and metrics, and the sampler weights saved on the job "
+                "(weight_sync snapshots), which Fireworks keeps promotable for 30 "
+                "days after a deletion. Start again, or set [fireworks] keep_job_on_interrupt = true "
+                "so that a stopped run keeps its job (at a cost until the resumed run deletes it)")
 
 
 @hookimpl

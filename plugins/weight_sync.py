@@ -3,7 +3,9 @@
 The backend does the pushing (``publish_weights``): the local backend writes versioned snapshots
 with a manifest and switches a ``current`` pointer atomically; a remote backend saves weights for
 its sampler and hot-loads the deployment. As in the cookbook, DPO syncs nothing during training by
-default (``weight_sync_interval = 0``) and once at the end.
+default (``weight_sync_interval = 0``) and once at the end. A backend that publishes to a service
+deployment (``check_deployment``) has it checked once the backend is built, before the reference
+pass and the first step: a missing or unready deployment stops the run before any work.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from preftune import Config, ConfigError, hookimpl
+from preftune import Config, ConfigError, TrainingError, hookimpl
+
+KEY = "weight_sync.deployment_id"
 
 
 class WeightSyncOptions(BaseModel):
@@ -52,10 +56,15 @@ class WeightSyncSink:
         self.manifests: list[dict[str, Any]] = []
 
     @hookimpl
-    def preftune_run_start(self, config: Config, info: dict[str, Any], backend: Any) -> None:
+    def preftune_backend_ready(self, config: Config, backend: Any) -> None:
+        """Before the reference pass and any step: the backend can publish, and the deployment
+        it would publish to is there and ready (for a backend with ``check_deployment``)."""
         if not callable(getattr(backend, "publish_weights", None)):
             raise ConfigError(f"backend {config.backend!r} cannot publish weights (no publish_weights)")
         self.backend = backend
+        check = getattr(backend, "check_deployment", None)
+        if callable(check):
+            check_deployment(config, check, self.options.deployment_id)
 
     def sync(self, step: int) -> None:
         manifest = self.backend.publish_weights(
@@ -76,6 +85,20 @@ class WeightSyncSink:
         done = summary.get("status") == "completed"
         if done and self.options.on_end and self.synced_step != summary["steps"]:
             self.sync(summary["steps"])
+
+
+def check_deployment(config: Config, check: Any, deployment_id: str) -> None:
+    """``check(deployment_id)`` says what is wrong with the deployment (None: nothing); a
+    problem is a :class:`ConfigError`, a fault on the way a :class:`TrainingError`, each naming
+    ``weight_sync.deployment_id``."""
+    origin = config.origin(KEY)
+    where = (f"{origin}: " if origin else "") + f"field {KEY!r} = {deployment_id!r}"
+    try:
+        problem = check(deployment_id)
+    except TrainingError as exc:
+        raise TrainingError(f"{where}: could not check the deployment before training: {exc}") from None
+    if problem is not None:
+        raise ConfigError(f"{where}: {problem}")
 
 
 @hookimpl

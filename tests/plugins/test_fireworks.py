@@ -167,7 +167,8 @@ def test_sigterm_or_ctrl_c_stops_the_run_and_deletes_its_jobs(
     wait_for_rows(tmp_path / "logs" / "metrics.jsonl", 2, proc)
     proc.send_signal(signum)
     assert proc.wait(timeout=60) == code
-    assert "--resume" in proc.stderr.read()
+    stderr = proc.stderr.read()  # the job holding the checkpoint's state is gone: no resume offered
+    assert "no resume: --resume cannot continue this run" in stderr and "resume with:" not in stderr
     assert emulator.emulator.jobs and emulator.emulator.leftovers() == []
 
 

@@ -123,3 +123,67 @@ def test_a_server_hot_loads_current_while_training_continues(
     assert final == 4 * 12  # 23 training pairs / 2 per step, 4 epochs
     assert len(set(seen)) >= 2, f"loads while training saw steps {seen}"
     assert seen == sorted(seen) and all(s % 2 == 0 for s in seen)
+
+
+def fireworks_sync_config(make_config: Any, emulator: Any, tmp_path: Path, deployment: str,
+                          **fireworks: Any) -> Any:
+    """A full fine-tune (so its DPO reference would be a second trainer job) syncing to
+    ``deployment`` on the emulator."""
+    return make_config(backend="fireworks", epochs=1, log_path=str(tmp_path / deployment),
+                       sinks=["jsonl", "weight_sync"], weight_sync={"deployment_id": deployment},
+                       fireworks={"base_url": emulator.url, "poll_interval_s": 0.05, "timeout_s": 60,
+                                  **fireworks})
+
+
+def assert_nothing_computed(emulator: Any, log_path: Path) -> None:
+    """No reference pass, no step: no forward of any kind, no reference job, no metrics."""
+    requests = emulator.emulator.requests
+    assert not [r.path for r in requests if "forward" in r.path]
+    assert [j for j, job in emulator.emulator.jobs.items() if job["forward_only"]] == []
+    assert not (log_path / "metrics.jsonl").exists()
+    assert emulator.emulator.leftovers() == []  # the policy job was deleted all the same
+
+
+@pytest.mark.parametrize(("state", "problem"), [
+    (None, r"the service \S+ has no such deployment"), ("FAILED", "the deployment is FAILED, not READY")])
+def test_fireworks_deployment_missing_or_not_ready_is_refused_before_any_work(
+        make_config: Any, emulator: Any, tmp_path: Path, state: str | None, problem: str) -> None:
+    if state is not None:
+        emulator.emulator.add_deployment("serving", "builtin:tiny")["state"] = state
+    config = fireworks_sync_config(make_config, emulator, tmp_path, "serving")
+    with pytest.raises(ConfigError, match=f"field 'weight_sync.deployment_id' = 'serving': {problem}"):
+        run(config)
+    assert_nothing_computed(emulator, tmp_path / "serving")
+
+
+def test_fireworks_deployment_the_service_cannot_be_asked_about_is_a_clear_error(
+        make_config: Any, emulator: Any, tmp_path: Path) -> None:
+    from preftune import TrainingError
+
+    emulator.emulator.add_deployment("serving", "builtin:tiny")
+    emulator.emulator.faults.errors["deployments/serving"] = 10_000  # 503s, which the SDK retries
+    config = fireworks_sync_config(make_config, emulator, tmp_path, "serving", connect_timeout_s=1)
+    start = time.monotonic()
+    with pytest.raises(TrainingError, match=r"field 'weight_sync.deployment_id' = 'serving': could not "
+                       r"check the deployment before training: fireworks: checking deployment serving: "
+                       r"no result within 3 s"):
+        run(config)
+    assert time.monotonic() - start < 30
+    emulator.emulator.faults.errors.clear()
+    assert_nothing_computed(emulator, tmp_path / "serving")
+
+
+def test_fireworks_deployment_still_creating_but_serving_is_accepted_as_the_sdk_does(
+        make_config: Any, emulator: Any, tmp_path: Path) -> None:
+    deployment = emulator.emulator.add_deployment("serving", "builtin:tiny")
+    deployment["state"] = "CREATING"  # hot-load deployments may stay CREATING while they serve
+    run(fireworks_sync_config(make_config, emulator, tmp_path, "serving"))
+    assert deployment["snapshot"] == deployment["hot_loads"][-1]
+    assert paths_before(emulator, "deployments/serving", "/inference/v1/completions", "forward")
+
+
+def paths_before(emulator: Any, first: str, second: str, then: str) -> bool:
+    """The emulator saw ``first``, then ``second``, both before any request matching ``then``."""
+    paths = [r.path for r in emulator.emulator.requests]
+    at = [next(i for i, p in enumerate(paths) if fragment in p) for fragment in (first, second, then)]
+    return at[0] < at[1] < at[2]
