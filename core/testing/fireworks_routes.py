@@ -59,16 +59,12 @@ def get_job(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, Any]:
 
 
 def delete_job(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, Any]:
-    """The job ends. Its resumable states go with it: the service keeps a deleted job's
-    checkpoints 30 days for listing and promotion, but no source says another job can load its
-    state (docs/backends.md, "Resuming"), so the emulator refuses that load."""
-    job_id, job = _known_job(emu, m)
+    """The job ends. The service keeps a deleted job's checkpoints 30 days for listing and
+    promotion, but no source says another job can load its state (docs/backends.md,
+    "Resuming"), so the emulator refuses that load (``session_routes._saved_state``)."""
+    _, job = _known_job(emu, m)
     job["deleted"] = True
     job["state"] = "JOB_STATE_DELETED"
-    states = [key for key, saved in emu.saved.items()
-              if key.startswith(f"{job_id}/") and saved["kind"] == "weights"]
-    for key in states:
-        del emu.saved[key]
     return {}
 
 

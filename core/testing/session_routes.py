@@ -222,6 +222,9 @@ def _saved_state(emu: Emulator, job: str | None, path: str) -> dict[str, Any]:
     saved = emu.saved.get((key, "weights"))
     if saved is None and not job:
         saved = emu.saved.get((key, "sampler_weights"))
+    if saved is not None and saved.get("job") and emu.jobs.get(saved["job"], {}).get("deleted"):
+        raise Failed(f"no saved state at {path}: trainer job {saved['job']} that saved it was deleted "
+                     "(its checkpoints stay listed and promotable, not loadable)", "user")
     if saved is None:
         sampler = (key, "sampler_weights") in emu.saved
         raise Failed(f"no saved state at {path}" + (" (a sampler checkpoint cannot be loaded into a "
