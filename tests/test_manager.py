@@ -30,7 +30,7 @@ def test_builtins_register_every_kind(registry: Any) -> None:
                                       "sft", "simpo", "sppo_hard"]
     assert registry.names("reference") == ["lora_shared", "none", "separate"]
     assert registry.names("backend") == ["fireworks", "local", "tinker"]
-    assert registry.names("sink") == ["console", "jsonl", "tensorboard", "wandb", "weight_sync"]
+    assert registry.names("sink") == ["console", "jsonl", "mlflow", "tensorboard", "wandb", "weight_sync"]
     assert {c.distribution for c in registry.all()} == {"preftune"}
 
 
