@@ -172,6 +172,16 @@ def test_missing_mlflow_names_the_extra_before_anything_loads(make_config: Any,
     assert not Path(config.log_path).exists()
 
 
+def test_a_database_store_without_sqlalchemy_names_the_extra(make_config: Any, mlflow: Any,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """mlflow-skinny alone cannot open MLflow 3's default store, a SQLite database."""
+    monkeypatch.setitem(sys.modules, "sqlalchemy", None)
+    config = make_config(sinks=["mlflow"])
+    with pytest.raises(ConfigError, match=r"mlflow.tracking_uri: .*SQLAlchemy.*preftune\[mlflow\]"):
+        run(config)
+    assert not Path(config.log_path).exists()
+
+
 def test_a_store_mlflow_cannot_open_names_tracking_uri(make_config: Any, mlflow: Any) -> None:
     config = make_config(sinks=["mlflow"], mlflow={"tracking_uri": "nosuchstore://user:pw-123456@host"})
     with pytest.raises(ConfigError, match="mlflow.tracking_uri: cannot log to nosuchstore") as error:
