@@ -25,6 +25,7 @@ import os
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -173,7 +174,7 @@ class MLflowSink:
 
     def _save(self, uri: str) -> None:
         record = {"run_id": self.run_id}
-        if mask_secrets(uri) == uri:  # a URI with a password stays out of the run directory
+        if urlsplit(uri).password is None and "?" not in uri:  # a password or token stays out
             record["tracking_uri"] = uri
         self.run_file.parent.mkdir(parents=True, exist_ok=True)
         self.run_file.write_text(json.dumps(record) + "\n")

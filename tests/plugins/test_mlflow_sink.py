@@ -233,3 +233,16 @@ def test_mlflows_telemetry_is_off_unless_asked_for(tmp_path: Path, mlflow: Any) 
     # look-up fails, as it does in the control, where MLflow tried its telemetry server)
     assert found[False] == {"hosts": [], "telemetry_client": False}
     assert any("mlflow-telemetry" in str(host) for host in found[True]["hosts"]), found[True]
+
+
+def test_the_run_file_keeps_no_password(make_config: Any) -> None:
+    from preftune.plugins.mlflow_sink import MLflowOptions, MLflowSink
+
+    config = make_config(sinks=["mlflow"])
+    sink = MLflowSink(config, MLflowOptions())
+    sink.run_id = "abc"
+    for uri, kept in (("http://user:pw-secret@host:5000", False), ("https://host/?token=t-secret", False),
+                      ("http://host:5000", True)):
+        sink._save(uri)
+        saved = json.loads((Path(config.log_path) / "mlflow_run.json").read_text())
+        assert saved == ({"run_id": "abc", "tracking_uri": uri} if kept else {"run_id": "abc"})
