@@ -38,6 +38,7 @@ DEFAULT_PLUGINS = (
     "preftune.plugins.jsonl",
     "preftune.plugins.wandb_sink",
     "preftune.plugins.tensorboard_sink",
+    "preftune.plugins.mlflow_sink",
     "preftune.plugins.weight_sync",
 )
 ENTRY_POINT_GROUP = "preftune"

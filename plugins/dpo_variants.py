@@ -2,10 +2,11 @@
 
 Every variant is a function of per-pair rewards: the log ratios ``pi - ref`` of chosen and
 rejected (sums of completion log-probs, as TRL 1.16's ``DPOTrainer`` uses them), or, for the
-reference-free ``simpo``, the policy's per-token mean log-probs. Each returns the per-pair loss;
-the batch loss is its mean over pairs, as in TRL. Each matches TRL 1.16's ``loss_type`` of the
-same name (``cdpo`` and ``simpo``: TRL's ``CPOTrainer.cpo_loss``; ``rpo``: ``loss_type=["sigmoid",
-"sft"]``), which tests/plugins/test_dpo_variants.py checks to 1e-6, value and gradient.
+reference-free ``simpo`` and ``sft``, the policy's per-token mean log-probs. Each returns the
+per-pair loss; the batch loss is its mean over pairs, as in TRL. Each matches TRL 1.16's
+``loss_type`` of the same name (``cdpo`` and ``simpo``: TRL's ``CPOTrainer.cpo_loss``; ``rpo``:
+``loss_type=["sigmoid", "sft"]``; ``sft``: the chosen completions' NLL per token), which
+tests/plugins/test_dpo_variants.py checks to 1e-6, value and gradient.
 
 The variants are rows of :data:`VARIANTS`, registered in a loop: no ladder of names.
 """
@@ -149,10 +150,18 @@ def simpo(r: Rewards, beta: float, o: SimPOOptions) -> Tensor:
     return smoothed_sigmoid(beta * (r.margin_B - o.gamma / beta), o.label_smoothing)
 
 
+def chosen_nll(policy: PairLogps) -> Tensor:
+    """TRL's "sft" term: the mean NLL over all chosen tokens of the micro-batch, one number."""
+    return -policy.chosen.sum() / policy.chosen_tokens.sum().clamp(min=1)
+
+
+def sft(r: Rewards, beta: float, o: None) -> Tensor:
+    # one number for the micro-batch, as TRL expands it over the pairs (their mean is itself)
+    return chosen_nll(r.policy).expand(r.chosen_B.shape)
+
+
 def rpo(r: Rewards, beta: float, o: RPOOptions) -> Tensor:
-    # TRL's "sft" term: the mean NLL over all chosen tokens of the micro-batch, one number
-    nll = -r.policy.chosen.sum() / r.policy.chosen_tokens.sum().clamp(min=1)
-    return -F.logsigmoid(beta * r.margin_B) + o.alpha * nll
+    return -F.logsigmoid(beta * r.margin_B) + o.alpha * chosen_nll(r.policy)
 
 
 def bco_pair(r: Rewards, beta: float, o: None) -> Tensor:
@@ -224,6 +233,8 @@ VARIANTS: dict[str, Variant] = {
     "apo_down": Variant(apo_down),
     "exo_pair": Variant(exo_pair, EXOOptions),
     "discopop": Variant(discopop, DiscoPOPOptions),
+    # the chosen NLL alone: no reference; its metrics compare the per-token means, as simpo's
+    "sft": Variant(sft, rewards=mean_logps),
 }
 
 

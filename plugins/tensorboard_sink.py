@@ -2,7 +2,8 @@
 (``eval/<name>``) as TensorBoard scalars against the optimizer step, and the config with secrets
 masked as text. Written with ``tensorboardX`` (no TensorFlow or TensorBoard server needed);
 ``tensorboard --logdir log_path/tensorboard`` shows them. A resumed run drops the events the
-interrupted one wrote after its checkpoint (``purge_step``)."""
+interrupted one wrote after its checkpoint (``purge_step``); a new run in a used directory, the
+earlier run's."""
 
 from __future__ import annotations
 
@@ -50,7 +51,12 @@ class TensorBoardSink:
     @hookimpl
     def preftune_run_start(self, config: Config, info: dict[str, Any], backend: Any) -> None:
         resume = info.get("resume_step", 0)
-        self.writer = writer_class()(str(self.directory), purge_step=resume + 1 if resume else None)
+        # TensorBoard hides the events earlier files hold from purge_step on: on resume, what
+        # the interrupted run logged after its checkpoint; in a new run, an earlier run's. The
+        # suffix keeps a session that starts within the second of the last one (tensorboardX
+        # names files by the second) from overwriting its file, and sorts it after that one.
+        self.writer = writer_class()(str(self.directory), purge_step=resume + 1 if resume else 0,
+                                     filename_suffix=f".step-{resume:08d}")
         text = json.dumps(info["config"], indent=2, sort_keys=True)  # secrets masked already
         self.writer.add_text("config", f"```\n{text}\n```", global_step=resume)
 

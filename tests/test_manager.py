@@ -27,10 +27,10 @@ def test_builtins_register_every_kind(registry: Any) -> None:
     assert registry.names("source") == ["arrow", "hf", "json", "jsonl", "parquet"]
     assert registry.names("loss") == ["apo_down", "apo_zero", "bco_pair", "cdpo", "combined", "discopop",
                                       "dpo", "exo_pair", "hinge", "nca_pair", "orpo", "robust", "rpo",
-                                      "simpo", "sppo_hard"]
+                                      "sft", "simpo", "sppo_hard"]
     assert registry.names("reference") == ["lora_shared", "none", "separate"]
     assert registry.names("backend") == ["fireworks", "local", "tinker"]
-    assert registry.names("sink") == ["console", "jsonl", "tensorboard", "wandb", "weight_sync"]
+    assert registry.names("sink") == ["console", "jsonl", "mlflow", "tensorboard", "wandb", "weight_sync"]
     assert {c.distribution for c in registry.all()} == {"preftune"}
 
 

@@ -31,6 +31,7 @@ TRL_CASES: dict[str, tuple[Any, ...]] = {
     "apo_down": ("dpo", ["apo_down"], None, {}),
     "exo_pair": ("dpo", ["exo_pair"], None, {"label_smoothing": 0.01}),
     "discopop": ("dpo", ["discopop"], None, {"discopop_tau": 0.3}),
+    "sft": ("dpo", ["sft"], None, {}),
 }
 # the same settings as preftune options tables
 OPTIONS = {"robust": {"label_smoothing": 0.2}, "cdpo": {"label_smoothing": 0.2},
@@ -132,8 +133,10 @@ def trl_loss(name: str, beta: float, n: dict[str, torch.Tensor]) -> torch.Tensor
     return trl_dpo(*case, beta, n) if kind == "dpo" else trl_cpo(*case, beta, n)
 
 
-def grads(loss: torch.Tensor, n: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.autograd.grad(loss, [n["chosen"], n["rejected"]])
+def grads(loss: torch.Tensor, n: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """d loss / d chosen and d rejected (zeros for a loss that does not use one: sft)."""
+    return torch.autograd.grad(loss, [n["chosen"], n["rejected"]], allow_unused=True,
+                               materialize_grads=True)
 
 
 def test_every_variant_is_compared_with_trl() -> None:
@@ -147,8 +150,9 @@ def test_loss_and_gradient_equal_trl(name: str, beta: float, float64: None) -> N
     n = random_numbers(seed=sorted(TRL_CASES).index(name) + int(beta * 100))
     expected, got = trl_loss(name, beta, n), ours(name, beta, n)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
-    for g, e in zip(grads(got, n), grads(expected, n)):
-        assert e.abs().max() > 0  # the comparison is of a gradient that is there
+    for side, g, e in zip(("chosen", "rejected"), grads(got, n), grads(expected, n)):
+        if (name, side) != ("sft", "rejected"):  # sft is the chosen NLL alone
+            assert e.abs().max() > 0  # the comparison is of a gradient that is there
         torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
 
 
@@ -172,7 +176,7 @@ def test_simpo_needs_no_reference_and_uses_simpos_beta_unless_beta_is_set(regist
     assert simpo.needs_reference is False and simpo.beta == 2.0 and simpo.options.gamma == 0.5
     chosen = Config(base_model="m", dataset="d", loss="simpo", beta=0.1, simpo={"gamma": 0.0})
     assert registry.build("loss", "simpo", chosen).beta == 0.1  # the user's beta, even the default value
-    others = [name for name in VARIANTS if name != "simpo"]
+    others = [name for name in VARIANTS if name not in ("simpo", "sft")]
     assert all(registry.build("loss", name, Config(base_model="m", dataset="d")).needs_reference
                for name in others)
     assert registry.build("loss", "hinge", Config(base_model="m", dataset="d")).beta == 0.1
@@ -206,6 +210,37 @@ def test_variants_learn_the_preference_end_to_end(make_config: Any, tmp_path: An
         assert last["eval_accuracy"] >= 0.8 and last["eval_loss"] < first["eval_loss"], (name, last)
 
 
+def test_sft_is_the_chosen_nll_per_token_and_needs_no_reference(registry: Any) -> None:
+    n = random_numbers(seed=5)
+    policy, _ = pair_logps(n)
+    config = Config(base_model="m", dataset="d", loss="sft")
+    sft = registry.build("loss", "sft", config)
+    assert sft.needs_reference is False and not getattr(sft, "needs_token_logps", False)
+    assert sft.options is None  # TRL's "sft" has no settings: no [sft] table
+    value, metrics = sft(policy, None)
+    expected = -n["chosen"].sum() / n["lengths"][0].sum()
+    torch.testing.assert_close(value, expected.to(value.dtype))
+    means = n["chosen"] / n["lengths"][0] - n["rejected"] / n["lengths"][1]
+    torch.testing.assert_close(metrics["margin"], means.mean().detach())  # per-token means, as simpo's
+
+
+def test_sft_lowers_the_chosen_nll_on_the_demo(make_config: Any, tmp_path: Any) -> None:
+    """loss = "sft" on the bundled demo data: the held-out chosen NLL (its eval_loss) falls,
+    and no reference model is loaded."""
+    from pathlib import Path
+
+    from preftune.tiny import demo_data
+
+    config = make_config(loss="sft", dataset=str(demo_data("train")), eval_dataset=str(demo_data("heldout")),
+                         batch_size=16, epochs=1, learning_rate=2e-3,
+                         max_seq_len=128, log_path=str(tmp_path / "sft"))
+    summary = run(config)
+    first, last = summary["initial_eval"], summary["final_eval"]
+    assert not (Path(config.cache_dir) / "reference").exists()
+    assert last["eval_loss"] < first["eval_loss"] - 0.5, (first, last)
+    assert last["eval_logps_chosen"] > first["eval_logps_chosen"]
+
+
 # ---- combined: a weighted sum of registered losses (TRL's loss_type list with loss_weights) -----
 
 # (preftune [combined] table, other tables) -> TRL 1.16's loss_type list and loss_weights.
@@ -216,6 +251,8 @@ COMBINED_CASES = [
     ({"losses": ["rpo", "bco_pair"], "weights": [0.8, 0.2]}, {"rpo": {"alpha": 1.25}},
      ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0]),
     ({"losses": ["hinge", "apo_zero"]}, {}, ["hinge", "apo_zero"], [1.0, 1.0]),
+    ({"losses": ["dpo", "bco_pair", "sft"], "weights": [0.8, 0.2, 1.0]}, {},
+     ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0]),  # MPO as TRL writes it
 ]
 
 
