@@ -33,6 +33,7 @@ from preftune import Config, ConfigError, hookimpl, log, mask_secrets
 
 RUN_FILE = "mlflow_run.json"
 STATUS = {"completed": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}  # MLflow's RunStatus names
+SAMPLE_COLUMNS = ("step", "source", "prompt", "completion", "chosen")  # an eval_samples table
 MAX_PARAM_VALUE = 6000  # MLflow's limit on a param's value (longer ones are cut, marked "...")
 BATCH = 100  # params per log_batch call (MLflow's limit)
 
@@ -228,6 +229,14 @@ class MLflowSink:
     @hookimpl
     def preftune_eval(self, step: int, metrics: dict[str, float]) -> None:
         self._log(step, metrics)
+
+    @hookimpl
+    def preftune_log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        """One artifact per evaluation, ``eval_samples/step-NNNNNNNN.json``, in MLflow's table
+        form (``columns``, ``data``); a resume that redoes a step writes it over."""
+        table = {"columns": list(SAMPLE_COLUMNS),
+                 "data": [[row.get(c) for c in SAMPLE_COLUMNS] for row in samples]}
+        self.client.log_dict(self.run_id, table, f"eval_samples/step-{step:08d}.json")
 
     @hookimpl
     def preftune_run_end(self, summary: dict[str, Any]) -> None:

@@ -75,10 +75,28 @@ class TensorBoardSink:
         self.writer.flush()
 
     @hookimpl
+    def preftune_log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        """The samples as one Markdown table (TensorBoard's text tab renders Markdown)."""
+        self.writer.add_text("eval/samples", samples_markdown(samples), step)
+        self.writer.flush()
+
+    @hookimpl
     def preftune_run_end(self, summary: dict[str, Any]) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def samples_markdown(samples: list[dict[str, Any]]) -> str:
+    """``eval_samples`` rows as a Markdown table: prompt, completion, chosen, each cell on one
+    line (newlines as ``<br>``, pipes escaped)."""
+    def cell(text: Any) -> str:
+        return str(text).replace("|", "\\|").replace("\n", "<br>")
+
+    columns = ("source", "prompt", "completion", "chosen")
+    rows = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    rows += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in samples]
+    return "\n".join(rows)
 
 
 @hookimpl

@@ -246,3 +246,20 @@ def test_the_run_file_keeps_no_password(make_config: Any) -> None:
         sink._save(uri)
         saved = json.loads((Path(config.log_path) / "mlflow_run.json").read_text())
         assert saved == ({"run_id": "abc", "tracking_uri": uri} if kept else {"run_id": "abc"})
+
+
+def test_eval_samples_are_a_table_artifact_per_evaluation(make_config: Any, mlflow: Any,
+                                                          tmp_path: Path) -> None:
+    config = make_config(sinks=["jsonl", "mlflow"], eval_samples=2, eval_sample_tokens=4,
+                         mlflow={"tracking_uri": store(tmp_path)})
+    run(config)
+    client = mlflow.tracking.MlflowClient(store(tmp_path))
+    [found] = client.search_runs([client.get_experiment_by_name("preftune").experiment_id])
+    files = [f.path for f in client.list_artifacts(found.info.run_id, "eval_samples")]
+    assert files == ["eval_samples/step-00000000.json", "eval_samples/step-00000005.json"]
+    samples = rows(Path(config.log_path) / "samples.jsonl")
+    for step, file in zip((0, 5), files):
+        local = client.download_artifacts(found.info.run_id, file, str(tmp_path))
+        table = json.loads(Path(local).read_text())
+        assert table["columns"] == ["step", "source", "prompt", "completion", "chosen"]
+        assert table["data"] == [[r[c] for c in table["columns"]] for r in samples if r["step"] == step]

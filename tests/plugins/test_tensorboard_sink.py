@@ -121,3 +121,23 @@ def test_a_new_run_in_a_used_log_path_hides_the_old_runs_scalars(make_config: An
     logs = Path(config.log_path)
     assert len((logs / "metrics.jsonl").read_text().splitlines()) == 5
     assert_shows_the_logs(logs / "tensorboard", logs)
+
+
+def test_eval_samples_are_a_markdown_table_per_evaluation(make_config: Any) -> None:
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    config = make_config(sinks=["jsonl", "tensorboard"], eval_samples=2, eval_sample_tokens=4)
+    run(config)
+    reader = accumulator.EventAccumulator(str(Path(config.log_path) / "tensorboard"),
+                                          size_guidance={accumulator.TENSORS: 0})
+    reader.Reload()
+    events = reader.Tensors("eval/samples/text_summary")
+    samples = [json.loads(line)
+               for line in (Path(config.log_path) / "samples.jsonl").read_text().splitlines()]
+    assert [e.step for e in events] == sorted({r["step"] for r in samples}) == [0, 5]
+    for event in events:
+        table = event.tensor_proto.string_val[0].decode().splitlines()
+        assert table[:2] == ["| source | prompt | completion | chosen |", "|---|---|---|---|"]
+        rows = [r for r in samples if r["step"] == event.step]
+        assert table[2:] == ["| " + " | ".join(str(r[c]).replace("|", "\\|").replace("\n", "<br>")
+                                               for c in ("source", "prompt", "completion", "chosen")) + " |"
+                             for r in rows]

@@ -158,7 +158,8 @@ def test_eval_samples_are_the_greedy_completions_of_the_weights_on_the_service(
     assert got[:3] == samples("local")[:3]
     # the final adapter as the service holds it, in a local peft model
     final = json.loads((tmp_path / "tinker" / "final" / "remote.json").read_text())["sampler_weights"]
-    weights = torch.load(emulator.emulator.saved[(final, "sampler_weights")]["dir"] / "weights.pt", weights_only=True)
+    saved = emulator.emulator.saved[(final, "sampler_weights")]["dir"]
+    weights = torch.load(saved / "weights.pt", weights_only=True)
     model = PeftModel.from_pretrained(tiny_model(), str(tmp_path / "local" / "final")).eval()
     params = dict(model.named_parameters())
     with torch.no_grad():
