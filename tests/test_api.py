@@ -13,9 +13,9 @@ def test_the_top_level_exports_only_user_and_plugin_author_names() -> None:
         "DiskError",
         "ForwardClient", "Loss", "LossFn", "Message", "Metrics", "PairLogps", "PluginError",
         "PreferencePair", "PreftuneError", "PublishingBackend", "RecordError", "ReferenceProvider",
-        "SinkError", "Source", "TokenLogps", "TokenizedPair", "TrainingError", "get_plugin_manager",
-        "get_registry", "hookimpl", "load_config", "log", "looks_like_secret", "mask_secrets", "run",
-        "secret_hint", "tokenize_pair"}
+        "SamplingBackend", "SinkError", "Source", "TokenLogps", "TokenizedPair", "TrainingError",
+        "get_plugin_manager", "get_registry", "hookimpl", "load_config", "log", "looks_like_secret",
+        "mask_secrets", "run", "secret_hint", "tokenize_pair"}
     assert all(hasattr(preftune, name) for name in preftune.__all__)
     for helper in ("atomic_dir", "switch_symlink", "load_causal_lm", "files_hash", "collate", "Batch"):
         assert not hasattr(preftune, helper), helper
