@@ -233,3 +233,20 @@ def test_promoted_models_are_listed_paged_fetched_and_deleted_with_the_fireworks
         assert control.model_is_moe("accounts/fireworks/models/moe") is True
         with pytest.raises(Exception, match="HTTP 404"):
             control.model_is_moe("accounts/fireworks/models/unmapped")
+
+
+def test_a_deleted_job_is_a_tombstone_whose_id_cannot_be_used_again(fireworks: Any) -> None:
+    from fireworks.training.sdk import trainer
+
+    fireworks.start("gone", 4).save_state("s").result()
+    fireworks.manager.delete("gone")
+    assert fireworks.manager.get("gone")["state"] == "JOB_STATE_DELETED"  # the SDK's tombstone state
+    assert [short(r) for r in fireworks.manager.list_checkpoints("gone")] == ["s"]
+    config = trainer.TrainerJobConfig(base_model=TINY, lora_rank=4, max_context_length=64,
+                                      requested_job_id="gone")
+    with pytest.raises(RuntimeError, match="(?s)Trainer job gone is archived and cannot be recreated"):
+        fireworks.manager.create(config)
+    with pytest.raises(RuntimeError, match="(?s)gone is archived"):
+        fireworks.manager.wait_for_ready("gone", poll_interval_s=0.05, timeout_s=5)
+    with pytest.raises(RuntimeError, match="was not found in this account"):
+        fireworks.manager.get("never-made")
