@@ -8,19 +8,28 @@ resumable save (``save_state``) is a ``CHECKPOINT_TYPE_TRAINING`` (``_TRAINING_L
 cannot be promoted; a sampler save is an ``INFERENCE_*`` row that can, except a full fine-tune's
 delta (``checkpoint_type = "delta"``, stored ``arc_v2``-compressed), which is no model on its own.
 Listing and promoting work on a deleted job too, as the service keeps its record.
+
+Models are read as the ``fireworks`` client's ``models`` resource reads them (``get``, ``list``
+paged by ``pageSize`` / ``pageToken``, ``delete``): the account's promoted models, and the base
+models the emulator was told to load (``--model NAME=PATH``), whose ``baseModelDetails.moe`` the
+training SDK's ``FireworksClient.model_is_moe`` reads.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .exchange import Reply, Request
+from .fireworks_routes import ACCOUNT
 from .session_routes import now_rfc3339
 
 if TYPE_CHECKING:
     from .emulator import Emulator
 
+EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")  # transformers' config keys
 MODEL_ID = re.compile(r"[a-z0-9-]{1,63}")  # the SDK's validate_output_model_id
 SAMPLER_TYPES = {  # (checkpoint_type the SDK sends, LoRA) -> (checkpointType, promotable)
     ("base", False): ("CHECKPOINT_TYPE_INFERENCE_BASE", True),
@@ -121,11 +130,60 @@ def promote(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, Any]:
     return {"operation": operation}
 
 
+def _moe(local: str) -> bool:
+    """Whether the local model ``local`` (a directory or ``builtin:tiny``) is a mixture of
+    experts, read from its ``config.json`` as transformers names the expert count."""
+    config = Path(local) / "config.json"
+    if not config.is_file():
+        return False  # builtin:tiny, a dense Qwen3
+    values = json.loads(config.read_text())
+    return any(int(values.get(key) or 0) > 0 for key in EXPERT_COUNTS)
+
+
+def _base_model(emu: Emulator, name: str) -> dict[str, Any] | None:
+    """The record of a base model the emulator loads under the service's ``name``: one mapped by
+    name, or by ``*`` outside the emulated account (whose models are the promoted ones)."""
+    local = emu.model_map.get(name)
+    if local is None and not name.startswith(f"accounts/{ACCOUNT}/"):
+        local = emu.model_map.get("*")
+    if local is None:
+        return None
+    return {"name": name, "state": "READY", "kind": "HF_BASE_MODEL", "tunable": True,
+            "baseModelDetails": {"checkpointFormat": "HUGGINGFACE", "moe": _moe(local)}}
+
+
 def get_model(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, Any]:
     name = f"accounts/{m['account']}/models/{m['model']}"
-    if name not in emu.promoted:
+    if name in emu.promoted:
+        return dict(emu.promoted[name]["model"])
+    base = _base_model(emu, name)
+    if base is None:
         raise Reply(404, f"model {name} not found")
-    return dict(emu.promoted[name]["model"])
+    return base
+
+
+def list_models(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, Any]:
+    """The account's promoted models by name, ``pageSize`` at a time (the service's default 50,
+    at most 200); ``nextPageToken`` is the next offset, empty on the last page."""
+    prefix = f"accounts/{m['account']}/models/"
+    names = sorted(n for n in emu.promoted if n.startswith(prefix))
+    try:
+        size = min(int(req.query.get("pageSize") or 50), 200)
+        start = int(req.query.get("pageToken") or 0)
+    except ValueError:
+        raise Reply(400, "pageSize and pageToken must be the numbers this service hands out") from None
+    page = names[start:start + size]
+    more = start + size < len(names)
+    return {"models": [dict(emu.promoted[n]["model"]) for n in page],
+            "nextPageToken": str(start + size) if more else "", "totalSize": len(names)}
+
+
+def delete_model(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, Any]:
+    """A promoted model is deleted (its id may be promoted to again); base models are not."""
+    name = f"accounts/{m['account']}/models/{m['model']}"
+    if emu.promoted.pop(name, None) is None:
+        raise Reply(404, f"model {name} not found")
+    return {}
 
 
 def get_operation(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, Any]:
@@ -139,6 +197,8 @@ ACCOUNTS = r"/v1/accounts/(?P<account>[^/]+)"
 ROUTES = [
     ("GET", ACCOUNTS + r"/rlorTrainerJobs/(?P<job>[^/:]+)/checkpoints", list_checkpoints),
     ("POST", ACCOUNTS + r"/checkpoints/(?P<checkpoint>[^/:]+):promote", promote),
+    ("GET", ACCOUNTS + r"/models", list_models),
     ("GET", ACCOUNTS + r"/models/(?P<model>[^/:]+)", get_model),
+    ("DELETE", ACCOUNTS + r"/models/(?P<model>[^/:]+)", delete_model),
     ("GET", ACCOUNTS + r"/operations/(?P<operation>[^/:]+)", get_operation),
 ]

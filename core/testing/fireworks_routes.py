@@ -55,13 +55,20 @@ def _known_job(emu: Emulator, m: re.Match[str]) -> tuple[str, dict[str, Any]]:
 
 
 def get_job(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, Any]:
-    return _job_json(*_known_job(emu, m))
+    """The job; a deleted one is a tombstone in ``JOB_STATE_DELETED``, as the SDK reads the
+    service (``trainer._TRAINER_TOMBSTONE_STATES``): "retained only for checkpoint recovery"."""
+    job = emu.jobs.get(m["job"])
+    if job is None:
+        raise Reply(404, f"trainer job {m['job']} not found")
+    return _job_json(m["job"], job)
 
 
 def delete_job(emu: Emulator, req: Request, m: re.Match[str]) -> dict[str, Any]:
-    """The job ends. The service keeps a deleted job's checkpoints 30 days for listing and
-    promotion, but no source says another job can load its state (docs/backends.md,
-    "Resuming"), so the emulator refuses that load (``session_routes._saved_state``)."""
+    """The job ends and stays a tombstone: listed by ``get_job`` in ``JOB_STATE_DELETED``, its id
+    taken for good (creating it again is a 409, which the SDK reports as an archived job). The
+    service keeps a deleted job's checkpoints 30 days for listing and promotion, but no source
+    says another job can load its state (docs/backends.md, "Resuming"), so the emulator refuses
+    that load (``session_routes._saved_state``)."""
     _, job = _known_job(emu, m)
     job["deleted"] = True
     job["state"] = "JOB_STATE_DELETED"

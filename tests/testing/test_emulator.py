@@ -202,3 +202,51 @@ def test_telemetry_is_accepted_as_both_sdks_validate_it() -> None:
             answer = post(url, {"events": [], "session_id": "s"})
             assert TinkerTelemetry.model_validate(answer).status == "accepted"
             assert FireworksTelemetry.model_validate(answer).status == "accepted"
+
+
+def test_promoted_models_are_listed_paged_fetched_and_deleted_with_the_fireworks_client(
+        fireworks: Any, tmp_path: Any) -> None:
+    from fireworks import Fireworks, NotFoundError
+    from fireworks.training.sdk.fireworks_client import FireworksClient
+
+    client = fireworks.start("job", 4)
+    for i in range(3):
+        client.save_weights_for_sampler_ext(f"s{i}")
+    saved = [r["name"] for r in fireworks.manager.list_checkpoints("job")]
+    for i, checkpoint in enumerate(saved):
+        fireworks.manager.promote_checkpoint(name=checkpoint, output_model_id=f"m{i}", base_model=TINY)
+    api = Fireworks(api_key="fw-emulator-key", account_id="emulated", base_url=fireworks.emulator.url)
+    listed = list(api.models.list(page_size=2))  # the client follows nextPageToken
+    assert [m.name for m in listed] == [f"accounts/emulated/models/m{i}" for i in range(3)]
+    assert {m.kind for m in listed} == {"HF_PEFT_ADDON"} and {m.state for m in listed} == {"READY"}
+    assert api.models.get("m1").peft_details.r == 4
+    api.models.delete("m1")
+    assert [m.name.rsplit("/", 1)[-1] for m in api.models.list()] == ["m0", "m2"]
+    with pytest.raises(NotFoundError):
+        api.models.get("m1")
+    fireworks.manager.promote_checkpoint(name=saved[1], output_model_id="m1", base_model=TINY)  # free again
+    # A base model the emulator loads is a model record too: the SDK reads whether it is an MoE.
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "num_experts": 8}))
+    fireworks.emulator.emulator.model_map["accounts/fireworks/models/moe"] = str(tmp_path)
+    with FireworksClient(api_key="fw-emulator-key", base_url=fireworks.emulator.url) as control:
+        assert control.model_is_moe(TINY) is False
+        assert control.model_is_moe("accounts/fireworks/models/moe") is True
+        with pytest.raises(Exception, match="HTTP 404"):
+            control.model_is_moe("accounts/fireworks/models/unmapped")
+
+
+def test_a_deleted_job_is_a_tombstone_whose_id_cannot_be_used_again(fireworks: Any) -> None:
+    from fireworks.training.sdk import trainer
+
+    fireworks.start("gone", 4).save_state("s").result()
+    fireworks.manager.delete("gone")
+    assert fireworks.manager.get("gone")["state"] == "JOB_STATE_DELETED"  # the SDK's tombstone state
+    assert [short(r) for r in fireworks.manager.list_checkpoints("gone")] == ["s"]
+    config = trainer.TrainerJobConfig(base_model=TINY, lora_rank=4, max_context_length=64,
+                                      requested_job_id="gone")
+    with pytest.raises(RuntimeError, match="(?s)Trainer job gone is archived and cannot be recreated"):
+        fireworks.manager.create(config)
+    with pytest.raises(RuntimeError, match="(?s)gone is archived"):
+        fireworks.manager.wait_for_ready("gone", poll_interval_s=0.05, timeout_s=5)
+    with pytest.raises(RuntimeError, match="was not found in this account"):
+        fireworks.manager.get("never-made")
