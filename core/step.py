@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import signal
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,7 +38,8 @@ def train_step(backend: Any, loss: Loss, reference: Any, data: Data, chunk: list
         index, stand_in = world.share(micro)
         ref = reference.select(index) if reference is not None else None
         part = 0.0 if stand_in else len(index) / len(chunk)
-        bound = BoundLoss(loss, ref, part * world.size, syncs=k == len(micros) - 1)
+        bound = BoundLoss(loss, ref, part * world.size, syncs=k == len(micros) - 1,
+                          token_total=share_tokens(data.pairs, micro, index, world, stand_in))
         with world.collective(f"step {step}"):
             out = backend.forward_backward([data.pairs[i] for i in index], bound)
         submitted.append((out, part))
@@ -77,15 +79,29 @@ class BoundLoss:
     ``syncs`` tells a backend of several processes that this is the step's last micro-batch (the
     one after which DDP or FSDP synchronise the gradients)."""
 
-    def __init__(self, loss: Loss, reference: PairLogps | None, weight: float, syncs: bool = True):
+    def __init__(self, loss: Loss, reference: PairLogps | None, weight: float, syncs: bool = True,
+                 token_total: float | None = None):
         self.loss, self.reference, self.weight = loss, reference, weight
         self.needs_token_logps = token_level(loss)
         self.syncs = syncs  # the step's last micro-batch: gradients are synchronised after it
+        self.token_total = token_total  # a rank's share: see PairLogps.chosen_token_mean
 
     def __call__(self, policy: PairLogps) -> tuple[torch.Tensor, Metrics]:
+        if self.token_total is not None:
+            policy = replace(policy, token_total=self.token_total)
         ref = self.reference.to(policy.chosen.device) if self.reference is not None else None
         value, metrics = self.loss(policy, ref)
         return value * self.weight, {"loss": value.detach(), **metrics}
+
+
+def share_tokens(pairs: Sequence[TokenizedPair], batch: list[int], index: list[int], world: World,
+                 stand_in: bool) -> float | None:
+    """Under several processes, the part of ``batch``'s chosen completion tokens that this rank's
+    share (``index``) stands for in a per-token mean (:meth:`PairLogps.chosen_token_mean`): all of
+    them times the share's pairs over the batch's. None for one process (the share is the batch)."""
+    if world.size == 1 or stand_in:
+        return None
+    return sum(sum(pairs[i].chosen_weights) for i in batch) * len(index) / len(batch)
 
 
 def evaluate_pairs(backend: Any, loss: Loss, reference: Any, data: Data,
@@ -101,10 +117,11 @@ def evaluate_pairs(backend: Any, loss: Loss, reference: Any, data: Data,
         with world.collective("evaluating"):
             out = backend.forward([data.pairs[i] for i in index], token_level(loss))
         ref = reference.select(index) if reference is not None else None
-        submitted.append((out, ref, 0.0 if stand_in else len(index) / len(data.eval)))
+        submitted.append((out, ref, 0.0 if stand_in else len(index) / len(data.eval),
+                          share_tokens(data.pairs, batch, index, world, stand_in)))
     with torch.no_grad():
-        results = [(BoundLoss(loss, ref, 1.0)(resolve(out))[1], weight)
-                   for out, ref, weight in submitted]
+        results = [(BoundLoss(loss, ref, 1.0, token_total=tokens)(resolve(out))[1], weight)
+                   for out, ref, weight, tokens in submitted]
     metrics = resolve_metrics(results)
     metrics = dict(zip(metrics, world.sum(list(metrics.values()))))
     return {f"eval_{k}": v for k, v in metrics.items()}

@@ -132,10 +132,21 @@ class PairLogps:
     chosen_tokens: Tensor
     rejected_tokens: Tensor
     tokens: TokenLogps | None = None
+    token_total: float | None = None  # set by the loop under several processes: see chosen_token_mean
 
     @property
     def size(self) -> int:
         return int(self.chosen.shape[0])
+
+    def chosen_token_mean(self) -> Tensor:
+        """The mean log-prob over every chosen completion token of the batch, one number (TRL's
+        per-token averages: long completions weigh more). Under several processes a rank holds a
+        share of each micro-batch, and the loop sets ``token_total`` to that share's part of the
+        micro-batch's chosen tokens (their count times the share's pairs over the micro-batch's),
+        so that the shares, weighted by their pairs as every loss is, give one process's mean."""
+        if self.token_total is not None:
+            return self.chosen.sum() / max(self.token_total, 1.0)
+        return self.chosen.sum() / self.chosen_tokens.sum().clamp(min=1)
 
     def means(self) -> tuple[Tensor, Tensor]:
         """Length-normalized (per-token mean) log-probs of chosen and rejected: two ``[B]``."""
@@ -146,13 +157,14 @@ class PairLogps:
         tokens = None if self.tokens is None else TokenLogps(
             self.tokens.chosen_BT.to(device), self.tokens.rejected_BT.to(device))
         return PairLogps(self.chosen.to(device), self.rejected.to(device),
-                         self.chosen_tokens.to(device), self.rejected_tokens.to(device), tokens)
+                         self.chosen_tokens.to(device), self.rejected_tokens.to(device), tokens,
+                         self.token_total)
 
     def detach(self) -> PairLogps:
         tokens = None if self.tokens is None else TokenLogps(
             self.tokens.chosen_BT.detach(), self.tokens.rejected_BT.detach())
         return PairLogps(self.chosen.detach(), self.rejected.detach(), self.chosen_tokens,
-                         self.rejected_tokens, tokens)
+                         self.rejected_tokens, tokens, self.token_total)
 
 
 @dataclass(frozen=True)

@@ -152,7 +152,7 @@ def simpo(r: Rewards, beta: float, o: SimPOOptions) -> Tensor:
 
 def chosen_nll(policy: PairLogps) -> Tensor:
     """TRL's "sft" term: the mean NLL over all chosen tokens of the micro-batch, one number."""
-    return -policy.chosen.sum() / policy.chosen_tokens.sum().clamp(min=1)
+    return -policy.chosen_token_mean()
 
 
 def sft(r: Rewards, beta: float, o: None) -> Tensor:

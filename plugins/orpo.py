@@ -52,7 +52,7 @@ def nll_per_pair(policy: PairLogps) -> torch.Tensor:
 
 def nll_per_token(policy: PairLogps) -> torch.Tensor:
     """The mean NLL over every chosen completion token of the micro-batch: one number."""
-    return -policy.chosen.sum() / policy.chosen_tokens.sum().clamp(min=1)
+    return -policy.chosen_token_mean()
 
 
 NLL = {"pair": nll_per_pair, "token": nll_per_token}

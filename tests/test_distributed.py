@@ -163,6 +163,7 @@ def wait_for_step(log: Path, step: int, procs: list[Any], timeout: float = 120) 
     ("orpo", "ddp", 4, 24),
     ("dpo", "fsdp", 4, 24),
     ("orpo", "fsdp", 3, 25),
+    ("rpo", "ddp", 3, 25),  # DPO plus the chosen NLL per token over the whole micro-batch
 ])
 def test_two_processes_train_as_one(tmp_path: Path, small_dataset: Any, loss: str, parallel: str,
                                     batch_size: int, records: int) -> None:

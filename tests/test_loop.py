@@ -211,3 +211,54 @@ def test_a_local_model_directory_works_as_base_and_tokenizer(make_config: Any, t
     _, parts = refcache.ReferenceLogps.load(cache_file)
     assert parts["model"] == str(model_dir.resolve())
     assert parts["files_sha256"] == files_identity(model_dir)
+
+
+@pytest.mark.parametrize(("name", "options"), [
+    ("sft", {}), ("rpo", {"rpo": {"alpha": 0.7}}), ("orpo", {"orpo": {"nll": "token"}}), ("dpo", {}),
+    ("combined", {"combined": {"losses": ["dpo", "bco_pair", "sft"], "weights": [0.8, 0.2, 1.0]}})])
+@pytest.mark.parametrize("size", [2, 3])
+def test_ranks_shares_of_a_micro_batch_add_up_to_one_process_loss_and_gradient(
+        make_config: Any, name: str, options: dict[str, Any], size: int) -> None:
+    """What each rank computes on its share of every micro-batch (weighted as train_step weights
+    it, the per-token means divided by the share's part of the micro-batch's tokens), summed over
+    the ranks and averaged as DDP averages gradients, is one process's loss and gradient, for
+    per-token averages (sft, rpo, orpo's token NLL) as for per-pair ones."""
+    from preftune.step import BoundLoss, share_tokens
+    from preftune.types import PairLogps, TokenizedPair
+    from preftune.world import World
+
+    config = make_config(loss=name, **options)
+    loss = get_registry().build("loss", name, config)
+    gen = torch.Generator().manual_seed(size)
+    lengths = torch.randint(1, 40, (7,), generator=gen).tolist()  # chosen completions of unequal lengths
+    pairs = [TokenizedPair((1,), tuple(range(n)), (2, 3), (1.0,) * n, (1.0, 1.0)) for n in lengths]
+    chunk, micro = list(range(7)), [0, 1, 2, 3, 4]  # a step of 7 pairs; this micro-batch is 5 of them
+    chosen = (-torch.rand(7, generator=gen, dtype=torch.float64) * torch.tensor(lengths)).requires_grad_()
+    rejected = (-torch.rand(7, generator=gen, dtype=torch.float64) * 2).requires_grad_()
+    ref_chosen = -torch.rand(7, dtype=torch.float64, generator=gen) * 30
+    ref_rejected = -torch.rand(7, dtype=torch.float64, generator=gen) * 3
+
+    def logps(index: list[int], policy: bool = True) -> PairLogps:
+        counts = torch.tensor([float(lengths[i]) for i in index], dtype=torch.float64)
+        two = torch.full((len(index),), 2.0, dtype=torch.float64)
+        if policy:
+            return PairLogps(chosen[index], rejected[index], counts, two)
+        return PairLogps(ref_chosen[index], ref_rejected[index], counts, two)
+
+    def reference(index: list[int]) -> PairLogps | None:
+        return logps(index, policy=False) if loss.needs_reference else None
+
+    one, _ = BoundLoss(loss, reference(micro), len(micro) / len(chunk))(logps(micro))
+    one_grad = torch.autograd.grad(one, (chosen, rejected), allow_unused=True, materialize_grads=True)
+    total = torch.zeros((), dtype=torch.float64)
+    for rank in range(size):
+        index, stand_in = World(rank=rank, size=size).share(micro)
+        part = 0.0 if stand_in else len(index) / len(chunk)
+        world = World(rank=rank, size=size)
+        bound = BoundLoss(loss, reference(index), part * size,
+                          token_total=share_tokens(pairs, micro, index, world, stand_in))
+        total = total + bound(logps(index))[0] / size  # DDP averages the ranks' gradients
+    assert total.item() == pytest.approx(one.item(), rel=1e-12)
+    grads = torch.autograd.grad(total, (chosen, rejected), allow_unused=True, materialize_grads=True)
+    for got, expected in zip(grads, one_grad):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
