@@ -56,6 +56,7 @@ def save(log_path: str | Path, step: int, backend: Any, state: dict[str, Any],
         with atomic_dir(path) as tmp:
             write(Path(tmp), backend, state, step)
         prune(log_path, path, keep)
+        whole(backend, path)
         return path
     # Several processes: the main rank makes the temporary directory; every rank writes its part
     # of the backend's state into it (``save_state`` on every rank: a sharded state's shards),
@@ -68,6 +69,7 @@ def save(log_path: str | Path, step: int, backend: Any, state: dict[str, Any],
         with world.collective(what):
             backend.save_state(str(tmp / "backend"))
         world.first(what, lambda: None)
+        whole(backend, path)
         return path
 
     def finish() -> None:
@@ -80,7 +82,16 @@ def save(log_path: str | Path, step: int, backend: Any, state: dict[str, Any],
         prune(log_path, path, keep)
 
     world.first(what, finish)
+    whole(backend, path)
     return path
+
+
+def whole(backend: Any, path: Path) -> None:
+    """Tell a backend that asks (``checkpoint_saved(path)``, optional) that checkpoint ``path``
+    is whole on disk: what it saved there may now replace what the older ones need."""
+    saved = getattr(backend, "checkpoint_saved", None)
+    if callable(saved):
+        saved(str(path))
 
 
 def write(tmp: Path, backend: Any, state: dict[str, Any], step: int,

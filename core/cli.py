@@ -132,6 +132,10 @@ def run(
         raise typer.Exit(stopped.exit_code) from None
     if not quiet():  # one summary, the main rank's
         typer.echo(json.dumps(summary, indent=2))
+    if summary.get("errors"):  # after training, with the weights saved (a promote that failed)
+        for error in summary["errors"] if not quiet() else []:
+            typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()

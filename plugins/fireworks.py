@@ -202,7 +202,8 @@ class FireworksBackend(remote.TrainingClientBackend):
             self.jobs.delete_left()
         self.clients: list[Any] = []  # service clients to close
         self.syncer: Any = None
-        self.state_job: str | None = None  # the job holding the newest state saved or loaded
+        self.state_job: str | None = None  # the job holding the newest whole checkpoint's state
+        self.saving: str | None = None  # the job of the state being saved into a checkpoint
         try:
             self.policy_job, self.sdk = self._trainer("policy", config.lora_rank, False,
                                                       options.training_shape_id, options.job_id)
@@ -285,8 +286,14 @@ class FireworksBackend(remote.TrainingClientBackend):
         saved = self.service.call("save_state", lambda: self.client.save_state(name), repeatable=True)
         remote.write_state(path, {"backend": "fireworks", "job": self.policy_job, "state": saved.path,
                                   "base_model": self.config.base_model})
-        self.state_job = self.policy_job
-        self.jobs.delete_left()  # a kept job whose state this run loaded: no longer the newest
+        self.saving = self.policy_job  # the newest state once the checkpoint is whole
+
+    def checkpoint_saved(self, path: str) -> None:
+        """The checkpoint holding the state :meth:`save_state` saved is whole on disk: that job
+        now holds the newest state, and a job kept for this run's resume is no longer needed (not
+        before: a checkpoint cut short by a full disk or a kill leaves the kept job's the newest)."""
+        self.state_job = self.saving
+        self.jobs.delete_left()
 
     def load_state(self, path: str) -> None:
         state = remote.read_state(path)
@@ -326,11 +333,14 @@ class FireworksBackend(remote.TrainingClientBackend):
 
     def save_weights(self, path: str) -> dict[str, Any]:
         saved = self._save_sampler(self.checkpoint_name("final"))
-        promoted: dict[str, str] = {}
+        promoted: dict[str, Any] = {}
         if self.options.output_model_id:  # as the cookbook's recipe, right after its final save
-            promoted["output_model"] = fireworks_promote.promote(
-                self.service, self.manager, self.policy_job, saved, self.options.output_model_id,
-                self.config.base_model, self.options.poll_interval_s)
+            try:
+                promoted["output_model"] = fireworks_promote.promote(
+                    self.service, self.manager, self.policy_job, saved, self.options.output_model_id,
+                    self.config.base_model, self.options.poll_interval_s)
+            except TrainingError as exc:  # the weights are sound and saved: the run completes
+                promoted["errors"] = [str(exc)]  # and `preftune run` exits 1 naming it
         remote.write_state(path, {"backend": "fireworks", "job": self.policy_job,
                                   "snapshot": saved.snapshot_name, "path": saved.path,
                                   "base_model": self.config.base_model,

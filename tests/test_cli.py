@@ -92,6 +92,30 @@ def test_run_with_overrides_trains_and_prints_the_summary(
     assert summary["status"] == "completed" and summary["steps"] == 3  # 23 train pairs / 8
 
 
+def test_a_completed_run_with_an_error_after_training_prints_both_and_exits_1(
+    tmp_path: Path, small_dataset: Any, monkeypatch: Any
+) -> None:
+    """A backend's ``errors`` (a promote that failed after the weights were saved): the summary
+    says completed, each error follows on stderr, and the exit status says something failed."""
+    import preftune.loop
+
+    real = preftune.loop.run
+
+    def with_error(config: Any) -> dict[str, Any]:
+        return {**real(config), "errors": ["promoting the final weights to model m failed: HTTP 409"]}
+
+    monkeypatch.setattr(preftune.loop, "run", with_error)
+    data = small_dataset(tmp_path / "d.jsonl")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"base_model: builtin:tiny\ndataset: {data}\nlog_path: {tmp_path / 'logs'}\n"
+                      "max_seq_len: 64\nsinks: [jsonl]\n")
+    result = runner.invoke(app, ["run", str(config)])
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["status"] == "completed"
+    assert "error: promoting the final weights to model m failed: HTTP 409" in result.stderr
+    assert (tmp_path / "logs" / "final").is_dir()
+
+
 def test_run_with_a_bad_config_prints_one_clear_error(tmp_path: Path) -> None:
     config = tmp_path / "run.toml"
     config.write_text('base_model = "builtin:tiny"\ndataset = "d.jsonl"\nlosss = "dpo"\n')

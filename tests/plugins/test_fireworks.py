@@ -214,11 +214,16 @@ def test_output_model_id_promotes_the_final_base_save_of_a_full_fine_tune_with_w
 
 def test_a_failed_promote_says_where_the_weights_are_and_how_to_promote_them(
         make_config: Any, emulator: Any, tmp_path: Path) -> None:
+    """The weights are sound and saved: the run completes, final/ names them and the error, and
+    the summary carries it (``preftune run`` then exits 1: tests/test_cli.py)."""
     emulator.emulator.promoted["accounts/emulated/models/taken"] = {"model": {}, "checkpoint": {}}
-    with pytest.raises(TrainingError) as raised:
-        run(fireworks_config(make_config, emulator, tmp_path, "taken", lora_rank=4, epochs=1,
-                             fireworks={"base_url": emulator.url, **FIREWORKS, "output_model_id": "taken"}))
-    message = str(raised.value)
+    options = {"base_url": emulator.url, **FIREWORKS, "output_model_id": "taken"}
+    summary = run(fireworks_config(make_config, emulator, tmp_path, "taken", lora_rank=4, epochs=1,
+                                   fireworks=options))
+    assert summary["status"] == "completed" and "output_model" not in summary
+    [message] = summary["errors"]
+    final = json.loads((tmp_path / "taken" / "final" / "remote.json").read_text())
+    assert final["errors"] == [message] and final["snapshot"] == summary["remote_weights"]
     assert "promoting the final weights to model taken failed" in message and "HTTP 409" in message
     assert "already exists" in message and "\n" not in message
     job = next(iter(emulator.emulator.jobs))

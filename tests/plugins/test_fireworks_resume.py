@@ -96,6 +96,39 @@ def test_a_failure_keeps_the_job_until_the_resumed_run_has_a_checkpoint_of_its_o
     assert not (tmp_path / "failed" / "fireworks_jobs.json").exists()
 
 
+def test_a_resumed_runs_checkpoint_cut_short_leaves_the_kept_job_for_the_next_resume(
+        emulator: Any, tmp_path: Path, configs: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kept job holds the newest whole checkpoint's state until a newer checkpoint is whole:
+    a disk that fills while the resumed run writes its first one (after the service saved the
+    state) deletes nothing the older checkpoint needs, and a second resume continues from it."""
+    import errno
+
+    import preftune.checkpoint
+    from preftune import DiskError
+
+    run(load_config(configs("full", keep=True)))
+    config = configs("cut", keep=True)
+    emulator.emulator.faults.die_after_steps = 4  # checkpoint at step 3, dies at step 5
+    with pytest.raises(TrainingError):
+        run(load_config(config))
+    emulator.emulator.faults.die_after_steps = None
+    [kept] = ledger(tmp_path / "cut")
+
+    def full_disk() -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:  # the resumed run's step-6 checkpoint: state saved, rng.pt not
+        patch.setattr(preftune.checkpoint, "rng_state", full_disk)
+        with pytest.raises((DiskError, OSError)):
+            run(load_config(config, ["resume=true"]))
+    assert not emulator.emulator.jobs[kept].get("deleted")  # the step-3 checkpoint's state is there
+    assert ledger(tmp_path / "cut") == [kept]  # and the new run's job is gone
+    summary = run(load_config(config, ["resume=true"]))
+    assert summary["status"] == "completed"
+    assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
+    assert emulator.emulator.leftovers() == []
+
+
 def test_without_the_option_the_job_is_deleted_and_resume_says_its_state_is_gone(
         emulator: Any, tmp_path: Path, configs: Any, capfd: pytest.CaptureFixture[str]) -> None:
     config = configs("failed", keep=False)
