@@ -353,8 +353,11 @@ class LocalBackend:
     def sample(self, prompts: Sequence[Sequence[int]], max_tokens: int,
                stop: Sequence[int]) -> list[list[int]]:
         """Greedy completions by the policy as it is now (``eval_samples``), with LoRA
-        dropout off as in every forward outside a training step."""
-        return self.engine.generate(prompts, max_tokens, stop)
+        dropout off as in every forward outside a training step, ``batch_size`` prompts at a time
+        (the memory a micro-batch's training takes bounds theirs)."""
+        size = self.config.batch_size
+        return [tokens for start in range(0, len(prompts), size)
+                for tokens in self.engine.generate(prompts[start : start + size], max_tokens, stop)]
 
     def peak_mem_mb(self) -> float:
         """Peak memory so far, in MiB: the GPU's peak allocation on CUDA, else peak RSS."""

@@ -77,15 +77,21 @@ class Engine:
         from transformers import GenerationConfig
 
         config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, pad_token_id=self.pad_id,
-                                  eos_token_id=list(stop) or None)  # none of the model's own defaults
+                                  eos_token_id=list(stop))
+        # transformers fills what ``config`` leaves unset from the model's own generation config (a
+        # chat model's repetition penalty, say): a blank one for the call keeps the search greedy
+        hf_model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        own = hf_model.generation_config
+        hf_model.generation_config = GenerationConfig()
         gathered = self.runner if self.sharded else None
         if gathered is not None:
             gathered.unshard()
         try:
             with torch.no_grad(), autocast(self.device, self.compute):
                 out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                          generation_config=config)
-        finally:
+                                          generation_config=config, synced_gpus=self.sharded)
+        finally:  # synced_gpus: under FSDP every rank runs until all have finished (their gathers pair)
+            hf_model.generation_config = own
             if gathered is not None:
                 gathered.reshard()
         return [until_stop(row, stop) for row in out[:, width:].tolist()]

@@ -11,7 +11,7 @@ import torch
 
 from preftune import get_plugin_manager, get_registry, hookimpl, run
 from preftune.loop import Data, make_format, prepare_data
-from preftune.plugins.local import LocalBackend
+from preftune.plugins.local import LocalBackend, LocalOptions
 from preftune.tiny import tiny_tokenizer
 
 
@@ -94,8 +94,6 @@ class NoSampling(LocalBackend):
 class NoSamplingPlugin:
     @hookimpl
     def register_backends(self, register: Any) -> None:
-        from preftune.plugins.local import LocalOptions
-
         register("nosample", NoSampling, LocalOptions)
 
 
@@ -118,3 +116,27 @@ def test_more_samples_than_held_out_pairs_samples_them_all(
     samples = rows(Path(config.log_path) / "samples.jsonl")
     assert len(samples) == 2 * 6  # 24 pairs, a quarter held out, sampled at the start and the end
     assert "eval_samples = 50, but there are 6 held-out pairs: sampling 6" in capsys.readouterr().err
+
+
+def test_generation_is_greedy_whatever_the_models_own_generation_settings(make_config: Any) -> None:
+    """A chat model's generation config (a repetition penalty, no repeated n-grams, a minimum
+    length) does not reach the samples: they are the plain argmax, step by step, in batches."""
+    from preftune.tiny import tiny_model
+
+    backend = LocalBackend(make_config(batch_size=2), LocalOptions(), tiny_tokenizer())
+    hf = backend.model
+    hf.generation_config.repetition_penalty = 5.0
+    hf.generation_config.no_repeat_ngram_size = 1
+    hf.generation_config.min_new_tokens = 12
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14]]  # unequal lengths; 3 prompts in batches of 2
+    got = backend.sample(prompts, 10, [])
+    plain = tiny_model().eval()
+    for prompt, tokens in zip(prompts, got):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(10):
+                ids.append(int(plain(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        assert tokens == ids[len(prompt):]
+    assert hf.generation_config.repetition_penalty == 5.0  # the model's own settings are left as they were
+    stop = got[0][2]  # a token the first completion reaches: it ends there, that token included
+    assert backend.sample(prompts[:1], 10, [stop])[0] == got[0][: got[0].index(stop) + 1]
