@@ -36,6 +36,7 @@ STATUS = {"completed": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}  # M
 SAMPLE_COLUMNS = ("step", "source", "prompt", "completion", "chosen")  # an eval_samples table
 MAX_PARAM_VALUE = 6000  # MLflow's limit on a param's value (longer ones are cut, marked "...")
 BATCH = 100  # params per log_batch call (MLflow's limit)
+RETRIES = 2  # of a request to a tracking server (MLflow's default, 7 with backoff, waits minutes)
 
 
 class MLflowOptions(BaseModel):
@@ -50,15 +51,26 @@ class MLflowOptions(BaseModel):
         "Experiment name (created if missing); default $MLFLOW_EXPERIMENT_NAME, else 'preftune'."))
     run_name: str | None = Field(None, description="Run name; default the name of log_path.")
     tags: dict[str, str] = Field({}, description="Tags set on the run.")
+    timeout_s: float = Field(30.0, gt=0, description=(
+        "Seconds MLflow waits for each request to a tracking server (two retries, so a server that "
+        "cannot be reached costs about three times this): unreachable at the start, the run stops "
+        "with an error naming mlflow.tracking_uri; during the run, it goes on without MLflow and "
+        "says so (metrics.jsonl keeps every step). $MLFLOW_HTTP_REQUEST_TIMEOUT and "
+        "$MLFLOW_HTTP_REQUEST_MAX_RETRIES, when set, win."), json_schema_extra={"operational": True})
     telemetry: bool = Field(False, description=(
         "Let MLflow send its usage telemetry (on by default in MLflow 3). Off: preftune sets "
         "MLFLOW_DISABLE_TELEMETRY=true before it imports mlflow."))
 
 
-def import_mlflow(telemetry: bool) -> Any:
-    """The ``mlflow`` module, its telemetry off unless asked for; missing: a ConfigError."""
+def import_mlflow(telemetry: bool, timeout_s: float = 30.0) -> Any:
+    """The ``mlflow`` module, its telemetry off unless asked for, its requests to a server
+    bounded (MLflow's own default retries an unreachable server for minutes); missing: a
+    ConfigError."""
     if not telemetry:
         os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"  # read when mlflow is imported
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(int(timeout_s), 1)))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(RETRIES))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     try:
         import mlflow
     except ImportError:
@@ -94,6 +106,14 @@ def sqlite_path(uri: str | None) -> Path | None:
     if uri is None or not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
         return None
     return Path(absolute(uri).removeprefix("sqlite:///"))
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment of a local database keeps its artifacts (the eval samples):
+    ``mlartifacts/`` beside the database file, as ``mlflow server`` does, not MLflow's default
+    ``./mlruns`` in whatever directory the run starts from; a server decides its own (None)."""
+    path = sqlite_path(uri)
+    return None if path is None else (path.parent / "mlartifacts").as_uri()
 
 
 def open_client(mlflow: Any, uri: str) -> Any:
@@ -132,7 +152,7 @@ def numbers(metrics: dict[str, Any]) -> dict[str, float]:
 class MLflowSink:
     @staticmethod
     def check(config: Config, options: MLflowOptions) -> None:
-        mlflow = import_mlflow(options.telemetry)  # missing: said before anything loads
+        mlflow = import_mlflow(options.telemetry, options.timeout_s)  # missing: said before anything loads
         uri = options.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:"
         needs_sqlalchemy(uri)
         if not uri.startswith(("sqlite:", "file:", "/", ".")) and ":" in uri:
@@ -151,10 +171,13 @@ class MLflowSink:
         self.client: Any = None
         self.run_id: str | None = None
         self.logged: dict[str, int] = {}  # metric -> the last step the MLflow run holds
+        self.uri = ""
+        self.lost_from: int | None = None  # the step from which MLflow could not be written
+        self.jsonl = "jsonl" in config.sinks
 
     @hookimpl
     def preftune_run_start(self, config: Config, info: dict[str, Any], backend: Any) -> None:
-        mlflow = import_mlflow(self.options.telemetry)
+        mlflow = import_mlflow(self.options.telemetry, self.options.timeout_s)
         saved = self._saved() if info.get("resume_step") else {}
         uri = absolute(self.options.tracking_uri or saved.get("tracking_uri") or mlflow.get_tracking_uri())
         self.client = open_client(mlflow, uri)
@@ -162,7 +185,7 @@ class MLflowSink:
             run = self._continue(saved.get("run_id"), uri) or self._create()
         except mlflow.exceptions.MlflowException as exc:  # a server that refuses, a deleted experiment
             raise bad_uri(uri, exc) from None
-        self.run_id = run.info.run_id
+        self.run_id, self.uri = run.info.run_id, uri
         self._save(uri)
         self._log_params(flatten(info.get("config", {})), run.data.params)
         log(f"mlflow: logging to run {self.run_id} ({self.run_name}) in {mask_secrets(uri)}")
@@ -191,6 +214,9 @@ class MLflowSink:
         except MlflowException:
             log(f"mlflow: run {run_id} is not in {mask_secrets(uri)}; starting a new MLflow run")
             return None
+        if run.info.lifecycle_stage == "deleted":  # MLflow refuses to log to it
+            log(f"mlflow: run {run_id} was deleted in {mask_secrets(uri)}; starting a new MLflow run")
+            return None
         self.client.update_run(run_id, status="RUNNING")
         for key in run.data.metrics:
             self.logged[key] = max(m.step for m in self.client.get_metric_history(run_id, key))
@@ -199,7 +225,8 @@ class MLflowSink:
     def _create(self) -> Any:
         name = self.options.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "preftune"
         experiment = self.client.get_experiment_by_name(name)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
+            name, artifact_location=artifact_location(self.client.tracking_uri))
         return self.client.create_run(experiment_id, run_name=self.run_name, tags=self.options.tags)
 
     def _log_params(self, params: dict[str, str], held: dict[str, str]) -> None:
@@ -220,7 +247,24 @@ class MLflowSink:
         batch = [Metric(key, value, now, step) for key, value in numbers(metrics).items()
                  if step > self.logged.get(key, -1)]  # not again what an interrupted run logged
         if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+            self._call(step, lambda: self.client.log_batch(self.run_id, metrics=batch))
+
+    def _call(self, step: int, write: Any, again: bool = False) -> None:
+        """``write()`` to MLflow, unless it failed before (``again``: try anyway): a tracking
+        server that stops answering (or a full disk under a local store) ends MLflow's logging,
+        said once, not the run."""
+        if self.lost_from is not None and not again:
+            return
+        try:
+            write()
+        except Exception as exc:  # MlflowException, the HTTP client's, OSError: one line, no traceback
+            if self.lost_from is not None:
+                return  # said already
+            self.lost_from = step
+            kept = "metrics.jsonl keeps every step" if self.jsonl else "add the jsonl sink to keep them"
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log(f"mlflow: cannot log to {mask_secrets(self.uri)} at step {step}: {mask_secrets(reason)}; "
+                f"the run goes on without MLflow ({kept})")
 
     @hookimpl
     def preftune_log_metrics(self, step: int, metrics: dict[str, float]) -> None:
@@ -236,16 +280,23 @@ class MLflowSink:
         form (``columns``, ``data``); a resume that redoes a step writes it over."""
         table = {"columns": list(SAMPLE_COLUMNS),
                  "data": [[row.get(c) for c in SAMPLE_COLUMNS] for row in samples]}
-        self.client.log_dict(self.run_id, table, f"eval_samples/step-{step:08d}.json")
+        name = f"eval_samples/step-{step:08d}.json"
+        self._call(step, lambda: self.client.log_dict(self.run_id, table, name))
 
     @hookimpl
     def preftune_run_end(self, summary: dict[str, Any]) -> None:
         if self.run_id is None:
             return
         run_id, self.run_id = self.run_id, None
+        step = summary.get("steps", 0)
         if summary.get("error"):
-            self.client.set_tag(run_id, "preftune.error", str(summary["error"])[:MAX_PARAM_VALUE])
-        self.client.set_terminated(run_id, STATUS.get(summary.get("status", "failed"), "FAILED"))
+            error = str(summary["error"])[:MAX_PARAM_VALUE]
+            self._call(step, lambda: self.client.set_tag(run_id, "preftune.error", error), again=True)
+        status = STATUS.get(summary.get("status", "failed"), "FAILED")  # the server may be back
+        self._call(step, lambda: self.client.set_terminated(run_id, status), again=True)
+        if self.lost_from is not None:
+            log(f"mlflow: run {run_id} lacks what came from step {self.lost_from} on (the tracking "
+                "server could not be written)")
 
 
 @hookimpl

@@ -18,8 +18,14 @@ TIMING = {"elapsed_s", "tokens_per_s", "peak_mem_mb"}  # an interrupted run and 
 
 
 @pytest.fixture
-def mlflow(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """mlflow, imported with its telemetry off (MLflow 3 sends it by default)."""
+def mlflow(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    """mlflow, imported with its telemetry off (MLflow 3 sends it by default), from a working
+    directory of the test's own (MLflow writes there by default)."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):  # the sink sets them: unset again afterwards
+        monkeypatch.setenv(name, "1")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
@@ -256,6 +262,7 @@ def test_eval_samples_are_a_table_artifact_per_evaluation(make_config: Any, mlfl
     client = mlflow.tracking.MlflowClient(store(tmp_path))
     [found] = client.search_runs([client.get_experiment_by_name("preftune").experiment_id])
     files = [f.path for f in client.list_artifacts(found.info.run_id, "eval_samples")]
+    assert (tmp_path / "mlartifacts").is_dir()  # beside the database, not in the working directory
     assert files == ["eval_samples/step-00000000.json", "eval_samples/step-00000005.json"]
     samples = rows(Path(config.log_path) / "samples.jsonl")
     for step, file in zip((0, 5), files):
@@ -263,3 +270,57 @@ def test_eval_samples_are_a_table_artifact_per_evaluation(make_config: Any, mlfl
         table = json.loads(Path(local).read_text())
         assert table["columns"] == ["step", "source", "prompt", "completion", "chosen"]
         assert table["data"] == [[r[c] for c in table["columns"]] for r in samples if r["step"] == step]
+
+
+def test_a_tracking_server_that_cannot_be_reached_is_a_clear_error_within_the_timeout(
+        make_config: Any, mlflow: Any) -> None:
+    import time
+
+    config = make_config(sinks=["mlflow"], mlflow={"tracking_uri": "http://127.0.0.1:1", "timeout_s": 2})
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"mlflow\.tracking_uri: cannot log to http://127\.0\.0\.1:1"):
+        run(config)
+    assert time.monotonic() - start < 60  # MLflow's own retries wait about 4 minutes
+
+
+def test_a_store_that_fails_during_the_run_ends_mlflow_logging_not_the_run(
+        make_config: Any, mlflow: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from mlflow.exceptions import MlflowException
+
+    real = mlflow.tracking.MlflowClient.log_batch
+    calls = {"metrics": 0}
+
+    def failing(self: Any, run_id: str, metrics: Any = (), **kwargs: Any) -> Any:
+        if metrics and any(m.step >= 4 for m in metrics):  # the server goes away after step 3
+            raise MlflowException("API request to http://user:pw@mlflow.example/api failed: 503")
+        calls["metrics"] += bool(metrics)
+        return real(self, run_id, metrics=metrics, **kwargs)
+
+    monkeypatch.setattr(mlflow.tracking.MlflowClient, "log_batch", failing)
+    config = make_config(sinks=["jsonl", "mlflow"], mlflow={"tracking_uri": store(tmp_path)})
+    summary = run(config)
+    assert summary["status"] == "completed"
+    err = capsys.readouterr().err
+    assert err.count("mlflow: cannot log to") == 1 and "at step 4" in err and "pw@" not in err
+    assert "the run goes on without MLflow (metrics.jsonl keeps every step)" in err
+    client = mlflow.tracking.MlflowClient(store(tmp_path))
+    [found] = client.search_runs([client.get_experiment_by_name("preftune").experiment_id])
+    assert [s for s, _ in history(client, found.info.run_id, "loss")] == [1, 2, 3]
+    assert found.info.status == "FINISHED"  # the end is tried again, and this store answers
+
+
+def test_a_resume_whose_mlflow_run_was_deleted_starts_a_new_one(
+        make_config: Any, mlflow: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = make_config(sinks=["jsonl", "mlflow", "stop"], epochs=2, checkpoint_interval=4,
+                         mlflow={"tracking_uri": store(tmp_path)})
+    with pytest.raises(KeyboardInterrupt):
+        run(config, stopping_at(6, "crash"))
+    client = mlflow.tracking.MlflowClient(store(tmp_path))
+    first = json.loads((Path(config.log_path) / "mlflow_run.json").read_text())["run_id"]
+    client.delete_run(first)
+    summary = run(config.model_copy(update={"resume": True, "sinks": ["jsonl", "mlflow"]}))
+    assert summary["status"] == "completed"
+    assert f"mlflow: run {first} was deleted" in capsys.readouterr().err
+    second = json.loads((Path(config.log_path) / "mlflow_run.json").read_text())["run_id"]
+    assert second != first and client.get_run(second).info.status == "FINISHED"
