@@ -363,13 +363,15 @@ class FireworksBackend(remote.TrainingClientBackend):
                     "hot-loads a deployment that exists: create it first, or name another")
         if info.state == "READY":
             return None
+        if info.state in ("FAILED", "DELETING", "DELETED"):  # it will never take a hot-load
+            return f"the deployment is {info.state}; weight sync needs one that can take hot-loads"
         try:  # one short look: the SDK's own readiness check, which probes a CREATING one
             self.service.run(f"waiting for deployment {deployment_id}", lambda: manager.wait_for_ready(
                 deployment_id, timeout_s=opts.connect_timeout_s, poll_interval_s=opts.poll_interval_s),
                 opts.connect_timeout_s * 3)
-        except remote.RemoteError:
-            return (f"the deployment is {info.state}, not READY (within {opts.connect_timeout_s:g} s); "
-                    "weight sync needs a ready deployment to hot-load")
+        except remote.RemoteError:  # still starting: the first hot-load (at the end, by default) waits
+            log(f"fireworks: deployment {deployment_id} is {info.state}, not READY yet; training starts, "
+                f"and the first hot-load waits for it (hotload_timeout_s = {opts.hotload_timeout_s:g})")
         return None
 
     def publish_weights(self, snapshot: str, step: int, deployment_id: str,

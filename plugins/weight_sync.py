@@ -5,7 +5,8 @@ with a manifest and switches a ``current`` pointer atomically; a remote backend 
 its sampler and hot-loads the deployment. As in the cookbook, DPO syncs nothing during training by
 default (``weight_sync_interval = 0``) and once at the end. A backend that publishes to a service
 deployment (``check_deployment``) has it checked once the backend is built, before the reference
-pass and the first step: a missing or unready deployment stops the run before any work.
+pass and the first step: a missing or failed deployment stops the run before any work (one still
+starting is said, and training starts: the first hot-load waits for it).
 """
 
 from __future__ import annotations

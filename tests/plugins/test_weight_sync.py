@@ -145,8 +145,9 @@ def assert_nothing_computed(emulator: Any, log_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("state", "problem"), [
-    (None, r"the service \S+ has no such deployment"), ("FAILED", "the deployment is FAILED, not READY")])
-def test_fireworks_deployment_missing_or_not_ready_is_refused_before_any_work(
+    (None, r"the service \S+ has no such deployment"),
+    ("FAILED", "the deployment is FAILED; weight sync needs one that can take hot-loads")])
+def test_fireworks_deployment_missing_or_failed_is_refused_before_any_work(
         make_config: Any, emulator: Any, tmp_path: Path, state: str | None, problem: str) -> None:
     if state is not None:
         emulator.emulator.add_deployment("serving", "builtin:tiny")["state"] = state
@@ -180,6 +181,21 @@ def test_fireworks_deployment_still_creating_but_serving_is_accepted_as_the_sdk_
     run(fireworks_sync_config(make_config, emulator, tmp_path, "serving"))
     assert deployment["snapshot"] == deployment["hot_loads"][-1]
     assert paths_before(emulator, "deployments/serving", "/inference/v1/completions", "forward")
+
+
+def test_fireworks_deployment_still_starting_lets_training_start_and_says_so(
+        make_config: Any, emulator: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A deployment that is not ready yet (CREATING, not serving) is no reason to hold training:
+    by default it is first hot-loaded at the end. The run says so, trains, and syncs then."""
+    deployment = emulator.emulator.add_deployment("serving", "builtin:tiny")
+    deployment["state"] = "CREATING"
+    emulator.emulator.faults.errors["/inference/v1/completions"] = 10_000  # it does not serve yet
+    summary = run(fireworks_sync_config(make_config, emulator, tmp_path, "serving", connect_timeout_s=1,
+                                        warmup_after_hotload=False))
+    emulator.emulator.faults.errors.clear()
+    assert summary["status"] == "completed"
+    assert "deployment serving is CREATING, not READY yet; training starts" in capsys.readouterr().err
+    assert deployment["snapshot"] == deployment["hot_loads"][-1]
 
 
 def paths_before(emulator: Any, first: str, second: str, then: str) -> bool:
