@@ -49,18 +49,26 @@ def root(log_path: str | Path) -> Path:
 def save(log_path: str | Path, step: int, backend: Any, state: dict[str, Any],
          keep: int, world: Any = None) -> Path:
     """Write checkpoint ``step`` atomically, then delete the older ones beyond ``keep`` (never
-    the one just written, nor one from a later step). Under several processes (``world``) every
-    rank calls the backend's ``save_state`` with the same directory and writes its part."""
+    the one just written, nor one from a later step), and tell the backend it is whole. Under
+    several processes (``world``) every rank calls the backend's ``save_state`` with the same
+    directory and writes its part."""
     path = root(log_path) / f"step-{step:08d}"
     if world is None or world.size == 1:
         with atomic_dir(path) as tmp:
             write(Path(tmp), backend, state, step)
         prune(log_path, path, keep)
-        whole(backend, path)
-        return path
-    # Several processes: the main rank makes the temporary directory; every rank writes its part
-    # of the backend's state into it (``save_state`` on every rank: a sharded state's shards),
-    # the main rank the rest; then it renames the directory. An error anywhere stops every rank.
+    else:
+        save_ranks(path, step, backend, state, keep, world, log_path)
+    whole(backend, path)
+    return path
+
+
+def save_ranks(path: Path, step: int, backend: Any, state: dict[str, Any], keep: int, world: Any,
+               log_path: str | Path) -> None:
+    """:func:`save` under several processes: the main rank makes the temporary directory; every
+    rank writes its part of the backend's state into it (``save_state`` on every rank: a sharded
+    state's shards), the main rank the rest; then it renames the directory. An error anywhere
+    stops every rank."""
     rngs = world.gather(rng_state())  # each rank's generators (LoRA dropout draws its own)
     holder = atomic_dir(path)
     tmp = Path(world.broadcast(world.first(f"making checkpoint {path}", holder.__enter__)))
@@ -69,8 +77,7 @@ def save(log_path: str | Path, step: int, backend: Any, state: dict[str, Any],
         with world.collective(what):
             backend.save_state(str(tmp / "backend"))
         world.first(what, lambda: None)
-        whole(backend, path)
-        return path
+        return
 
     def finish() -> None:
         try:
@@ -82,8 +89,6 @@ def save(log_path: str | Path, step: int, backend: Any, state: dict[str, Any],
         prune(log_path, path, keep)
 
     world.first(what, finish)
-    whole(backend, path)
-    return path
 
 
 def whole(backend: Any, path: Path) -> None:
