@@ -272,6 +272,7 @@ def test_the_fast_paths_give_exactly_the_ids_of_apply_chat_template(template: st
     at the prompt's last added token), give the ids of ``apply_chat_template(tokenize=True)``."""
     import random
 
+    from preftune.data.render import template_renderer
     from preftune.data.tokenize import direct_encoder, prompt_splitter, tokenize_pairs
     from preftune.tiny import tiny_tokenizer
 
@@ -300,6 +301,7 @@ def test_the_fast_paths_give_exactly_the_ids_of_apply_chat_template(template: st
                                     (Message("assistant", say() + "?"),), Source("r.jsonl", i + 1)))
     fast = fresh()
     assert direct_encoder(fast) is not None and prompt_splitter(fast) is not None
+    assert template_renderer(fast) is not None
     slow = fresh()
-    slow._preftune_direct = slow._preftune_split = None  # apply_chat_template(tokenize=True) only
+    slow._preftune_direct = slow._preftune_split = slow._preftune_render = None  # apply_chat_template only
     assert tokenize_pairs(fast, pairs, 4096) == tokenize_pairs(slow, pairs, 4096)

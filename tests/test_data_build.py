@@ -66,3 +66,51 @@ def test_workers_and_chunks_give_what_one_process_gives(
     if settings:  # reading stops at the record of the 37th pair that parses, in every mode
         parsing = [i for i in range(90) if i % 11 != 7]
         assert whole.records == parsing[36] + 1
+
+
+def test_the_garbage_collector_is_paused_for_a_chunk_only(tmp_path: Path, registry: Any,
+                                                          pair_record: Any) -> None:
+    import gc
+
+    from preftune.data import build as building
+
+    seen = []
+    work = building._work_chunk
+
+    def spy(reads: Any) -> Any:
+        seen.append(gc.isenabled())
+        return work(reads)
+
+    building._work_chunk, was = spy, gc.isenabled()
+    try:
+        gc.enable()
+        build(tmp_path, registry, mixed(tmp_path, pair_record), 1)
+        assert seen == [False] and gc.isenabled()
+        gc.disable()  # a caller that paused it keeps it paused
+        build(tmp_path, registry, mixed(tmp_path, pair_record, 91), 1)
+        assert seen == [False, False] and not gc.isenabled()
+    finally:
+        building._work_chunk = work
+        if was:
+            gc.enable()
+
+
+def test_a_chunk_s_pair_digests_are_each_pair_s_digest() -> None:
+    import random
+
+    import numpy
+
+    from preftune.data.table import Packed, packed_digest
+    from preftune.types import TokenizedPair
+
+    rng = random.Random(0)
+
+    def ids() -> tuple[int, ...]:
+        return tuple(rng.randrange(200_000) for _ in range(rng.randint(1, 40)))
+
+    pairs = [TokenizedPair(ids(), ids(), ids(), (), ()) for _ in range(50)]
+    packed = Packed.of(pairs)
+    for i, pair in enumerate(pairs):
+        flat = [t for seq in (pair.prompt, pair.chosen, pair.rejected) for t in seq]
+        digest = packed_digest(packed.lengths[i], numpy.array(flat, dtype=numpy.int32))
+        assert digest == packed.digests[16 * i : 16 * (i + 1)]

@@ -292,3 +292,66 @@ def test_keys_a_template_ignores_are_trained_without_and_counted_when_allowed(re
     assert len(kept) == 1 and not problems
     assert report.ignored == {"tool call id": 1, "tool_call_id": 1}
     assert "the chat template ignores tool call id (1 pairs), tool_call_id (1 pairs)" in report.lines(4096)[0]
+
+
+# ---- the compiled template called directly -----------------------------------------------------------
+
+LLAMA_LIKE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' and loop.index0 % 2 == 1 %}"
+    "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}<|im_start|>{{ m['role'] }}"
+    "{% if m.name %} ({{ m.name }}){% endif %}\n\n{{ m['content'] | trim }}<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n\n{% endif %}")
+
+
+def conversations() -> list[list[dict[str, Any]]]:
+    """Turns with names, tool calls and results, whitespace, unicode; some break alternation."""
+    prompt, _ = tool_prompt()
+    return [[{"role": "system", "content": "  Be brief.\n"}, {"role": "user", "content": "héllo\n\n x"},
+             {"role": "assistant", "content": "\tSure <b>"}],
+            [{"role": "user", "content": "日本語?", "name": "ann"}, {"role": "assistant", "content": " "}],
+            [*prompt, CHOSEN],
+            [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]]
+
+
+@pytest.mark.parametrize("template", ["chatml", TOOLS_TEMPLATE, LLAMA_LIKE],
+                         ids=["chatml", "tools", "llama-like"])
+def test_the_template_called_directly_renders_what_apply_chat_template_renders(template: str) -> None:
+    from jinja2 import TemplateError
+
+    from preftune.data.render import template_renderer
+
+    tokenizer = tiny_tokenizer() if template == "chatml" else with_template(template)
+    render = template_renderer(tokenizer)
+    assert render is not None
+    for conversation in conversations():
+        for gen in (False, True):
+            try:
+                expected = tokenizer.apply_chat_template(conversation, tokenize=False,
+                                                         add_generation_prompt=gen)
+            except TemplateError as exc:
+                with pytest.raises(TemplateError, match=str(exc)):
+                    render(json.loads(json.dumps(conversation)), gen)
+                continue
+            assert render(json.loads(json.dumps(conversation)), gen) == expected
+
+
+def test_a_tokenizer_whose_apply_chat_template_renders_otherwise_is_never_bypassed() -> None:
+    """The probes compare the direct call with the tokenizer's own apply_chat_template: an
+    instance (or a class) that renders differently keeps the slow path, and its ids."""
+    from preftune.data.render import template_renderer
+
+    tokenizer = tiny_tokenizer()
+    own = tokenizer.apply_chat_template
+
+    def louder(conversation: Any, **kwargs: Any) -> Any:
+        out = own(conversation, **kwargs)
+        return out.upper() if isinstance(out, str) else out
+
+    tokenizer.apply_chat_template = louder
+    assert template_renderer(tokenizer) is None
+
+    class Own(type(tiny_tokenizer())):  # type: ignore[misc]
+        def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
+            return super().apply_chat_template(*args, **kwargs)
+
+    assert template_renderer(Own.from_pretrained(tiny_tokenizer().name_or_path)) is None

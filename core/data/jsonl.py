@@ -168,11 +168,11 @@ def parse(text: str) -> tuple[Any, RecordError | None]:
 def unique_keys(items: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object's dict, refusing a key given twice (``json`` would keep the last silently,
     which can swap chosen and rejected)."""
-    out: dict[str, Any] = {}
-    for key, value in items:
-        if key in out:
-            raise RecordError(key, "given twice in one JSON object; which one is meant?")
-        out[key] = value
+    out = dict(items)
+    if len(out) != len(items):
+        seen: set[str] = set()
+        twice = next(key for key, _ in items if key in seen or seen.add(key))  # type: ignore[func-returns-value]
+        raise RecordError(twice, "given twice in one JSON object; which one is meant?")
     return out
 
 

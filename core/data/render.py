@@ -140,18 +140,87 @@ def encode_many(tokenizer: Any, texts: Sequence[str]) -> list[Rendered]:
     return out
 
 
-def render_texts(tokenizer: Any, keys: Sequence[Slot]) -> dict[Slot, str | RecordError]:
-    """Each chat slot's rendered text (not encoded), batched by generation flag and tools."""
+def template_renderer(tokenizer: Any) -> Any:
+    """A function ``(message dicts, generation flag) -> text`` that calls the tokenizer's compiled
+    chat template directly, for conversations without tools, or None where that would not give
+    exactly what ``apply_chat_template(tokenize=False)`` gives. Decided once per tokenizer.
+
+    It hands the template what ``apply_chat_template`` hands it (the messages, no tools or
+    documents, the generation flag, the special tokens) and skips only its per-conversation
+    copying of messages into plain data, which preftune's messages (strings, and JSON-parsed tool
+    calls, no None values, no reasoning keys) already are. transformers' own compiled template is
+    used (its sandbox and globals), a tokenizer class with its own ``apply_chat_template`` is never
+    bypassed, and every probe conversation must render to the same text or the same error."""
+    cached = getattr(tokenizer, "_preftune_render", "unset")
+    if cached != "unset":
+        return cached
+    render = None
+    try:
+        from transformers import PreTrainedTokenizerBase
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        if type(tokenizer).apply_chat_template is PreTrainedTokenizerBase.apply_chat_template:
+            template = _compile_jinja_template(tokenizer.get_chat_template())
+            extra = dict(tokenizer.special_tokens_map)
+            if all(isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+                   for v in extra.values()):
+                def render(messages: list[dict[str, Any]], gen: bool) -> str:
+                    return template.render(messages=messages, tools=None, documents=None,
+                                           add_generation_prompt=gen, **extra)
+                if not all(_same_text(tokenizer, render, probe, gen)
+                           for probe in PROBES + TOOL_PROBES for gen in (False, True)):
+                    render = None
+    except Exception:  # no such internals in this transformers, or no template: the slow path
+        render = None
+    try:
+        tokenizer._preftune_render = render
+    except AttributeError:
+        pass
+    return render
+
+
+def _same_text(tokenizer: Any, render: Any, probe: list[dict[str, Any]], gen: bool) -> bool:
+    """Whether the direct render of ``probe`` is apply_chat_template's text, or the same error."""
+    def outcome(call: Any) -> tuple[str, str]:
+        try:
+            return "text", call()
+        except Exception as exc:  # a template that refuses the probe must refuse it both ways
+            return type(exc).__name__, str(exc)
+
+    slow = outcome(lambda: tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=gen))
+    fast = outcome(lambda: render(json.loads(json.dumps(probe)), gen))
+    return slow == fast
+
+
+TOOL_PROBES = ([{"role": "user", "content": "weather?", "name": "ann"},
+                {"role": "assistant", "content": "",
+                 "tool_calls": [{"type": "function", "id": "c1",
+                                 "function": {"name": "get", "arguments": {"city": "Oslo"}}}]},
+                {"role": "tool", "content": "{\"t\": 3}", "tool_call_id": "c1"},
+                {"role": "assistant", "content": "3 degrees."}],)
+
+
+def render_texts(tokenizer: Any, keys: Sequence[Slot]) -> list[str | RecordError]:
+    """Each chat slot's rendered text (not encoded), batched by generation flag and tools
+    (conversations without tools by :func:`template_renderer` where it vouches for itself)."""
     from jinja2 import TemplateError
 
-    groups: dict[tuple[bool, str | None], list[Slot]] = {}
-    for key in keys:
-        groups.setdefault((key[2], key[3]), []).append(key)
-    out: dict[Slot, str | RecordError] = {}
+    groups: dict[tuple[bool, str | None], list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault((key[2], key[3]), []).append(i)
+    out: list[str | RecordError] = [""] * len(keys)
+    direct = template_renderer(tokenizer)
     for (gen, tools), todo in groups.items():
+        if direct is not None and tools is None:
+            for i in todo:
+                try:
+                    out[i] = direct(_as_dicts(keys[i][1]), gen)  # type: ignore[arg-type]
+                except TemplateError as exc:
+                    out[i] = RecordError("", f"the chat template failed: {exc}")
+            continue
         for start in range(0, len(todo), CHUNK):
             chunk = todo[start : start + CHUNK]
-            dicts = [_as_dicts(key[1]) for key in chunk]  # type: ignore[arg-type]
+            dicts = [_as_dicts(keys[i][1]) for i in chunk]  # type: ignore[arg-type]
             try:
                 texts = tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=gen,
                                                       **_tools(tools))
@@ -163,33 +232,50 @@ def render_texts(tokenizer: Any, keys: Sequence[Slot]) -> dict[Slot, str | Recor
                             one, tokenize=False, add_generation_prompt=gen, **_tools(tools)))
                     except TemplateError as exc:
                         texts.append(RecordError("", f"the chat template failed: {exc}"))
-            out.update(zip(chunk, texts))
+            for i, text in zip(chunk, texts):
+                out[i] = text
     return out
 
 
-def render_chat_rows(tokenizer: Any, rows: Sequence[list[Slot]], split: Any) -> dict[Slot, Rendered]:
-    """Chat slots of whole pairs, the prompt encoded once: each conversation's ids are its
-    prompt's ids up to the prompt's last added token (``<|im_start|>``), where the tokenizer cuts
-    text into pieces it encodes apart, then the ids of the rest of the conversation's text."""
-    keys = list(dict.fromkeys(key for row in rows for key in row))
-    texts = render_texts(tokenizer, keys)
-    prompts = list(dict.fromkeys(row[0] for row in rows if isinstance(texts[row[0]], str)))
-    encoded = split.encode([texts[k] for k in prompts])  # type: ignore[misc]
-    done: dict[Slot, Rendered] = {k: e.ids for k, e in zip(prompts, encoded)}
-    heads = {k: split.head(texts[k], e) for k, e in zip(prompts, encoded)}  # (text, ids) of each head
-    tails: list[tuple[Slot, list[int], str]] = []
+def render_chat_rows(tokenizer: Any, keys: Sequence[Slot], rows: Sequence[Sequence[int]],
+                     split: Any) -> list[Rendered]:
+    """The chat slots of whole pairs (``rows``: the positions of a pair's prompt, chosen and
+    rejected in ``keys``), each distinct text encoded once and a pair's prompt once: each
+    conversation's ids are its prompt's ids up to the prompt's last added token
+    (``<|im_start|>``), where the tokenizer cuts text into pieces it encodes apart, then the ids
+    of the rest of its text."""
+    wanted = [i for row in rows for i in row]
+    texts: list[str | RecordError] = [""] * len(keys)
+    for i, text in zip(wanted, render_texts(tokenizer, [keys[i] for i in wanted])):
+        texts[i] = text
+    done: list[Rendered] = [t if isinstance(t, RecordError) else [] for t in texts]
+    prompts = list(dict.fromkeys(t for row in rows if isinstance(t := texts[row[0]], str)))
+    heads: dict[str, tuple[str, list[int]]] = {}  # prompt text -> (text, ids) of its head
+    ids_of: dict[str, list[int]] = {}
+    for text, encoding in zip(prompts, split.encode(prompts)):
+        ids_of[text] = encoding.ids
+        heads[text] = split.head(text, encoding)
+    tails: dict[str, list[int]] = {}  # text after the head -> its ids
+    cut: list[tuple[int, list[int], str]] = []  # (position, head ids, tail text)
     for row in rows:
-        for key in row[1:]:
-            text = texts[key]
-            if key in done or isinstance(text, RecordError):
+        prompt = texts[row[0]]
+        head: tuple[str, list[int]] = ("", [])
+        if not isinstance(prompt, RecordError):
+            done[row[0]] = ids_of[prompt]
+            head = heads[prompt]
+        for i in row[1:]:
+            text = texts[i]
+            if isinstance(text, RecordError):
                 continue
-            head_text, head_ids = heads.get(row[0], ("", []))
-            if not text.startswith(head_text):  # the template renders the prompt otherwise here
-                head_text, head_ids = "", []
-            tails.append((key, head_ids, text[len(head_text):]))
-    for (key, head_ids, _), ids in zip(tails, split.encode_ids([t for _, _, t in tails])):
-        done[key] = head_ids + ids
-    done.update({k: t for k, t in texts.items() if isinstance(t, RecordError)})
+            # where the template renders the prompt otherwise, the text is encoded whole
+            head_text, head_ids = head if text.startswith(head[0]) else ("", [])
+            tail = text[len(head_text):]
+            tails[tail] = []
+            cut.append((i, head_ids, tail))
+    for tail, ids in zip(tails, split.encode_ids(list(tails))):
+        tails[tail] = ids
+    for i, head_ids, tail in cut:
+        done[i] = head_ids + tails[tail]
     return done
 
 

@@ -9,7 +9,6 @@ arrays without building pairs, so a million pairs cost their tokens' bytes, not 
 
 from __future__ import annotations
 
-import array
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -95,14 +94,12 @@ class Packed:
 
     @classmethod
     def of(cls, pairs: Sequence[TokenizedPair]) -> Packed:
-        seqs = (seq for p in pairs for seq in (p.prompt, p.chosen, p.rejected))
-        flat = numpy.frombuffer(array.array("i", chain.from_iterable(seqs)), dtype=numpy.int32)
-        lengths = numpy.array([[len(p.prompt), len(p.chosen), len(p.rejected)] for p in pairs],
-                              dtype=numpy.int64).reshape(-1, 3)
-        ends = numpy.cumsum(lengths.sum(axis=1))
-        digests = b"".join(packed_digest(lengths[i], flat[end - lengths[i].sum() : end])
-                           for i, end in enumerate(ends.tolist()))
-        return cls(flat, lengths, digests, [p.source for p in pairs], [p.truncated for p in pairs])
+        seqs = [seq for p in pairs for seq in (p.prompt, p.chosen, p.rejected)]
+        sizes = [len(seq) for seq in seqs]
+        flat = numpy.fromiter(chain.from_iterable(seqs), dtype=numpy.int32, count=sum(sizes))
+        lengths = numpy.array(sizes, dtype=numpy.int64).reshape(-1, 3)
+        return cls(flat, lengths, digests_of(sizes, flat), [p.source for p in pairs],
+                   [p.truncated for p in pairs])
 
     def __len__(self) -> int:
         return int(self.lengths.shape[0])
@@ -112,6 +109,21 @@ class Packed:
         size = int(self.lengths[:count].sum())
         return Packed(self.tokens[:size], self.lengths[:count], self.digests[: count * DIGEST],
                       self.sources[:count], self.truncated[:count])
+
+
+def digests_of(sizes: Sequence[int], flat: numpy.ndarray) -> bytes:
+    """:func:`packed_digest` of each pair of a flat token array (``sizes``: the length of each
+    pair's prompt, chosen and rejected in turn), joined: one pass over the tokens' bytes."""
+    data = memoryview(numpy.ascontiguousarray(flat, dtype="<i4")).cast("B")
+    out, start = [], 0
+    for i in range(0, len(sizes), 3):
+        digest = hashlib.blake2b(digest_size=DIGEST)
+        for n in sizes[i : i + 3]:
+            digest.update(n.to_bytes(4, "little"))
+            digest.update(data[start : start + 4 * n])
+            start += 4 * n
+        out.append(digest.digest())
+    return b"".join(out)
 
 
 def packed_digest(lengths: numpy.ndarray, tokens: numpy.ndarray) -> bytes:

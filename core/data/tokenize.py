@@ -9,7 +9,7 @@ distinct conversation once; the result is exactly that of tokenizing each pair a
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +55,7 @@ class Vocab:
     control: re.Pattern[str] | None
     special_ids: frozenset[int]
     eos: str
+    blank: dict[tuple[int, ...], bool] = field(default_factory=dict, compare=False)  # ids -> all whitespace
 
     @classmethod
     def of(cls, tokenizer: Any) -> Vocab:
@@ -72,7 +73,12 @@ def end_of_turn(completion: list[int], vocab: Vocab, tokenizer: Any) -> list[int
     last = next((i for i in range(len(completion) - 1, -1, -1) if completion[i] in vocab.special_ids), None)
     if last is None or last == len(completion) - 1:
         return completion
-    if tokenizer.decode(completion[last + 1 :]).strip():
+    after = tuple(completion[last + 1 :])
+    if after not in vocab.blank:  # what follows is nearly always the same newline: decoded once
+        if len(vocab.blank) >= 4096:
+            vocab.blank.clear()
+        vocab.blank[after] = not tokenizer.decode(after).strip()
+    if not vocab.blank[after]:
         return completion  # text after the control token is real content: keep it
     return completion[: last + 1]
 
@@ -136,17 +142,18 @@ def slots(pair: PreferencePair, eos: str) -> list[Slot]:
         ("chat", pair.prompt + getattr(pair, s), False, pair.tools) for s in SIDES]
 
 
-def render_slots(tokenizer: Any, keys: Iterable[Slot]) -> dict[Slot, Rendered]:
-    """Every distinct slot rendered once, in batches of one kind, generation flag and tool list."""
-    groups: dict[tuple[str, bool, str | None], list[Slot]] = {}
-    for key in dict.fromkeys(keys):  # an ordered set
-        groups.setdefault((key[0], key[2], key[3]), []).append(key)
-    done: dict[Slot, Rendered] = {}
+def render_slots(tokenizer: Any, keys: Sequence[Slot]) -> list[Rendered]:
+    """Each slot rendered (distinct slots), in batches of one kind, generation flag and tool list."""
+    groups: dict[tuple[str, bool, str | None], list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault((key[0], key[2], key[3]), []).append(i)
+    done: list[Rendered] = [[] for _ in keys]
     for (kind, gen, tools), todo in groups.items():
-        values = [key[1] for key in todo]
+        values = [keys[i][1] for i in todo]
         rendered = encode_many(tokenizer, values) if kind == "text" else \
             render_many(tokenizer, values, gen, tools)
-        done.update(zip(todo, rendered))
+        for i, one in zip(todo, rendered):
+            done[i] = one
     return done
 
 
@@ -164,16 +171,22 @@ def tokenize_pair(tokenizer: Any, pair: PreferencePair, max_seq_len: int) -> Tok
 
 def render_pairs(tokenizer: Any, pairs: Sequence[PreferencePair],
                  vocab: Vocab | None = None) -> list[tuple[Rendered, ...]]:
-    """``(prompt, prompt + chosen, prompt + rejected)`` of each pair, rendered in batches; a
-    conversation that several pairs share (a repeated prompt) is rendered once."""
+    """``(prompt, prompt + chosen, prompt + rejected)`` of each pair, rendered in batches; a text
+    that several pairs share (a repeated prompt) is encoded once. Slots are handled by position:
+    hashing a conversation walks every message, which cost more than it saved."""
     eos = (vocab or Vocab.of(tokenizer)).eos
-    rows = [slots(p, eos) for p in pairs]
+    keys = [key for p in pairs for key in slots(p, eos)]
+    rows = [range(i, i + 3) for i in range(0, len(keys), 3)]
     split = prompt_splitter(tokenizer)
-    chat = [row for row in rows if row[0][0] == "chat"] if split is not None else []
-    done = render_slots(tokenizer, (key for row in rows if not (chat and row[0][0] == "chat") for key in row))
+    chat = [row for row in rows if keys[row[0]][0] == "chat"] if split is not None else []
     if chat:
-        done.update(render_chat_rows(tokenizer, chat, split))
-    return [tuple(_named(done[key], f) for key, f in zip(row, ("prompt",) + SIDES)) for row in rows]
+        done = render_chat_rows(tokenizer, keys, chat, split)
+        text = [i for i, key in enumerate(keys) if key[0] != "chat"]
+        for i, rendered in zip(text, render_slots(tokenizer, [keys[i] for i in text])):
+            done[i] = rendered
+    else:
+        done = render_slots(tokenizer, keys)
+    return [tuple(_named(done[i], f) for i, f in zip(row, ("prompt",) + SIDES)) for row in rows]
 
 
 def _named(rendered: Rendered, field_name: str) -> Rendered:
