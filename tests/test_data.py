@@ -305,3 +305,31 @@ def test_the_fast_paths_give_exactly_the_ids_of_apply_chat_template(template: st
     slow = fresh()
     slow._preftune_direct = slow._preftune_split = slow._preftune_render = None  # apply_chat_template only
     assert tokenize_pairs(fast, pairs, 4096) == tokenize_pairs(slow, pairs, 4096)
+
+
+@pytest.mark.parametrize("flag", ["rstrip", "single_word", "normalized", "lstrip"])
+def test_the_prompt_is_cut_only_after_tokens_matched_as_plain_strings(flag: str) -> None:
+    """An added token that takes the whitespace after it, matches on normalized text, or (any
+    token) only as a whole word never cuts a text; the ids stay those of apply_chat_template."""
+    from tokenizers import AddedToken
+
+    from preftune.data.render import prompt_splitter
+    from preftune.tiny import tiny_tokenizer
+
+    def fresh() -> Any:
+        tokenizer = tiny_tokenizer()
+        tokenizer.add_tokens([AddedToken("<turn>", **{"normalized": False, flag: True})])
+        tokenizer.chat_template = (
+            "{% for m in messages %}<turn>  {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<turn>  assistant: {% endif %}")
+        return tokenizer
+
+    fast, slow = fresh(), fresh()
+    slow._preftune_direct = slow._preftune_split = slow._preftune_render = None
+    split = prompt_splitter(fast)
+    cuts = split.cuts.pattern if split is not None and split.cuts is not None else ""
+    assert ("turn" in cuts) == (flag == "lstrip")
+    pairs = [PreferencePair((Message("user", f" q{i}  x"),), (Message("assistant", f" yes {i}"),),
+                            (Message("assistant", f"  no {i}\n"),), Source("r.jsonl", i + 1))
+             for i in range(12)]
+    assert tokenize_pairs(fast, pairs, 4096) == tokenize_pairs(slow, pairs, 4096)

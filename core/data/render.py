@@ -241,7 +241,7 @@ def render_chat_rows(tokenizer: Any, keys: Sequence[Slot], rows: Sequence[Sequen
                      split: Any) -> list[Rendered]:
     """The chat slots of whole pairs (``rows``: the positions of a pair's prompt, chosen and
     rejected in ``keys``), each distinct text encoded once and a pair's prompt once: each
-    conversation's ids are its prompt's ids up to the prompt's last added token
+    conversation's ids are its prompt's ids through the prompt's last added token
     (``<|im_start|>``), where the tokenizer cuts text into pieces it encodes apart, then the ids
     of the rest of its text."""
     wanted = [i for row in rows for i in row]
@@ -249,63 +249,58 @@ def render_chat_rows(tokenizer: Any, keys: Sequence[Slot], rows: Sequence[Sequen
     for i, text in zip(wanted, render_texts(tokenizer, [keys[i] for i in wanted])):
         texts[i] = text
     done: list[Rendered] = [t if isinstance(t, RecordError) else [] for t in texts]
-    prompts = list(dict.fromkeys(t for row in rows if isinstance(t := texts[row[0]], str)))
-    heads: dict[str, tuple[str, list[int]]] = {}  # prompt text -> (text, ids) of its head
-    ids_of: dict[str, list[int]] = {}
-    for text, encoding in zip(prompts, split.encode(prompts)):
-        ids_of[text] = encoding.ids
-        heads[text] = split.head(text, encoding)
-    tails: dict[str, list[int]] = {}  # text after the head -> its ids
-    cut: list[tuple[int, list[int], str]] = []  # (position, head ids, tail text)
+    pieces: dict[str, list[int]] = {}  # each distinct text to encode -> its ids
+    heads: dict[str, str] = {}  # each prompt text -> its head
     for row in rows:
         prompt = texts[row[0]]
-        head: tuple[str, list[int]] = ("", [])
-        if not isinstance(prompt, RecordError):
-            done[row[0]] = ids_of[prompt]
-            head = heads[prompt]
-        for i in row[1:]:
+        if isinstance(prompt, str) and prompt not in heads:
+            heads[prompt] = head = split.head(prompt)
+            pieces[head] = pieces[prompt[len(head):]] = []
+    cut: list[tuple[int, str, str]] = []  # (position, head, rest): its ids are theirs joined
+    for row in rows:
+        prompt = texts[row[0]]
+        head = heads[prompt] if isinstance(prompt, str) else ""
+        for i in row:
             text = texts[i]
             if isinstance(text, RecordError):
                 continue
             # where the template renders the prompt otherwise, the text is encoded whole
-            head_text, head_ids = head if text.startswith(head[0]) else ("", [])
-            tail = text[len(head_text):]
-            tails[tail] = []
-            cut.append((i, head_ids, tail))
-    for tail, ids in zip(tails, split.encode_ids(list(tails))):
-        tails[tail] = ids
-    for i, head_ids, tail in cut:
-        done[i] = head_ids + tails[tail]
+            start = head if text.startswith(head) else ""
+            pieces[text[len(start):]] = []
+            cut.append((i, start, text[len(start):]))
+    for text, ids in zip(pieces, split.encode_ids(list(pieces))):
+        pieces[text] = ids
+    for i, head, rest in cut:
+        done[i] = pieces[head] + pieces[rest] if head else pieces[rest]
     return done
 
 
 class PromptSplitter:
-    """Encodes rendered chat texts with the Rust tokenizer, and cuts a text at its last added
+    """Encodes rendered chat texts with the Rust tokenizer, and cuts a text after its last added
     token: added tokens are matched before anything else, so the text before and after one is
-    encoded apart, and a conversation's ids start with its prompt's ids up to there."""
+    encoded apart, and a conversation's ids start with its prompt's ids up to there.
+
+    Only tokens matched as plain strings cut: none that is matched on normalized text or takes
+    the whitespace after it (``rstrip``), and none at all where some added token matches only as
+    a whole word (whether it matches at the start of the rest depends on what came before)."""
 
     def __init__(self, tokenizer: Any):
         self.backend = tokenizer.backend_tokenizer
-        added = [str(t) for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values()]
-        added = sorted({t for t in added if t}, key=len, reverse=True)
-        self.added = re.compile("|".join(map(re.escape, added))) if added else None
-
-    def encode(self, texts: Sequence[str]) -> list[Any]:
-        return self.backend.encode_batch(list(texts), add_special_tokens=False) if texts else []
+        added = list((getattr(tokenizer, "added_tokens_decoder", None) or {}).values())
+        cuts = sorted({str(t) for t in added if str(t) and not getattr(t, "rstrip", False)
+                       and not getattr(t, "normalized", False)}, key=len, reverse=True)
+        if any(getattr(t, "single_word", False) for t in added):
+            cuts = []
+        self.cuts = re.compile("|".join(map(re.escape, cuts))) if cuts else None
 
     def encode_ids(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in ids_only(self.backend)(list(texts), add_special_tokens=False)] if texts else []
 
-    def head(self, text: str, encoding: Any) -> tuple[str, list[int]]:
-        """``text`` through its last added token, and those ids; ("", []) when it has none, or
-        when no token ends exactly there."""
-        end = max((m.end() for m in self.added.finditer(text)), default=0) if self.added else 0
-        if not end:
-            return "", []
-        last = encoding.char_to_token(end - 1)  # the token holding the added token's last character
-        if last is None or encoding.token_to_chars(last)[1] != end:
-            return "", []
-        return text[:end], encoding.ids[: last + 1]
+    def head(self, text: str) -> str:
+        """``text`` through its last added token ("" when it has none): leftmost-longest matches
+        from the start, as the tokenizer matches added tokens."""
+        end = max((m.end() for m in self.cuts.finditer(text)), default=0) if self.cuts else 0
+        return text[:end]
 
 
 def prompt_splitter(tokenizer: Any) -> PromptSplitter | None:
@@ -323,9 +318,10 @@ def prompt_splitter(tokenizer: Any) -> PromptSplitter | None:
                     prompt = tokenizer.apply_chat_template(probe[:cut], tokenize=False,
                                                            add_generation_prompt=True)
                     whole = tokenizer.apply_chat_template(probe[: cut + 1], tokenize=False)
-                    head_text, head_ids = split.head(prompt, split.encode([prompt])[0])
-                    tail = split.encode_ids([whole[len(head_text):]])[0]
-                    if not whole.startswith(head_text) or head_ids + tail != split.encode_ids([whole])[0]:
+                    head = split.head(prompt)
+                    head_ids, rest, tail, *whole_ids = split.encode_ids(
+                        [head, prompt[len(head):], whole[len(head):], prompt, whole])
+                    if not whole.startswith(head) or whole_ids != [head_ids + rest, head_ids + tail]:
                         split = None
                         break
                 if split is None:
