@@ -68,10 +68,11 @@ def work_chunk(reads: list[Read]) -> Chunk:
 
 @contextmanager
 def paused_gc() -> Iterator[None]:
-    """The cyclic garbage collector off for one chunk. Parsing and rendering allocate hundreds of
-    thousands of containers a chunk, and each allocation burst set off collections that walked
-    the whole heap (the tokenizer's, transformers', torch's objects): a fifth of a chunk's time.
-    Reference counting still frees everything at once; only cycles wait, one chunk's worth."""
+    """The cyclic garbage collector off while a chunk is worked on. Parsing and rendering
+    allocate hundreds of thousands of containers a chunk, and each burst set off collections that
+    walked the whole heap (the tokenizer's, transformers', torch's objects): 0.58 ms of CPU a pair
+    with it, 0.52 without. Reference counting still frees everything at once; only cycles (the
+    frames of a raised error) wait for the next collection after the chunk."""
     enabled = gc.isenabled()
     gc.disable()
     try:
