@@ -68,8 +68,10 @@ def test_workers_and_chunks_give_what_one_process_gives(
         assert whole.records == parsing[36] + 1
 
 
-def test_the_garbage_collector_is_paused_for_a_chunk_only(tmp_path: Path, registry: Any,
-                                                          pair_record: Any) -> None:
+def test_the_garbage_collector_is_paused_for_a_chunk_and_the_heap_frozen_for_a_build(
+        tmp_path: Path, registry: Any, pair_record: Any) -> None:
+    """During a chunk the collector is off, during a build the objects that were there before are
+    frozen; afterwards both are as they were, a caller's own freeze and pause included."""
     import gc
 
     from preftune.data import build as building
@@ -78,19 +80,23 @@ def test_the_garbage_collector_is_paused_for_a_chunk_only(tmp_path: Path, regist
     work = building._work_chunk
 
     def spy(reads: Any) -> Any:
-        seen.append(gc.isenabled())
+        seen.append((gc.isenabled(), gc.get_freeze_count() > 0))
         return work(reads)
 
     building._work_chunk, was = spy, gc.isenabled()
     try:
         gc.enable()
         build(tmp_path, registry, mixed(tmp_path, pair_record), 1)
-        assert seen == [False] and gc.isenabled()
-        gc.disable()  # a caller that paused it keeps it paused
+        assert seen == [(False, True)] and gc.isenabled() and gc.get_freeze_count() == 0
+        gc.disable()
+        gc.freeze()
+        frozen = gc.get_freeze_count()
         build(tmp_path, registry, mixed(tmp_path, pair_record, 91), 1)
-        assert seen == [False, False] and not gc.isenabled()
+        assert seen[1] == (False, True) and not gc.isenabled()
+        assert gc.get_freeze_count() >= frozen  # the caller's freeze is theirs to undo
     finally:
         building._work_chunk = work
+        gc.unfreeze()
         if was:
             gc.enable()
 

@@ -82,6 +82,22 @@ def paused_gc() -> Iterator[None]:
             gc.enable()
 
 
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """The objects that exist before a build (the tokenizer's, transformers', torch's) kept out
+    of the collector's full passes while it runs: each such pass walked them all, 0.15 s, and
+    reading records sets them off. Objects made during the build are collected as ever. A
+    caller's own freeze is left as it is."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _work_chunk(reads: list[Read]) -> Chunk:
     fmt, tokenizer, max_seq_len = _WORK["fmt"], _WORK["tokenizer"], _WORK["max_seq_len"]
     ignored = _WORK.get("ignored", "error")
@@ -159,7 +175,7 @@ def build(config: Any, opened: Sequence[Opened], fmt: Any, tokenizer: Any, write
     workers = config.data_workers or default_workers()
     built = Built()
     with tqdm(desc="tokenizing" if tokenizer is not None else "reading", unit="record",
-              disable=None if progress else True) as bar:
+              disable=None if progress else True) as bar, frozen_heap():
         for index, data in enumerate(opened):
             limit = config.max_pairs if index == 0 else None
             before = len(built.problems)
