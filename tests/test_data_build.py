@@ -90,10 +90,9 @@ def test_the_garbage_collector_is_paused_for_a_chunk_and_the_heap_frozen_for_a_b
         assert seen == [(False, True)] and gc.isenabled() and gc.get_freeze_count() == 0
         gc.disable()
         gc.freeze()
-        frozen = gc.get_freeze_count()
         build(tmp_path, registry, mixed(tmp_path, pair_record, 91), 1)
         assert seen[1] == (False, True) and not gc.isenabled()
-        assert gc.get_freeze_count() >= frozen  # the caller's freeze is theirs to undo
+        assert gc.get_freeze_count() > 0  # the caller's freeze is theirs to undo
     finally:
         building._work_chunk = work
         gc.unfreeze()
