@@ -327,9 +327,26 @@ def test_the_prompt_is_cut_only_after_tokens_matched_as_plain_strings(flag: str)
     fast, slow = fresh(), fresh()
     slow._preftune_direct = slow._preftune_split = slow._preftune_render = None
     split = prompt_splitter(fast)
-    cuts = split.cuts.pattern if split is not None and split.cuts is not None else ""
-    assert ("turn" in cuts) == (flag == "lstrip")
+    assert ("<turn>" in (split.cut_after if split is not None else ())) == (flag == "lstrip")
     pairs = [PreferencePair((Message("user", f" q{i}  x"),), (Message("assistant", f" yes {i}"),),
                             (Message("assistant", f"  no {i}\n"),), Source("r.jsonl", i + 1))
              for i in range(12)]
     assert tokenize_pairs(fast, pairs, 4096) == tokenize_pairs(slow, pairs, 4096)
+
+
+def test_a_longer_added_token_that_starts_like_a_cut_token_is_never_cut_inside() -> None:
+    """``<|im_start|>assistant`` added (taking the whitespace after it): the tokenizer matches it
+    whole, longest first, so the text is cut after the ``<|im_end|>`` before it, never after its
+    ``<|im_start|>`` part."""
+    from tokenizers import AddedToken
+
+    from preftune.data.render import PromptSplitter
+    from preftune.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens([AddedToken("<|im_start|>assistant", rstrip=True, normalized=False)])
+    split = PromptSplitter(tokenizer)
+    text = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n  Sure"
+    head = split.head(text)
+    assert head == "<|im_start|>user\nhi<|im_end|>"
+    assert sum(split.encode_ids([head, text[len(head):]]), []) == split.encode_ids([text])[0]

@@ -280,18 +280,20 @@ class PromptSplitter:
     token: added tokens are matched before anything else, so the text before and after one is
     encoded apart, and a conversation's ids start with its prompt's ids up to there.
 
-    Only tokens matched as plain strings cut: none that is matched on normalized text or takes
-    the whitespace after it (``rstrip``), and none at all where some added token matches only as
-    a whole word (whether it matches at the start of the rest depends on what came before)."""
+    Tokens are found as the tokenizer finds those it matches on the raw text (leftmost, longest),
+    and a text is cut only after one that takes no whitespace after it (``rstrip``); never where
+    some added token matches only as a whole word (whether it matches at the start of the rest
+    depends on what came before)."""
 
     def __init__(self, tokenizer: Any):
         self.backend = tokenizer.backend_tokenizer
         added = list((getattr(tokenizer, "added_tokens_decoder", None) or {}).values())
-        cuts = sorted({str(t) for t in added if str(t) and not getattr(t, "rstrip", False)
-                       and not getattr(t, "normalized", False)}, key=len, reverse=True)
+        raw = [t for t in added if str(t) and not getattr(t, "normalized", False)]
+        self.cut_after = {str(t) for t in raw if not getattr(t, "rstrip", False)}
         if any(getattr(t, "single_word", False) for t in added):
-            cuts = []
-        self.cuts = re.compile("|".join(map(re.escape, cuts))) if cuts else None
+            self.cut_after = set()
+        found = sorted({str(t) for t in raw}, key=len, reverse=True)
+        self.cuts = re.compile("|".join(map(re.escape, found))) if found and self.cut_after else None
 
     def encode_ids(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in ids_only(self.backend)(list(texts), add_special_tokens=False)] if texts else []
@@ -299,7 +301,9 @@ class PromptSplitter:
     def head(self, text: str) -> str:
         """``text`` through its last added token ("" when it has none): leftmost-longest matches
         from the start, as the tokenizer matches added tokens."""
-        end = max((m.end() for m in self.cuts.finditer(text)), default=0) if self.cuts else 0
+        if self.cuts is None:
+            return ""
+        end = max((m.end() for m in self.cuts.finditer(text) if m.group() in self.cut_after), default=0)
         return text[:end]
 
 
