@@ -116,3 +116,60 @@ def test_any_json_value_as_a_record_reads_as_it_parses_in_memory_or_fails_at_its
         tokenize_pairs(tokenizer, result, 64)
     except DataError as exc:
         assert [(f, n) for f, n, _, _ in (p.as_tuple() for p in exc.problems)] == [(str(path), 1)]
+
+
+# ---- the fast paths against apply_chat_template ------------------------------------------------------
+
+PIECES = st.sampled_from(["a", " b", "\n", "  ", "\t", "héllo", "日本", "<b>", "[1]", "x.", " ", "\n\n",
+                          "assistant", "user:", "\r\n", "🙂", "{{", "%}", "'", '"'])
+SAY = st.lists(PIECES, min_size=1, max_size=10).map("".join)
+TURN = st.tuples(st.sampled_from(["user", "user", "system", "tool"]), SAY, st.none() | st.just("ann"))
+TEMPLATES = {
+    "chatml": None,  # the tiny tokenizer's own
+    "llama-like": ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}"
+                   "{% if m.name %} {{ m.name }}{% endif %}<|endoftext|>\n\n{{ m['content'] | trim }}"
+                   "<|im_end|>{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant"
+                   "<|endoftext|>\n\n{% endif %}"),
+    "strict": ("{% set ns = namespace(i=0) %}{% for m in messages %}{% if m['role'] != 'system' %}"
+               "{% if (m['role'] == 'user') != (ns.i % 2 == 0) %}"
+               "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+               "{% set ns.i = ns.i + 1 %}{% endif %}"
+               "{% if loop.first %}[{{ strftime_now('%Y') | length }}]{% endif %}<|im_start|>"
+               "{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+}
+
+
+@BOUNDED
+@given(template=st.sampled_from(sorted(TEMPLATES)),
+       prompts=st.lists(st.lists(TURN, min_size=1, max_size=3), min_size=1, max_size=4),
+       answers=st.lists(st.tuples(SAY, SAY), min_size=4, max_size=4))
+def test_any_conversation_tokenizes_as_apply_chat_template_does(
+        template: str, prompts: list[Any], answers: list[Any]) -> None:
+    """Whatever the turns, the direct template call, the prompt cut by text and the Rust encoder
+    give exactly the ids (or the refusals) of ``apply_chat_template(tokenize=True)`` alone."""
+    from preftune import Message, PreferencePair, Source
+    from preftune.data.render import prompt_splitter, template_renderer
+    from preftune.tiny import tiny_tokenizer
+
+    def fresh() -> Any:
+        tokenizer = tiny_tokenizer()
+        if TEMPLATES[template] is not None:
+            tokenizer.chat_template = TEMPLATES[template]
+        return tokenizer
+
+    pairs = [PreferencePair(tuple(Message(role, text, name) for role, text, name in turns),
+                            (Message("assistant", good + "!"),), (Message("assistant", bad + "?"),),
+                            Source("p.jsonl", i + 1))
+             for i, (turns, (good, bad)) in enumerate(zip(prompts, answers))]
+    fast, slow = fresh(), fresh()
+    slow._preftune_direct = slow._preftune_split = slow._preftune_render = None
+    assert template_renderer(fast) is not None and prompt_splitter(fast) is not None
+
+    def result(tokenizer: Any) -> Any:
+        try:
+            return tokenize_pairs(tokenizer, pairs, 4096)
+        except DataError as exc:
+            return [p.as_tuple() for p in exc.problems]
+
+    assert result(fast) == result(slow)
