@@ -350,3 +350,26 @@ def test_a_longer_added_token_that_starts_like_a_cut_token_is_never_cut_inside()
     head = split.head(text)
     assert head == "<|im_start|>user\nhi<|im_end|>"
     assert sum(split.encode_ids([head, text[len(head):]]), []) == split.encode_ids([text])[0]
+
+
+def test_a_chat_template_or_added_token_set_after_tokenizing_is_probed_anew() -> None:
+    """What the probes decided holds for the template and added tokens they saw: a tokenizer
+    given another template (or another added token) afterwards renders with it."""
+    from tokenizers import AddedToken
+
+    from preftune.data.render import prompt_splitter, template_renderer
+    from preftune.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    pair = PreferencePair((Message("user", "Hi there"),), (Message("assistant", "Hello."),),
+                          (Message("assistant", "Go."),), Source("r.jsonl", 1))
+    before = tokenize_pairs(tokenizer, [pair], 4096)[0][0]
+    tokenizer.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}" \
+        "{% if add_generation_prompt %}<|im_start|>{% endif %}"
+    after = tokenize_pairs(tokenizer, [pair], 4096)[0][0]
+    expected = tokenizer.apply_chat_template([pair.prompt[0].as_dict()], add_generation_prompt=True)
+    assert after.prompt != before.prompt and list(after.prompt) == list(expected["input_ids"])
+    assert template_renderer(tokenizer) is not None
+    tokenizer.add_tokens([AddedToken("<|im_start|>x", rstrip=True, normalized=False)])
+    assert "<|im_start|>x" not in prompt_splitter(tokenizer).cut_after
+    assert "<|im_start|>x" in prompt_splitter(tokenizer).cuts.pattern.replace("\\", "")

@@ -90,11 +90,31 @@ PROBES = ([{"role": "system", "content": " Be  brief.\n"}, {"role": "user", "con
           [{"role": "user", "content": "日本語 ñandú Straße?"}, {"role": "assistant", "content": "  "}])
 
 
+PROBED = ("_preftune_direct", "_preftune_split", "_preftune_render")  # what probes decided, per tokenizer
+
+
+def forget_if_changed(tokenizer: Any) -> None:
+    """Forget what the probes decided for ``tokenizer`` when its chat template or its added
+    tokens changed since: they were decided for those."""
+    now = (getattr(tokenizer, "chat_template", None),
+           len(getattr(tokenizer, "added_tokens_decoder", None) or {}))
+    seen = getattr(tokenizer, "_preftune_probed", None)
+    if seen is not None and seen != now:
+        for name in PROBED:
+            if hasattr(tokenizer, name):
+                delattr(tokenizer, name)
+    try:
+        tokenizer._preftune_probed = now
+    except AttributeError:
+        pass
+
+
 def direct_encoder(tokenizer: Any) -> Any:
     """A function from rendered chat texts to their ids by the Rust tokenizer's ``encode_batch``,
     or None where that would not give exactly what ``apply_chat_template(tokenize=True)`` gives:
     no backend, truncation or padding set on it, special tokens split, or any probe conversation
     encoded differently. Decided once per tokenizer."""
+    forget_if_changed(tokenizer)
     cached = getattr(tokenizer, "_preftune_direct", "unset")
     if cached != "unset":
         return cached
@@ -151,6 +171,7 @@ def template_renderer(tokenizer: Any) -> Any:
     calls, no None values, no reasoning keys) already are. transformers' own compiled template is
     used (its sandbox and globals), a tokenizer class with its own ``apply_chat_template`` is never
     bypassed, and every probe conversation must render to the same text or the same error."""
+    forget_if_changed(tokenizer)
     cached = getattr(tokenizer, "_preftune_render", "unset")
     if cached != "unset":
         return cached
@@ -310,6 +331,7 @@ class PromptSplitter:
 def prompt_splitter(tokenizer: Any) -> PromptSplitter | None:
     """A :class:`PromptSplitter` where the direct encoder is exact and splitting at the last added
     token gives the same ids as encoding whole, on probe conversations; else None."""
+    forget_if_changed(tokenizer)
     cached = getattr(tokenizer, "_preftune_split", "unset")
     if cached != "unset":
         return cached
