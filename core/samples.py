@@ -16,6 +16,13 @@ if TYPE_CHECKING:
     from .config import Config
     from .loop import Data
 
+TABLE_COLUMNS = ("step", "source", "prompt", "completion", "chosen")  # a tracker's table of samples
+
+
+def sample_table(samples: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """The columns and rows of a tracker's table of ``samples`` (W&B, MLflow)."""
+    return list(TABLE_COLUMNS), [[row.get(c) for c in TABLE_COLUMNS] for row in samples]
+
 
 def sampled_pairs(config: Config, backend: Any, data: Data, backend_name: str) -> list[int]:
     """The held-out pairs whose prompts are sampled at each evaluation; none (said once) when

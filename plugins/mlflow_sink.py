@@ -30,10 +30,10 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field
 
 from preftune import Config, ConfigError, hookimpl, log, mask_secrets
+from preftune.samples import sample_table
 
 RUN_FILE = "mlflow_run.json"
 STATUS = {"completed": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}  # MLflow's RunStatus names
-SAMPLE_COLUMNS = ("step", "source", "prompt", "completion", "chosen")  # an eval_samples table
 MAX_PARAM_VALUE = 6000  # MLflow's limit on a param's value (longer ones are cut, marked "...")
 BATCH = 100  # params per log_batch call (MLflow's limit)
 RETRIES = 2  # of a request to a tracking server (MLflow's default, 7 with backoff, waits minutes)
@@ -278,8 +278,8 @@ class MLflowSink:
     def preftune_log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
         """One artifact per evaluation, ``eval_samples/step-NNNNNNNN.json``, in MLflow's table
         form (``columns``, ``data``); a resume that redoes a step writes it over."""
-        table = {"columns": list(SAMPLE_COLUMNS),
-                 "data": [[row.get(c) for c in SAMPLE_COLUMNS] for row in samples]}
+        columns, rows = sample_table(samples)
+        table = {"columns": columns, "data": rows}
         name = f"eval_samples/step-{step:08d}.json"
         self._call(step, lambda: self.client.log_dict(self.run_id, table, name))
 

@@ -21,9 +21,9 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field
 
 from preftune import Config, ConfigError, hookimpl, log, mask_secrets
+from preftune.samples import sample_table
 
 SUMMARY_KEYS = ("steps", "tokens", "tokens_per_s", "train_s", "dropped_pairs", "truncated_pairs")
-SAMPLE_COLUMNS = ("step", "source", "prompt", "completion", "chosen")  # the eval_samples table
 
 
 class WandbOptions(BaseModel):
@@ -101,8 +101,8 @@ class WandbSink:
     def preftune_log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
         import wandb
 
-        table = wandb.Table(columns=list(SAMPLE_COLUMNS),
-                            data=[[row.get(c) for c in SAMPLE_COLUMNS] for row in samples])
+        columns, rows = sample_table(samples)
+        table = wandb.Table(columns=columns, data=rows)
         self.run.log({"step": step, "eval_samples": table}, step=step)
 
     @hookimpl
