@@ -11,6 +11,7 @@ model on its own (a ``delta`` one is not promotable).
 from __future__ import annotations
 
 import re
+import threading
 import time
 from typing import Any
 
@@ -42,10 +43,13 @@ def _matches(row: dict[str, Any], saved: Any) -> bool:
     return bool(row.get("promotable")) and (short in names or SESSION_SUFFIX.sub("", short) in names)
 
 
-def promotable_row(manager: Any, job_id: str, saved: Any, poll_s: float) -> dict[str, Any]:
-    """The listed promotable row of ``saved`` on ``job_id``, polling up to :data:`APPEAR_S`."""
+def promotable_row(manager: Any, job_id: str, saved: Any, poll_s: float,
+                   stop: threading.Event | None = None) -> dict[str, Any]:
+    """The listed promotable row of ``saved`` on ``job_id``, polling up to :data:`APPEAR_S`
+    (and no longer once ``stop`` is set)."""
     deadline = time.monotonic() + APPEAR_S
-    while True:
+    stop = stop or threading.Event()
+    while not stop.is_set():
         rows = manager.list_checkpoints(job_id)
         row = next((r for r in rows if _matches(r, saved)), None)
         if row is not None:
@@ -55,7 +59,8 @@ def promotable_row(manager: Any, job_id: str, saved: Any, poll_s: float) -> dict
                                f"{r.get('promotable')})" for r in rows) or "none"
             raise RuntimeError(f"the sampler checkpoint {saved.snapshot_name} is not listed as "
                                f"promotable after {APPEAR_S:g} s; listed: {listed}")
-        time.sleep(poll_s)
+        stop.wait(poll_s)
+    raise RuntimeError("stopped waiting")
 
 
 def sdk_reason(exc: BaseException) -> str:
@@ -73,9 +78,13 @@ def promote(service: remote.Service, manager: Any, job_id: str, saved: Any, mode
     model's name. A failure is a :class:`TrainingError` that says where the weights are and how
     to promote them by hand."""
 
+    gave_up = threading.Event()  # once the run says the promotion failed, it never starts
+
     def call() -> Any:
         try:
-            row = promotable_row(manager, job_id, saved, poll_s)
+            row = promotable_row(manager, job_id, saved, poll_s, gave_up)
+            if gave_up.is_set():
+                raise RuntimeError("stopped waiting")
             return manager.promote_checkpoint(name=row["name"], output_model_id=model_id,
                                               base_model=base_model)
         except (RuntimeError, ValueError) as exc:  # the SDK's own errors carry advice on lines 2+
@@ -85,6 +94,7 @@ def promote(service: remote.Service, manager: Any, job_id: str, saved: Any, mode
         model = service.run(f"promoting the final weights to model {model_id}", call,
                             APPEAR_S + service.options.timeout_s)
     except remote.RemoteError as exc:
+        gave_up.set()  # a listing answered after the wait ended must not promote behind the error
         raise TrainingError(_failed(exc, job_id, saved.snapshot_name, model_id, base_model)) from None
     name = str((model or {}).get("name") or model_id)
     log(f"fireworks: promoted the final weights to model {name}")

@@ -233,6 +233,27 @@ def test_a_failed_promote_says_where_the_weights_are_and_how_to_promote_them(
     assert emulator.emulator.leftovers() == []
 
 
+def test_a_listing_answered_after_the_promote_wait_ended_promotes_nothing(
+        make_config: Any, emulator: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run has said the promotion failed (no listing within its wait) and how to promote by
+    hand: a listing that answers afterwards must not promote behind that message."""
+    import time
+
+    from preftune.plugins import fireworks_promote
+
+    monkeypatch.setattr(fireworks_promote, "APPEAR_S", -58.5)  # the wait: timeout_s 60 - 58.5 s
+    emulator.emulator.faults.delay[r"rlorTrainerJobs/[^/]+/checkpoints$"] = 4.0
+    options = {"base_url": emulator.url, **FIREWORKS, "output_model_id": "late"}
+    summary = run(fireworks_config(make_config, emulator, tmp_path, "late", lora_rank=4, epochs=1,
+                                   fireworks=options))
+    [message] = summary["errors"]
+    assert summary["status"] == "completed" and "no result within 1.5 s" in message
+    assert "promote them by hand" in message
+    time.sleep(5)  # the listing answers, with the promotable row
+    assert any(r.path.endswith("/checkpoints") for r in emulator.emulator.requests)
+    assert "accounts/emulated/models/late" not in emulator.emulator.promoted
+
+
 @pytest.mark.parametrize("value", ["My_Model", "accounts/me/models/m", "x" * 64, ""])
 def test_a_bad_output_model_id_is_refused_before_anything_runs(
         make_config: Any, emulator: Any, tmp_path: Path, value: str) -> None:
