@@ -185,14 +185,9 @@ def template_renderer(tokenizer: Any) -> Any:
             extra = dict(tokenizer.special_tokens_map)
             if all(isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
                    for v in extra.values()):
-                # what Template.render builds each call: its globals (a ChainMap, read key by key
-                # in Python) merged with the variables; merged once here, the rest per call
-                base = {**dict(template.globals), "tools": None, "documents": None, **extra}
-
                 def render(messages: list[dict[str, Any]], gen: bool) -> str:
-                    context = template.new_context({**base, "messages": messages,
-                                                    "add_generation_prompt": gen}, shared=True)
-                    return template.environment.concat(template.root_render_func(context))  # type: ignore[attr-defined]
+                    return template.render(messages=messages, tools=None, documents=None,
+                                           add_generation_prompt=gen, **extra)
                 if not all(_same_text(tokenizer, render, probe, gen)
                            for probe in PROBES + TOOL_PROBES for gen in (False, True)):
                     render = None
