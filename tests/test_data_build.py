@@ -101,11 +101,13 @@ def test_the_garbage_collector_is_paused_for_a_chunk_and_the_heap_frozen_for_a_b
 
 
 def test_a_chunk_s_pair_digests_are_each_pair_s_digest() -> None:
+    """A pair's digest is blake2b (16 bytes) of each part's length and int32 tokens, little-endian:
+    the digests a cache already holds stay valid."""
+    import hashlib
     import random
+    import struct
 
-    import numpy
-
-    from preftune.data.table import Packed, packed_digest
+    from preftune.data.table import Packed
     from preftune.types import TokenizedPair
 
     rng = random.Random(0)
@@ -116,6 +118,7 @@ def test_a_chunk_s_pair_digests_are_each_pair_s_digest() -> None:
     pairs = [TokenizedPair(ids(), ids(), ids(), (), ()) for _ in range(50)]
     packed = Packed.of(pairs)
     for i, pair in enumerate(pairs):
-        flat = [t for seq in (pair.prompt, pair.chosen, pair.rejected) for t in seq]
-        digest = packed_digest(packed.lengths[i], numpy.array(flat, dtype=numpy.int32))
-        assert digest == packed.digests[16 * i : 16 * (i + 1)]
+        digest = hashlib.blake2b(digest_size=16)
+        for part in (pair.prompt, pair.chosen, pair.rejected):
+            digest.update(struct.pack(f"<I{len(part)}i", len(part), *part))
+        assert digest.digest() == packed.digests[16 * i : 16 * (i + 1)]

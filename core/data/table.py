@@ -112,8 +112,10 @@ class Packed:
 
 
 def digests_of(sizes: Sequence[int], flat: numpy.ndarray) -> bytes:
-    """:func:`packed_digest` of each pair of a flat token array (``sizes``: the length of each
-    pair's prompt, chosen and rejected in turn), joined: one pass over the tokens' bytes."""
+    """What makes two pairs the same pair, whatever the files or formats they came from: for each
+    pair of a flat token array (``sizes``: the length of each pair's prompt, chosen and rejected
+    in turn), a blake2b digest of each part's length (4 bytes, little-endian) then its tokens
+    (int32, little-endian); the digests joined, in one pass over the tokens' bytes."""
     data = memoryview(numpy.ascontiguousarray(flat, dtype="<i4")).cast("B")
     out, start = [], 0
     for i in range(0, len(sizes), 3):
@@ -124,18 +126,6 @@ def digests_of(sizes: Sequence[int], flat: numpy.ndarray) -> bytes:
             start += 4 * n
         out.append(digest.digest())
     return b"".join(out)
-
-
-def packed_digest(lengths: numpy.ndarray, tokens: numpy.ndarray) -> bytes:
-    """What makes two pairs the same pair, whatever the files or formats they came from: a
-    digest of the pair's prompt, chosen and rejected lengths and tokens (its flat tokens)."""
-    digest = hashlib.blake2b(digest_size=DIGEST)
-    start = 0
-    for n in lengths.tolist():
-        digest.update(int(n).to_bytes(4, "little"))
-        digest.update(tokens[start : start + n].tobytes())
-        start += n
-    return digest.digest()
 
 
 class TokenWriter:
