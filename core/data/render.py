@@ -7,13 +7,16 @@ conversations show it gives the same ids, rendered texts are encoded by the Rust
 
 from __future__ import annotations
 
+import functools
 import json
 import re
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from ..errors import RecordError
 from ..types import Message
+
+T = TypeVar("T")
 
 CHUNK = 512  # conversations per batched template call: bounds the memory of the encodings
 
@@ -90,7 +93,29 @@ PROBES = ([{"role": "system", "content": " Be  brief.\n"}, {"role": "user", "con
           [{"role": "user", "content": "日本語 ñandú Straße?"}, {"role": "assistant", "content": "  "}])
 
 
-PROBED = ("_preftune_direct", "_preftune_split", "_preftune_render")  # what probes decided, per tokenizer
+PROBED: list[str] = []  # the tokenizer attributes that keep what probes decided (see probed)
+
+
+def probed(name: str) -> Callable[[Callable[[Any], T]], Callable[[Any], T]]:
+    """A decision about a tokenizer made once per tokenizer, chat template and added tokens:
+    kept on the tokenizer as ``name``, and forgotten when either changes (the probes saw those).
+    A tokenizer that takes no attributes is decided about each time."""
+    PROBED.append(name)
+
+    def wrap(decide: Callable[[Any], T]) -> Callable[[Any], T]:
+        @functools.wraps(decide)
+        def decided(tokenizer: Any) -> T:
+            forget_if_changed(tokenizer)
+            if hasattr(tokenizer, name):
+                return getattr(tokenizer, name)
+            value = decide(tokenizer)
+            try:
+                setattr(tokenizer, name, value)
+            except AttributeError:
+                pass
+            return value
+        return decided
+    return wrap
 
 
 def forget_if_changed(tokenizer: Any) -> None:
@@ -109,15 +134,12 @@ def forget_if_changed(tokenizer: Any) -> None:
         pass
 
 
+@probed("_preftune_direct")
 def direct_encoder(tokenizer: Any) -> Any:
     """A function from rendered chat texts to their ids by the Rust tokenizer's ``encode_batch``,
     or None where that would not give exactly what ``apply_chat_template(tokenize=True)`` gives:
     no backend, truncation or padding set on it, special tokens split, or any probe conversation
     encoded differently. Decided once per tokenizer."""
-    forget_if_changed(tokenizer)
-    cached = getattr(tokenizer, "_preftune_direct", "unset")
-    if cached != "unset":
-        return cached
     backend = getattr(tokenizer, "backend_tokenizer", None)
     encode = None
     if backend is not None and backend.truncation is None and backend.padding is None \
@@ -138,10 +160,6 @@ def direct_encoder(tokenizer: Any) -> Any:
                     break
         except Exception:  # a template that refuses a probe (roles, system turns): stay on the slow path
             encode = None
-    try:
-        tokenizer._preftune_direct = encode
-    except AttributeError:
-        pass
     return encode
 
 
@@ -160,6 +178,7 @@ def encode_many(tokenizer: Any, texts: Sequence[str]) -> list[Rendered]:
     return out
 
 
+@probed("_preftune_render")
 def template_renderer(tokenizer: Any) -> Any:
     """A function ``(message dicts, generation flag) -> text`` that calls the tokenizer's compiled
     chat template directly, for conversations without tools, or None where that would not give
@@ -171,10 +190,6 @@ def template_renderer(tokenizer: Any) -> Any:
     calls, no None values, no reasoning keys) already are. transformers' own compiled template is
     used (its sandbox and globals), a tokenizer class with its own ``apply_chat_template`` is never
     bypassed, and every probe conversation must render to the same text or the same error."""
-    forget_if_changed(tokenizer)
-    cached = getattr(tokenizer, "_preftune_render", "unset")
-    if cached != "unset":
-        return cached
     render = None
     try:
         from transformers import PreTrainedTokenizerBase
@@ -193,10 +208,6 @@ def template_renderer(tokenizer: Any) -> Any:
                     render = None
     except Exception:  # no such internals in this transformers, or no template: the slow path
         render = None
-    try:
-        tokenizer._preftune_render = render
-    except AttributeError:
-        pass
     return render
 
 
@@ -328,13 +339,10 @@ class PromptSplitter:
         return text[:end]
 
 
+@probed("_preftune_split")
 def prompt_splitter(tokenizer: Any) -> PromptSplitter | None:
     """A :class:`PromptSplitter` where the direct encoder is exact and splitting at the last added
     token gives the same ids as encoding whole, on probe conversations; else None."""
-    forget_if_changed(tokenizer)
-    cached = getattr(tokenizer, "_preftune_split", "unset")
-    if cached != "unset":
-        return cached
     split = None
     if direct_encoder(tokenizer) is not None:
         split = PromptSplitter(tokenizer)
@@ -354,8 +362,4 @@ def prompt_splitter(tokenizer: Any) -> PromptSplitter | None:
                     break
         except Exception:  # a template that refuses a probe: encode conversations whole
             split = None
-    try:
-        tokenizer._preftune_split = split
-    except AttributeError:
-        pass
     return split
