@@ -143,7 +143,7 @@ def slots(pair: PreferencePair, eos: str) -> list[Slot]:
 
 
 def render_slots(tokenizer: Any, keys: Sequence[Slot]) -> list[Rendered]:
-    """Each slot rendered (distinct slots), in batches of one kind, generation flag and tool list."""
+    """Each slot rendered, in batches of one kind, generation flag and tool list."""
     groups: dict[tuple[str, bool, str | None], list[int]] = {}
     for i, key in enumerate(keys):
         groups.setdefault((key[0], key[2], key[3]), []).append(i)
@@ -171,9 +171,10 @@ def tokenize_pair(tokenizer: Any, pair: PreferencePair, max_seq_len: int) -> Tok
 
 def render_pairs(tokenizer: Any, pairs: Sequence[PreferencePair],
                  vocab: Vocab | None = None) -> list[tuple[Rendered, ...]]:
-    """``(prompt, prompt + chosen, prompt + rejected)`` of each pair, rendered in batches; a text
-    that several pairs share (a repeated prompt) is encoded once. Slots are handled by position:
-    hashing a conversation walks every message, which cost more than it saved."""
+    """``(prompt, prompt + chosen, prompt + rejected)`` of each pair, rendered in batches; where the
+    prompt is split off (:func:`prompt_splitter`), a text that several pairs share (a repeated
+    prompt) is encoded once. Slots are handled by position: hashing a conversation walks every
+    message, which cost more than it saved."""
     eos = (vocab or Vocab.of(tokenizer)).eos
     keys = [key for p in pairs for key in slots(p, eos)]
     rows = [range(i, i + 3) for i in range(0, len(keys), 3)]
